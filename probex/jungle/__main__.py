@@ -1,0 +1,43 @@
+"""`python -m probex.jungle root --name emoji-root-a --seed 0 [--minutes M] [--steps N]` (resumable)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from .atlas import load_atlas
+from .root import RootRecipe, pretrain_root
+
+ROOTS_DIR = Path(__file__).resolve().parents[2] / "checkpoints" / "roots"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m probex.jungle")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    root = sub.add_parser("root", help="pretrain (or resume) an emoji root")
+    root.add_argument("--name", required=True)
+    root.add_argument("--seed", type=int, default=0)
+    root.add_argument("--steps", type=int, default=4500)
+    root.add_argument("--minutes", type=float)
+    root.add_argument("--threads", type=int, default=1)
+    root.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.cmd == "root":
+        out = ROOTS_DIR / args.name
+        if (out / "recipe.json").exists():
+            recipe = RootRecipe.load(out / "recipe.json")
+            recipe.steps = args.steps
+        else:
+            _, classes = load_atlas()
+            things = [c["id"] for c in classes if c["subject"] == "thing"]
+            recipe = RootRecipe(name=args.name, seed=args.seed, steps=args.steps, classes=things,
+                                block_out_channels=(32, 64))
+        pretrain_root(out, recipe, minutes=args.minutes, device=args.device)
+        print(json.dumps({"root": str(out), "steps": recipe.steps}))
+
+
+if __name__ == "__main__":
+    main()
