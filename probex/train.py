@@ -1,0 +1,289 @@
+"""Fit tree experts on one cached layer, and sweep over layers to find the one that reads best.
+
+Tasks
+- multiclass: one class per model (generative zoos), cross-entropy over the in-distribution classes.
+- multilabel: a label set per model (discriminative zoos), binary cross-entropy per label.
+- align: contrastive against class text embeddings, as the paper's text alignment: cosine logits between the model's
+  encoding and every class text of the split, cross-entropy. `text_embeddings` (C, text_dim) is computed by the
+  caller with a probex.text encoder, one row per class of the cache (`class_text_embeddings`). In-distribution
+  splits are scored against the in-distribution classes, val_holdout / test_holdout against the held-out classes
+  (zero-shot: those class names were never seen in training).
+
+Recipe (paper defaults): Adam, lr 1e-3, weight decay 1e-5, 500 epochs, batch 128; the best epoch on `val` is kept
+(its state held in memory). The public release trains the generative split with lr 2e-3, 200 epochs and r_T = 512
+(`RELEASE_GENERATIVE`). Deterministic under a seed on CPU.
+
+The whole cached layer lives in memory as tensors and batches are slices of it — no DataLoader, no workers: the
+factor-space forward is the cost, and it is a few thin matmuls per model.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from probex.errors import InputError
+from probex.model import Expert, ProbeX
+from probex.zoo import HOLDOUT, IN_DISTRIBUTION, LayerCache, select_layers
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 500
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    seed: int = 0
+    r_u: int = 128
+    r_v: int = 128
+    r_t: int = 128
+    relu: bool = True
+    temperature: float | None = None
+    patience: int | None = None  # stop after this many epochs without a better val score (None: run all epochs)
+
+
+PAPER = TrainConfig()
+RELEASE_GENERATIVE = TrainConfig(epochs=200, lr=2e-3, r_t=512)
+
+
+# ---- data: one layer of every model, and what to predict ------------------------------------------------------------
+@dataclass
+class LayerData:
+    """A cached layer in memory: dense (N, d_W, d_H) or LoRA factors, with each model's true rank."""
+    x: torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    rank: torch.Tensor | None = None
+
+    @classmethod
+    def from_cache(cls, cache: LayerCache, layer: str) -> "LayerData":
+        t = cache.load(layer)
+        if "up" in t:
+            return cls((t["up"], t["down"], t["scale"]), t.get("rank"))
+        return cls(t["weight"])
+
+    def __len__(self) -> int:
+        return len(self.x if isinstance(self.x, torch.Tensor) else self.x[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        if isinstance(self.x, torch.Tensor):
+            return tuple(self.x.shape[1:])
+        up, down, _ = self.x
+        return up.shape[1], down.shape[2]
+
+    def take(self, idx: torch.Tensor):
+        """The models at `idx`; LoRA padding trimmed to the largest rank among them (less work, same result)."""
+        if isinstance(self.x, torch.Tensor):
+            return self.x[idx]
+        up, down, scale = self.x
+        r = int(self.rank[idx].max()) if self.rank is not None and len(idx) else up.shape[2]
+        return up[idx, :, :r], down[idx, :r], scale[idx]
+
+
+@dataclass
+class Targets:
+    """Labels for one task. y: class index (N,) — into `classes` for in-distribution models and into
+    `holdout_classes` for held-out ones — or multi-hot (N, C) for multilabel. split: index tensors per split."""
+    task: str
+    y: torch.Tensor
+    split: dict[str, torch.Tensor]
+    classes: list[str]
+    holdout_classes: list[str] = field(default_factory=list)
+    text: torch.Tensor | None = None          # (len(classes), text_dim), align only
+    holdout_text: torch.Tensor | None = None  # (len(holdout_classes), text_dim)
+
+    def text_for(self, split: str) -> torch.Tensor | None:
+        return self.holdout_text if split in HOLDOUT else self.text
+
+    def evaluated_splits(self) -> list[str]:
+        """Held-out classes can only be scored by the align head (the others have no output for them)."""
+        splits = ("train", *IN_DISTRIBUTION[1:], *(HOLDOUT if self.task == "align" else ()))
+        return [s for s in splits if len(self.split.get(s, ())) > 0]
+
+
+def task_targets(cache: LayerCache, task: str | None = None, text_embeddings: torch.Tensor | None = None) -> Targets:
+    """Targets for `task` (default: the cache's own, multiclass or multilabel) from the cache's labels."""
+    task = task or cache.task
+    models, vocab = cache.models, cache.classes
+    split = {s: cache.split_indices(s) for s in (*IN_DISTRIBUTION, *HOLDOUT)}
+    if task == "multilabel":
+        if cache.task != "multilabel":
+            raise InputError("multilabel training needs a zoo whose models carry label lists (dataset_chosen_targets)")
+        pos = {c["id"]: i for i, c in enumerate(vocab)}
+        y = torch.zeros(len(models), len(vocab))
+        for i, m in enumerate(models):
+            y[i, [pos[t] for t in m["labels"]]] = 1
+        return Targets(task, y, split, [c["id"] for c in vocab])
+    if task not in ("multiclass", "align"):
+        raise InputError(f"unknown task {task!r}: use multiclass, multilabel or align")
+    if any("class_id" not in m for m in models):
+        raise InputError(f"{task} training needs one class per model (class_id or imagenet_class_id metadata)")
+    seen = [c for c in vocab if not c["holdout"]]
+    held = [c for c in vocab if c["holdout"]]
+    pos = {c["id"]: i for i, c in enumerate(seen)} | {c["id"]: i for i, c in enumerate(held)}
+    y = torch.tensor([pos[m["class_id"]] for m in models])
+    targets = Targets(task, y, split, [c["id"] for c in seen], [c["id"] for c in held])
+    if task == "align":
+        if text_embeddings is None or len(text_embeddings) != len(vocab):
+            raise InputError(f"align training needs one text embedding per class ({len(vocab)} classes)")
+        is_held = torch.tensor([c["holdout"] for c in vocab])
+        targets.text, targets.holdout_text = text_embeddings[~is_held].float(), text_embeddings[is_held].float()
+    return targets
+
+
+def class_text_embeddings(cache: LayerCache, encoder, template: str | None = None) -> torch.Tensor:
+    """One embedding per class of the cache, of the prompt "a photo of a {name}" (or the tree's own template)."""
+    template = template or cache.index.get("tree", {}).get("prompt_template") or "a photo of a {}"
+    return encoder.embed([template.format(c["name"]) for c in cache.classes])
+
+
+# ---- training -------------------------------------------------------------------------------------------------------
+def loss_and_score(task: str, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training loss, and the paper's metric: per-label accuracy (multilabel) or top-1 accuracy."""
+    if task == "multilabel":
+        return F.binary_cross_entropy_with_logits(logits, y), ((logits > 0) == (y > 0.5)).float().mean()
+    return F.cross_entropy(logits, y), (logits.argmax(1) == y).float().mean()
+
+
+@torch.no_grad()
+def evaluate_split(expert: Expert, data: LayerData, targets: Targets, split: str, batch_size: int = 512) -> dict:
+    expert.eval()
+    idx = targets.split[split]
+    logits = torch.cat([expert(data.take(b), targets.text_for(split)) for b in idx.split(batch_size)])
+    loss, score = loss_and_score(targets.task, logits, targets.y[idx])
+    return {"loss": loss.item(), "score": score.item()}
+
+
+def train_epoch(expert: Expert, data: LayerData, targets: Targets, opt: torch.optim.Optimizer,
+                batch_size: int, generator: torch.Generator) -> float:
+    expert.train()
+    idx = targets.split["train"]
+    order = idx[torch.randperm(len(idx), generator=generator)]
+    total = 0.0
+    for batch in order.split(batch_size):
+        loss, _ = loss_and_score(targets.task, expert(data.take(batch), targets.text), targets.y[batch])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += loss.item() * len(batch)
+    return total / len(idx)
+
+
+@dataclass
+class FitResult:
+    expert: Expert
+    metrics: dict[str, float]      # score per split at the best epoch
+    best_epoch: int
+    epochs_run: int
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+def train_expert(expert: Expert, data: LayerData, targets: Targets, config: TrainConfig = PAPER,
+                 progress: bool = False) -> FitResult:
+    """Adam on the train split; the state of the best val epoch (higher score, then lower loss) is restored."""
+    for needed in ("train", "val"):
+        if len(targets.split.get(needed, ())) == 0:
+            raise InputError(f"the {needed} split is empty: training needs train and val models")
+    generator = torch.Generator().manual_seed(config.seed)
+    opt = torch.optim.Adam(expert.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    best, best_state, best_epoch, history = None, None, -1, []
+    start = time.perf_counter()
+    epochs = tqdm(range(config.epochs), desc="epochs", disable=not progress, leave=False)
+    for epoch in epochs:
+        train_loss = train_epoch(expert, data, targets, opt, config.batch_size, generator)
+        val = evaluate_split(expert, data, targets, "val")
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"], "val": val["score"]})
+        if best is None or (val["score"], -val["loss"]) > best:
+            best, best_epoch = (val["score"], -val["loss"]), epoch
+            best_state = {k: v.detach().clone() for k, v in expert.state_dict().items()}
+        elif config.patience is not None and epoch - best_epoch >= config.patience:
+            break
+    expert.load_state_dict(best_state)
+    metrics = {s: evaluate_split(expert, data, targets, s)["score"] for s in targets.evaluated_splits()}
+    return FitResult(expert.eval(), metrics, best_epoch, len(history), time.perf_counter() - start, history)
+
+
+def new_probex(data: LayerData, targets: Targets, config: TrainConfig) -> ProbeX:
+    d_w, d_h = data.shape
+    torch.manual_seed(config.seed)  # initialisation is part of what a seed fixes
+    head = targets.task
+    n_out = None if head == "align" else len(targets.classes)
+    text_dim = targets.text.shape[1] if head == "align" else None
+    return ProbeX(d_w, d_h, config.r_u, config.r_v, config.r_t, config.relu, head, n_out, text_dim, config.temperature)
+
+
+def fit_expert(cache: LayerCache, layer: str, task: str | None = None, text_embeddings: torch.Tensor | None = None,
+               config: TrainConfig = PAPER, progress: bool = False) -> FitResult:
+    """A ProbeX for `task` on one cached layer, best epoch on val."""
+    data = LayerData.from_cache(cache, layer)
+    targets = task_targets(cache, task, text_embeddings)
+    return train_expert(new_probex(data, targets, config), data, targets, config, progress)
+
+
+# ---- layer sweep ----------------------------------------------------------------------------------------------------
+@dataclass
+class SweepResult:
+    rows: list[dict]               # per layer: index, layer, split scores, best_epoch, epochs, seconds, n_params
+    best_layer: str
+    best: FitResult
+
+    @property
+    def best_row(self) -> dict:
+        return next(r for r in self.rows if r["layer"] == self.best_layer)
+
+
+def sweep_layers(cache: LayerCache, layers=None, task: str | None = None, text_embeddings: torch.Tensor | None = None,
+                 config: TrainConfig = PAPER, out_dir: str | Path | None = None, save_experts: bool = False,
+                 progress: bool = True) -> SweepResult:
+    """One expert per layer (a `select_layers` spec: all, a list, "40-47"…); the best layer is the best on val
+    (ties: the lower index). With `out_dir`, sweep.csv / sweep.json are rewritten after every layer, so a long sweep
+    leaves its results as it goes; `save_experts` also keeps each layer's expert under out_dir/experts/<layer>/."""
+    names = select_layers(cache.all_layers, layers)
+    missing = [n for n in names if n not in cache.layers]
+    if missing:
+        raise InputError(f"{len(missing)} requested layer(s) are not cached (e.g. {missing[0]}); build the cache first")
+    targets = task_targets(cache, task, text_embeddings)
+    out_dir = Path(out_dir) if out_dir else None
+    rows, best = [], None
+    for name in tqdm(names, desc="layers", disable=not progress):
+        data = LayerData.from_cache(cache, name)
+        fit = train_expert(new_probex(data, targets, config), data, targets, config)
+        rows.append({"index": cache.all_layers.index(name), "layer": name, **fit.metrics, "best_epoch": fit.best_epoch,
+                     "epochs": fit.epochs_run, "seconds": round(fit.seconds, 3),
+                     "n_params": sum(p.numel() for p in fit.expert.parameters())})
+        if best is None or fit.metrics["val"] > best[1].metrics["val"]:
+            best = (name, fit)
+        if out_dir:
+            if save_experts:
+                fit.expert.save_pretrained(out_dir / "experts" / name)
+            write_sweep(out_dir, rows, best[0], targets.task, config)
+        del data
+    return SweepResult(rows, best[0], best[1])
+
+
+def write_sweep(out_dir: Path, rows: list[dict], best_layer: str, task: str, config: TrainConfig) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with open(out_dir / "sweep.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    best = next(r for r in rows if r["layer"] == best_layer)
+    (out_dir / "sweep.json").write_text(json.dumps(
+        {"task": task, "config": asdict(config), "best_layer": best_layer, "best_index": best["index"],
+         "selected_on": "val", "layers": rows}, indent=1))
+
+
+def encode_all(expert: Expert, data: LayerData, idx: torch.Tensor | None = None, batch_size: int = 512) -> torch.Tensor:
+    """Encodings (N, r_T) of the models at `idx` (default all), in batches."""
+    idx = torch.arange(len(data)) if idx is None else idx
+    expert.eval()
+    with torch.no_grad():
+        return torch.cat([expert.encode(data.take(b)) for b in idx.split(batch_size)])
+
