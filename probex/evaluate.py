@@ -1,0 +1,117 @@
+"""The paper's metrics, on logits or on encodings.
+
+- per-label accuracy (multilabel, logit > 0 means "trained on this class"), top-1 (in-distribution and zero-shot);
+- on the representation: kNN classification, one-class classification ROC-AUC (normal = one class, anomaly score =
+  mean distance to the k nearest reference models of that class, averaged over classes) and retrieval precision@k —
+  all with cosine distance, the geometry the align head trains;
+- router accuracy.
+`evaluate_expert` runs every metric that fits an expert's task on a cached layer (what `probex eval` prints).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
+
+from probex.errors import NoExpertError
+from probex.train import LayerData, encode_all, task_targets
+
+
+def _np(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def top1_accuracy(logits, labels) -> float:
+    return float((_np(logits).argmax(1) == _np(labels)).mean())
+
+
+def per_label_accuracy(logits, targets) -> float:
+    """Multilabel: the fraction of (model, label) pairs decided right, threshold logit 0 (probability ½)."""
+    return float(((_np(logits) > 0) == (_np(targets) > 0.5)).mean())
+
+
+@torch.no_grad()
+def zero_shot_accuracy(expert, inputs, labels, text_emb: torch.Tensor) -> float:
+    """Top-1 among `text_emb`'s classes (typically held-out class names the expert never trained on)."""
+    expert.eval()
+    return top1_accuracy(expert(inputs, text_emb), labels)
+
+
+def knn_accuracy(train_enc, train_labels, query_enc, query_labels, k: int = 5) -> float:
+    """Majority vote of the k nearest training models (cosine)."""
+    k = min(k, len(train_enc))
+    knn = KNeighborsClassifier(n_neighbors=k, metric="cosine").fit(_np(train_enc), _np(train_labels))
+    return float((knn.predict(_np(query_enc)) == _np(query_labels)).mean())
+
+
+def one_class_auc(reference_enc, reference_labels, test_enc, test_labels, k: int = 5) -> dict:
+    """For each class c: train on c's reference models only (normal = c); a test model's anomaly score is its mean
+    cosine distance to the k nearest of them; ROC-AUC of anomalies (other classes) vs normals (c). Returns
+    {"auc": mean over classes, "per_class": {c: auc}}; classes without both normal and anomalous test models skip."""
+    reference_enc, reference_labels = _np(reference_enc), _np(reference_labels)
+    test_enc, test_labels = _np(test_enc), _np(test_labels)
+    per_class = {}
+    for c in np.unique(reference_labels):
+        normal = reference_enc[reference_labels == c]
+        is_anomaly = test_labels != c
+        if is_anomaly.all() or not is_anomaly.any():
+            continue
+        nn = NearestNeighbors(n_neighbors=min(k, len(normal)), metric="cosine").fit(normal)
+        score = nn.kneighbors(test_enc)[0].mean(1)
+        per_class[c.item()] = float(roc_auc_score(is_anomaly, score))
+    return {"auc": float(np.mean(list(per_class.values()))) if per_class else float("nan"), "per_class": per_class}
+
+
+def precision_at_k(gallery_enc, gallery_labels, query_enc=None, query_labels=None, k: int = 5) -> float:
+    """Retrieval: the fraction of each query's k nearest gallery models (cosine) that share its class.
+    Without queries, every gallery model queries the others (itself excluded)."""
+    gallery_labels = _np(gallery_labels)
+    n_neighbors = min(k, len(gallery_labels) - (query_enc is None))
+    nn = NearestNeighbors(n_neighbors=n_neighbors, metric="cosine").fit(_np(gallery_enc))
+    if query_enc is None:
+        idx, query_labels = nn.kneighbors(return_distance=False), gallery_labels
+    else:
+        idx, query_labels = nn.kneighbors(_np(query_enc), return_distance=False), _np(query_labels)
+    return float((gallery_labels[idx] == query_labels[:, None]).mean())
+
+
+def router_accuracy(router, models, true_trees) -> float:
+    """Fraction routed to their true tree; a true tree of None means "no expert should claim it" — right when the
+    router answers NoExpertError."""
+    right = 0
+    for weights, truth in zip(models, true_trees):
+        try:
+            right += router.route(weights).tree == truth
+        except NoExpertError:
+            right += truth is None
+    return right / len(true_trees)
+
+
+def evaluate_expert(expert, cache, layer: str, task: str | None = None, text_embeddings: torch.Tensor | None = None,
+                    k: int = 5) -> dict:
+    """Every metric that fits the expert's task, on the cached layer's splits.
+
+    In-distribution: top-1 (or per-label accuracy) on val / test; kNN and retrieval of test models against the train
+    models' encodings. Align experts also: zero-shot top-1 on val_holdout / test_holdout, and one-class AUC on the
+    held-out classes (val_holdout models are each class's reference, test_holdout models are scored)."""
+    data = LayerData.from_cache(cache, layer)
+    targets = task_targets(cache, task or expert.head_kind, text_embeddings)
+    split = {s: idx for s, idx in targets.split.items() if len(idx)}
+    enc = {s: encode_all(expert, data, idx) for s, idx in split.items()}
+    y = {s: targets.y[idx] for s, idx in split.items()}
+    report = {"layer": layer, "task": targets.task, "n_models": {s: len(idx) for s, idx in split.items()}}
+    for s in ("val", "test", "val_holdout", "test_holdout"):
+        if s not in split or (s.endswith("holdout") and targets.task != "align"):
+            continue
+        logits = expert.logits(enc[s], targets.text_for(s))
+        name = "zero_shot" if s.endswith("holdout") else ("per_label_accuracy" if targets.task == "multilabel" else "top1")
+        metric = per_label_accuracy if targets.task == "multilabel" else top1_accuracy
+        report[f"{name}_{s}"] = metric(logits, y[s])
+    if targets.task != "multilabel" and "train" in split and "test" in split:
+        report[f"knn{k}_test"] = knn_accuracy(enc["train"], y["train"], enc["test"], y["test"], k)
+        report[f"precision@{k}_test"] = precision_at_k(enc["train"], y["train"], enc["test"], y["test"], k)
+    if targets.task == "align" and "val_holdout" in split and "test_holdout" in split:
+        report[f"occ_auc{k}_holdout"] = one_class_auc(enc["val_holdout"], y["val_holdout"], enc["test_holdout"],
+                                                      y["test_holdout"], k)["auc"]
+    return report
