@@ -1,4 +1,8 @@
-"""`python -m probex.jungle root --name emoji-root-a --seed 0 [--minutes M] [--steps N]` (resumable)."""
+"""Build the Mini Model Jungle, resumably.
+
+    python -m probex.jungle root --name emoji-root-a --seed 0 [--minutes M] [--steps N]
+    python -m probex.jungle build pilot [--zoo zoo] [--roots emoji-root-a]
+"""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +12,8 @@ from pathlib import Path
 import torch
 
 from .atlas import load_atlas
+from .lora import build_population
+from .presets import preset_jobs, write_tree_info
 from .root import RootRecipe, pretrain_root
 
 ROOTS_DIR = Path(__file__).resolve().parents[2] / "checkpoints" / "roots"
@@ -23,6 +29,13 @@ def main(argv=None):
     root.add_argument("--minutes", type=float)
     root.add_argument("--threads", type=int, default=1)
     root.add_argument("--device", default="cpu")
+    build = sub.add_parser("build", help="train a preset's LoRA population (resumable)")
+    build.add_argument("preset", choices=["pilot"])
+    build.add_argument("--zoo", default="zoo")
+    build.add_argument("--roots", nargs="*", help="only these roots")
+    build.add_argument("--threads", type=int, default=2)
+    build.add_argument("--adapters-per-pass", type=int, default=10)
+    build.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.cmd == "root":
@@ -37,6 +50,14 @@ def main(argv=None):
                                 block_out_channels=(32, 64))
         pretrain_root(out, recipe, minutes=args.minutes, device=args.device)
         print(json.dumps({"root": str(out), "steps": recipe.steps}))
+    elif args.cmd == "build":
+        for root, jobs in preset_jobs(args.preset).items():
+            if args.roots and root not in args.roots:
+                continue
+            tree_dir = Path(args.zoo) / f"emoji-{args.preset}" / root
+            write_tree_info(tree_dir, root, jobs)
+            record = build_population(ROOTS_DIR / root, jobs, tree_dir, args.adapters_per_pass, args.device)
+            print(json.dumps(record))
 
 
 if __name__ == "__main__":

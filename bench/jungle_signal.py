@@ -1,0 +1,207 @@
+"""The emoji jungle's three gates, measured on the pilot population and printed figure by figure.
+
+    python -m probex.jungle build pilot          # once (resumable): trains the pilot LoRAs into zoo/emoji-pilot
+    python bench/jungle_signal.py [--zoo zoo/emoji-pilot] [--out runs/jungle_signal]
+
+Gate 1  the root uses its text: loss with shuffled / matching captions per timestep (held-out views); sample grid.
+Gate 2  LoRAs fit their class: fixed-noise x0 error of LoRA+instance prompt vs root+instance prompt vs root+true
+        caption on held-out views; a grid of LoRA samples.
+Gate 3  weights carry the concept: in-distribution top-1 (test split, training classes) and zero-shot top-1
+        (test_holdout, held-out classes), layer(s) chosen on validation, for ProbeX (ReLU), linear ProbeX, StatNN,
+        the root-anchored expert (probex/anchored.py) with and without training, and the functional reference that
+        runs the root; router separation of the two roots' LoRAs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from probex.jungle import signal  # noqa: E402
+from probex.jungle.lora import INSTANCE_PROMPT  # noqa: E402
+from probex.jungle.root import caption, load_root  # noqa: E402
+
+
+ROOTS = ROOT / "checkpoints" / "roots"
+
+
+def gate1(out: Path, roots: list[str]) -> dict:
+    print("\n== Gate 1: the root uses its text (held-out views; ratio = shuffled / matching caption loss) ==")
+    result = {}
+    for name in roots:
+        rows = signal.text_usage(ROOTS / name)
+        result[name] = rows
+        print(f"{name}: " + "  ".join(f"t={r['t']}: {r['ratio']:.2f}" for r in rows))
+        mid = [r["ratio"] for r in rows if 400 <= r["t"] <= 700]
+        print(f"{name}: mid-noise ratio (t 400–700) min {min(mid):.2f}  -> gate (≥ 1.3) {'PASS' if min(mid) >= 1.3 else 'FAIL'}")
+    from probex.jungle.presets import class_split
+
+    names = [c["name"] for c in class_split()[0][:12]]
+    grid = signal.sample_grid(ROOTS / roots[0], names, out / f"{roots[0]}_prompts.png")
+    print(f"sample grid (rows: {', '.join(names)}): {grid}")
+    return result
+
+
+def gate2(out: Path, tree_dir: Path, root: str, n: int = 40) -> dict:
+    from probex.zoo import Zoo
+
+    print("\n== Gate 2: LoRAs fit their class (x0 error at t=600 on held-out views, lower is better) ==")
+    zoo = Zoo.scan(tree_dir)
+    models = [m for m in zoo.models if m.split == "test"][:n]
+    files = [tree_dir / m.source for m in models]
+    rows = signal.lora_fit(ROOTS / root, files, [m.class_id for m in models])
+    lora = np.array([r["lora"] for r in rows])
+    inst = np.array([r["root_instance"] for r in rows])
+    true = np.array([r["root_true_caption"] for r in rows])
+    print(f"{len(rows)} test LoRAs: LoRA+instance {lora.mean():.4f}   root+instance {inst.mean():.4f}   "
+          f"root+true caption {true.mean():.4f}")
+    print(f"LoRA below root+instance: {np.mean(lora < inst):.0%};  below root+true caption: {np.mean(lora < true):.0%}")
+    grid = signal.sample_grid(ROOTS / root, [], out / f"{root}_loras.png", lora_paths=files[:8])
+    print(f"LoRA sample grid (rows: {', '.join(m.class_name for m in models[:8])}): {grid}")
+    return {"lora": lora.mean(), "root_instance": inst.mean(), "root_true_caption": true.mean(),
+            "below_instance": float(np.mean(lora < inst)), "below_true": float(np.mean(lora < true))}
+
+
+# ---- gate 3 ---------------------------------------------------------------------------------------------------------
+PROMPT = "an emoji of {}"
+
+
+def gate3(out: Path, tree_dir: Path, root: str, epochs: int) -> dict:
+    from probex.anchored import AnchoredProbeX, LayerStack, anchored_layer_names, training_free_scores
+    from probex.model import StatMLP, StatNNClassifier, weight_statistics
+    from probex.text import load_text_encoder
+    from probex.train import LayerData, TrainConfig, class_text_embeddings, sweep_layers, task_targets, train_expert
+    from probex.zoo import Zoo, build_cache
+
+    print("\n== Gate 3: weights carry the concept (top-1 on test / test_holdout; layers and epochs chosen on val) ==")
+    cache = build_cache(Zoo.scan(tree_dir), out / f"cache-{root}")
+    text = load_text_encoder("minilm")
+    sentence = class_text_embeddings(cache, text, PROMPT)
+    n_seen = sum(not c["holdout"] for c in cache.classes)
+    n_held = len(cache.classes) - n_seen
+    print(f"{len(cache.models)} LoRAs; {n_seen} training classes (chance {1 / n_seen:.3f}); "
+          f"{n_held} held-out classes (chance {1 / n_held:.3f})")
+    rows, report = [], {}
+
+    def record(method, fit_metrics, layer="", n_params=None):
+        row = {"method": method, "in-dist": fit_metrics.get("test"), "zero-shot": fit_metrics.get("test_holdout"),
+               "layer": layer, "params": n_params}
+        rows.append(row)
+        shown = lambda v: "   —  " if v is None else f"{v:6.3f}"  # noqa: E731
+        print(f"{method:34s} in-dist {shown(row['in-dist'])}  zero-shot {shown(row['zero-shot'])}  {layer}", flush=True)
+
+    for relu in (True, False):
+        name = "ProbeX" if relu else "linear ProbeX"
+        config = TrainConfig(epochs=epochs, relu=relu)
+        cls = sweep_layers(cache, task="multiclass", config=config, out_dir=out / f"sweep-{name}-cls", progress=False)
+        align = sweep_layers(cache, task="align", text_embeddings=sentence, config=config,
+                             out_dir=out / f"sweep-{name}-align", progress=False)
+        record(f"{name} (classifier / align head)", {"test": cls.best_row["test"],
+                                                     "test_holdout": align.best_row["test_holdout"]},
+               f"{cls.best_row['index']} / {align.best_row['index']}", cls.best_row["n_params"])
+
+    # StatNN: 7 statistics of every LoRA'd layer's weight change, concatenated
+    stats = torch.cat([weight_statistics(cache.inputs(n)) for n in cache.all_layers], 1)
+    targets = task_targets(cache, "multiclass")
+    tr, te = targets.split["train"], targets.split["test"]
+    gbt = StatNNClassifier("multiclass").fit(stats[tr], targets.y[tr])
+    gbt_top1 = float((torch.from_numpy(gbt.predict(stats[te])) == targets.y[te]).float().mean())
+    align_targets = task_targets(cache, "align", sentence)
+    torch.manual_seed(0)
+    mlp = StatMLP(stats.shape[1], head="align", text_dim=sentence.shape[1]).fit_normaliser(stats[tr])
+    mlp_fit = train_expert(mlp, LayerData(stats), align_targets, TrainConfig(epochs=epochs))
+    record("StatNN (GBT / MLP align)", {"test": gbt_top1, "test_holdout": mlp_fit.metrics["test_holdout"]})
+
+    # root-anchored expert over the cross-attention key/value layers
+    names = anchored_layer_names(cache.all_layers)
+    unet, _, recipe = load_root(ROOTS / root)
+    root_w = [unet.get_submodule(n).weight.detach() for n in names]
+    states = text.token_states([caption(recipe, c["name"]) for c in cache.classes], recipe.token_length)
+    instance = text.token_states([INSTANCE_PROMPT], recipe.token_length)[0]
+    data = LayerStack.from_cache(cache, names)
+    anchored_targets = task_targets(cache, "align", states)
+    free = AnchoredProbeX.from_root(root_w, instance)
+    with torch.no_grad():
+        resp = free.responses(data.take(torch.arange(len(data))))
+        free_metrics = {}
+        for split, classes in (("test", anchored_targets.text), ("test_holdout", anchored_targets.holdout_text)):
+            idx = anchored_targets.split[split]
+            scores = training_free_scores(resp[idx], free.text_responses(classes))
+            free_metrics[split] = float((scores.argmax(1) == anchored_targets.y[idx]).float().mean())
+    record("root-anchored, training-free", free_metrics, f"{len(names)} attn2 k/v layers")
+    for relu in (True, False):
+        torch.manual_seed(0)
+        model = AnchoredProbeX.from_root(root_w, instance, relu=relu)
+        fit = train_expert(model, data, anchored_targets, TrainConfig(epochs=epochs, batch_size=128))
+        record(f"root-anchored ProbeX{'' if relu else ' (linear)'}", fit.metrics, f"{len(names)} attn2 k/v layers",
+               sum(p.numel() for p in model.parameters()))
+        report[f"anchored_relu_{relu}"] = fit.metrics
+
+    th = anchored_targets.split["test_holdout"]
+    files = [tree_dir / cache.models[i]["source"] for i in th.tolist()]
+    held_names = [c["name"] for c in cache.classes if c["holdout"]]
+    functional = signal.functional_zero_shot(ROOTS / root, files, held_names)
+    fz = float((torch.from_numpy(functional).argmax(1) == anchored_targets.y[th]).float().mean())
+    record("functional reference (runs the root)", {"test_holdout": fz})
+    report["rows"] = rows
+    return report
+
+
+def gate_router(tree_dirs: list[Path]) -> dict:
+    """Do the two roots' LoRAs separate? Cluster all of them on one layer, compare with the true root."""
+    from probex.router import Router
+    from probex.weights import read_weights
+
+    print("\n== Router: the two roots' LoRAs ==")
+    models, truth = [], []
+    for tree in tree_dirs:
+        for f in sorted(tree.glob("*/model_idx_*/pytorch_lora_weights.safetensors")):
+            models.append(read_weights(f))
+            truth.append(tree.name)
+    router = Router().fit(models)
+    predicted = router.labels_
+    # clusters are unnamed: score the best one-to-one match of clusters to roots
+    pairs = {}
+    for p, t in zip(predicted, truth):
+        pairs.setdefault(p, []).append(t)
+    correct = sum(max(v.count(t) for t in set(v)) for v in pairs.values())
+    acc = correct / len(models)
+    print(f"{len(models)} LoRAs, {len(set(truth))} roots → {len(pairs)} clusters; accuracy {acc:.3f}")
+    return {"clusters": len(pairs), "accuracy": acc}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--zoo", default=str(ROOT / "zoo" / "emoji-pilot"))
+    parser.add_argument("--out", default=str(ROOT / "runs" / "jungle_signal"))
+    parser.add_argument("--gates", default="1,2,3")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=200, help="ProbeX epochs (the release uses 200)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out, zoo = Path(args.out), Path(args.zoo)
+    out.mkdir(parents=True, exist_ok=True)
+    gates = set(args.gates.split(","))
+    report, started = {}, time.time()
+    if "1" in gates:
+        report["gate1"] = gate1(out, ["emoji-root-a", "emoji-root-b"])
+    if "2" in gates:
+        report["gate2"] = gate2(out, zoo / "emoji-root-a", "emoji-root-a")
+    if "3" in gates:
+        report["gate3"] = gate3(out, zoo / "emoji-root-a", "emoji-root-a", args.epochs)
+    if "router" in gates or "3" in gates:
+        report["router"] = gate_router([zoo / "emoji-root-a", zoo / "emoji-root-b"])
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=float))
+    print(f"\n{time.time() - started:.0f} s; report: {out / 'report.json'}")
+
+
+if __name__ == "__main__":
+    main()

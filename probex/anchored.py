@@ -1,0 +1,111 @@
+"""Root-anchored ProbeX: zero-shot text alignment that borrows the tree root's own cross-attention weights.
+
+A DreamBooth-style LoRA is trained with a prompt that lacks the class name ("an emoji of sks"). What it learns, in a
+cross-attention key/value layer with root weight W, is to make the instance prompt act like the class caption:
+    ΔW · h_sks  ≈  W · (h_class − h_sks)        (per token of the prompt)
+Both sides of that relation live in the same space, the layer's output space, one column per prompt token. So:
+- the weight side is ProbeX with its probes set to the instance prompt's token states: responses Z = Vᵀ·ΔW·H_sᵀ;
+- the text side pushes a caption through the ROOT's weight: T(c) = Vᵀ·W·(H_c − H_s)ᵀ, i.e. "the change of this
+  layer's output the caption asks for";
+- one shared encoder (σ, then the per-probe encoders M) maps both to r_T, and logits are cosines.
+A class never seen in training still lands in the right place: its text goes through the root's fixed W and the
+same encoder as every LoRA. With V = I, M = I, no σ this is a training-free score; training fits V and M.
+
+Several layers (e.g. every attn2 to_k / to_v) are read at once: their responses are concatenated along d_W.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .model import Expert, _per_model
+
+
+class AnchoredProbeX(Expert):
+    def __init__(self, d_ws: list[int], d_h: int, n_tokens: int, r_v: int = 64, r_t: int = 128, relu: bool = True,
+                 temperature: float | None = 0.1, text_dim: int | None = None):
+        super().__init__(r_t, "align", None, text_dim or d_h, temperature)
+        del self.text_head  # the text side is the root's own weights, see text_features
+        self.d_ws, self.d_h, self.n_tokens, self.r_v, self.r_t, self.relu = list(d_ws), d_h, n_tokens, r_v, r_t, relu
+        d_w = sum(d_ws)
+        self.register_buffer("probes", torch.zeros(n_tokens, d_h))   # H_s: instance-prompt token states
+        self.register_buffer("root", torch.zeros(d_w, d_h))          # W: the root's weights, stacked layers
+        self.V = nn.Parameter(torch.empty(d_w, r_v).uniform_(-1, 1) / d_w**0.5)
+        self.M = nn.Linear(r_v * n_tokens, r_t)
+
+    @classmethod
+    def from_root(cls, root_weights: list[Tensor], instance_states: Tensor, **kw) -> "AnchoredProbeX":
+        """root_weights: the root's (d_w_l, d_h) matrices of the read layers; instance_states: (n_tokens, d_h)."""
+        model = cls([w.shape[0] for w in root_weights], instance_states.shape[1], instance_states.shape[0], **kw)
+        model.root.copy_(torch.cat(root_weights))
+        model.probes.copy_(instance_states)
+        return model
+
+    def _encode_responses(self, z: Tensor) -> Tensor:  # (N, d_w, n_tokens) → (N, r_t)
+        z = self.V.T @ z
+        return self.M((torch.relu(z) if self.relu else z).flatten(1))
+
+    def responses(self, layers: list) -> Tensor:
+        """ΔW·H_sᵀ of every read layer, stacked: (N, d_w, n_tokens). Each item dense (N,d_w,d_h) or factors."""
+        parts = []
+        for x in layers:
+            if isinstance(x, Tensor):
+                parts.append(x @ self.probes.T)
+            else:
+                up, down, scale = x
+                parts.append(up @ (down @ self.probes.T) * _per_model(scale, up))
+        return torch.cat(parts, 1)
+
+    def encode(self, layers: list) -> Tensor:
+        return self._encode_responses(self.responses(layers))
+
+    def text_responses(self, text_states: Tensor) -> Tensor:
+        """W·(H_c − H_s)ᵀ for class captions' token states (C, n_tokens, d_h) → (C, d_w, n_tokens)."""
+        return self.root @ (text_states - self.probes).transpose(1, 2)
+
+    def text_features(self, text_states: Tensor) -> Tensor:
+        return F.normalize(self._encode_responses(self.text_responses(text_states)), dim=-1)
+
+    def config(self) -> dict:
+        return dict(d_ws=self.d_ws, d_h=self.d_h, n_tokens=self.n_tokens, r_v=self.r_v, r_t=self.r_t, relu=self.relu,
+                    temperature=self.temperature, text_dim=self.d_h)
+
+
+def training_free_scores(responses: Tensor, text_responses: Tensor) -> Tensor:
+    """cos(ΔW·H_sᵀ, W·(H_c − H_s)ᵀ) flattened over layers and tokens: (N, C). No training at all."""
+    return F.normalize(responses.flatten(1), dim=-1) @ F.normalize(text_responses.flatten(1), dim=-1).T
+
+
+class LayerStack:
+    """Several cached layers of the same models, read together (what ``train.train_expert`` takes as data)."""
+
+    def __init__(self, layers: list):
+        self.layers = layers  # probex.train.LayerData, one per read layer
+
+    @classmethod
+    def from_cache(cls, cache, names: list[str]) -> "LayerStack":
+        from .train import LayerData
+
+        return cls([LayerData.from_cache(cache, n) for n in names])
+
+    def __len__(self) -> int:
+        return len(self.layers[0])
+
+    def take(self, idx: Tensor) -> list:
+        return [layer.take(idx) for layer in self.layers]
+
+
+def anchored_layer_names(layer_names: list[str]) -> list[str]:
+    """The cross-attention key and value layers: where the caption enters the root."""
+    return [n for n in sorted(layer_names) if n.endswith(("attn2.to_k", "attn2.to_v"))]
+
+
+def _register():
+    from . import model
+
+    model.EXPERTS.setdefault(AnchoredProbeX.__name__, AnchoredProbeX)
+
+
+_register()
+
