@@ -166,9 +166,10 @@ def _load_state(tensors: dict, unet, optimizer, generator: torch.Generator) -> i
     return int(tensors["step"][0])
 
 
-def pretrain_root(out_dir: Path, recipe: RootRecipe, *, minutes: float | None = None, log_every: int = 100,
-                  checkpoint_every: int = 250, device: str = "cpu") -> Path:
-    """Train (or resume) a root until ``recipe.steps`` or ``minutes`` run out; save diffusers folders at the end."""
+def pretrain_root(out_dir: Path, recipe: RootRecipe, *, minutes: float | None = None, stop_after: int | None = None,
+                  log_every: int = 100, checkpoint_every: int = 250, device: str = "cpu") -> Path:
+    """Train (or resume) a root until ``recipe.steps``; a run may stop early after ``minutes`` or ``stop_after``
+    steps (chunks across sessions) and the next call continues exactly where it stopped. Saves diffusers folders."""
     from safetensors.torch import load_file, save_file
 
     from ..text import load_text_encoder
@@ -198,10 +199,11 @@ def pretrain_root(out_dir: Path, recipe: RootRecipe, *, minutes: float | None = 
         step = _load_state(load_file(ckpt), unet, optimizer, generator)
         print(f"resumed {recipe.name} at step {step}")
     recipe.save(out_dir / "recipe.json")
-    started, losses = time.time(), []
+    started, losses, first = time.time(), [], step
     log = open(out_dir / "train_log.jsonl", "a")
     while step < recipe.steps:
-        if minutes is not None and time.time() - started > minutes * 60:
+        if (minutes is not None and time.time() - started > minutes * 60) or \
+                (stop_after is not None and step - first >= stop_after):
             break
         idx = torch.randint(0, len(rows), (recipe.batch_size,), generator=generator)
         latents = to_latent(augment(rgba[idx], generator), recipe).to(device)

@@ -1,0 +1,147 @@
+"""The emoji jungle's machinery: atlas curation, root training/resume, the batched LoRA recipe, the anchored expert."""
+from __future__ import annotations
+
+import unicodedata
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from probex.anchored import AnchoredProbeX, training_free_scores
+from probex.jungle import atlas
+from probex.jungle.lora import LoraJob, lora_state, target_modules, train_batch, wrap_unet
+from probex.jungle.root import RootRecipe, make_scheduler, make_unet, pretrain_root
+
+TINY = dict(block_out_channels=(32, 32), steps=4, batch_size=4)
+
+
+def test_shipped_atlas_follows_the_curation_rule():
+    images, classes = atlas.load_atlas()
+    assert images.shape == (len(classes), 32, 32, 4) and images.dtype.name == "uint8"
+    assert len(classes) > 900
+    for c in classes:
+        name = unicodedata.name(chr(int(c["id"][2:], 16)))
+        assert c["name"] == name.lower()
+        assert atlas._keep(name), f"{name} should have been dropped"
+    names = {c["name"] for c in classes}
+    assert "tiger face" in names and "red apple" in names
+    assert not any("keycap" in n or "regional indicator" in n or "clock face" in n for n in names)
+
+
+@pytest.mark.skipif(not atlas.FONT.exists(), reason="Debian fonts-noto-color-emoji is not installed")
+def test_atlas_renders_reproducibly():
+    from PIL import ImageFont
+
+    images, classes = atlas.load_atlas()
+    font = ImageFont.truetype(str(atlas.FONT), atlas.FONT_SIZE)
+    for i in (0, len(classes) // 2, len(classes) - 1):
+        rendered = atlas._render(font, chr(int(classes[i]["id"][2:], 16)))
+        assert (rendered.astype(int) - images[i].astype(int)).__abs__().max() <= 1
+
+
+def test_root_pretraining_resumes_where_it_stopped(tmp_path, monkeypatch):
+    recipe = RootRecipe(name="tiny", **TINY)
+    monkeypatch.setattr("probex.jungle.root.load_atlas", lambda: _two_class_atlas())
+    recipe.classes = ["U+0001", "U+0002"]
+    straight = pretrain_root(tmp_path / "straight", RootRecipe(**{**recipe.__dict__}))
+    pretrain_root(tmp_path / "resumed", RootRecipe(**{**recipe.__dict__}), stop_after=2)  # a chunk, then a new process
+    resumed = pretrain_root(tmp_path / "resumed", RootRecipe.load(tmp_path / "resumed" / "recipe.json"))
+    a = load_file(str(straight / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(resumed / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), "resumed training diverged from uninterrupted"
+    from diffusers import UNet2DConditionModel
+
+    assert isinstance(UNet2DConditionModel.from_pretrained(straight / "unet"), UNet2DConditionModel)
+
+
+def _two_class_atlas():
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(2, 32, 32, 4, generator=g) * 255).to(torch.uint8).numpy()
+    return images, [{"id": "U+0001", "name": "red thing"}, {"id": "U+0002", "name": "blue thing"}]
+
+
+def _job(i, lr, steps, seed):
+    return LoraJob(model_id=f"train/model_idx_{i:04d}", class_id="U+0001", class_name="red thing", root="tiny",
+                   rank=4, lr=lr, steps=steps, seed=seed, n_images=5)
+
+
+def test_batched_adapters_train_exactly_like_one_at_a_time():
+    torch.manual_seed(0)
+    recipe = RootRecipe(name="tiny", **TINY)
+    unet = make_unet(recipe)
+    images, _ = _two_class_atlas()
+    rgba = {"U+0001": torch.from_numpy(images[0])}
+    states = torch.randn(1, recipe.token_length, 384)
+    jobs = [_job(0, 5e-3, 3, 1), _job(1, 2e-3, 2, 2)]  # different lr and step counts
+    together = train_batch(unet, recipe, jobs, rgba, states)
+    alone = [train_batch(unet, recipe, [job], rgba, states)[0] for job in jobs]
+    for a, b in zip(together, alone):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.allclose(a[key], b[key], atol=1e-5), key
+    assert any(v.abs().sum() > 0 for k, v in together[0].items() if "lora_B" in k), "B never moved"
+
+
+def test_saved_lora_loads_through_diffusers_and_matches(tmp_path):
+    from safetensors.torch import save_file
+
+    from probex.jungle.pipeline import EmojiPipeline
+
+    recipe = RootRecipe(name="tiny", **TINY)
+    unet = make_unet(recipe)
+    root = tmp_path / "root"
+    unet.save_pretrained(root / "unet")
+    make_scheduler(recipe).save_pretrained(root / "scheduler")
+    recipe.save(root / "recipe.json")
+    names = target_modules(unet)
+    g = torch.Generator().manual_seed(3)
+    state = {}
+    for n in names:
+        d_out, d_in = unet.get_submodule(n).weight.shape
+        state[f"unet.{n}.lora_A.weight"] = torch.randn(4, d_in, generator=g) * 0.1
+        state[f"unet.{n}.lora_B.weight"] = torch.randn(d_out, 4, generator=g) * 0.1
+    save_file(state, str(tmp_path / "lora.safetensors"))
+
+    import copy
+
+    wrapped = copy.deepcopy(unet)
+    wrappers = wrap_unet(wrapped, {n: state[f"unet.{n}.lora_A.weight"] for n in names}, 1)
+    for n, w in wrappers.items():
+        w.b[0].data.copy_(state[f"unet.{n}.lora_B.weight"])
+    assert lora_state(wrappers, 0).keys() == state.keys()
+
+    pipe = EmojiPipeline.from_root(root)
+    pipe.load_lora_weights(str(tmp_path / "lora.safetensors"), adapter_name="x")
+    x, t, h = torch.randn(2, 48, 8, 8), torch.tensor([500, 500]), torch.randn(2, 16, 384)
+    with torch.no_grad():
+        assert torch.allclose(pipe.unet(x, t, encoder_hidden_states=h).sample,
+                              wrapped(x, t, encoder_hidden_states=h).sample, atol=1e-5)
+    image = pipe("an emoji of sks", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+
+
+def test_anchored_factor_path_equals_dense_and_reads_a_planted_concept():
+    torch.manual_seed(0)
+    d_out, d_h, tokens, n_classes = 16, 24, 5, 6
+    root_w = [torch.randn(d_out, d_h), torch.randn(d_out, d_h)]
+    h_s = torch.randn(tokens, d_h)
+    h_c = torch.randn(n_classes, tokens, d_h)
+    model = AnchoredProbeX.from_root(root_w, h_s, r_v=8, r_t=12)
+    # A LoRA that makes the instance prompt act like class c: ΔW·H_sᵀ = W·(H_c − H_s)ᵀ, solved by least squares
+    loras, labels = [], []
+    for c in range(n_classes):
+        per_layer = []
+        for w in root_w:
+            target = w @ (h_c[c] - h_s).T                      # (d_out, tokens)
+            delta = target @ torch.linalg.pinv(h_s.T)           # (d_out, d_h)
+            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+            per_layer.append((u[:, :tokens] * s[:tokens], vh[:tokens]))
+        loras.append(per_layer)
+        labels.append(c)
+    factors = [(torch.stack([l[i][0] for l in loras]), torch.stack([l[i][1] for l in loras]), torch.ones(n_classes))
+               for i in range(2)]
+    dense = [torch.bmm(up, down) for up, down, _ in factors]
+    assert torch.allclose(model.encode(factors), model.encode(dense), atol=1e-4)
+    scores = training_free_scores(model.responses(factors), model.text_responses(h_c))
+    assert scores.argmax(1).tolist() == labels
