@@ -60,10 +60,48 @@ class MiniLM(TextEncoder):
         return hidden.float().cpu()
 
 
+class CLIPText(TextEncoder):
+    """CLIP's text tower through transformers: the SD 1.5 profile's encoder (the ProbeX release aligns Model-J with
+    ViT-L/14's projected text embedding of "a photo of a {name}"; building the prompt is the caller's job)."""
+
+    default_model = "openai/clip-vit-large-patch14"
+
+    def __init__(self, model_id: str | None = None, device: str = "cpu"):
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+        self.name = model_id or self.default_model
+        self.tokenizer = CLIPTokenizer.from_pretrained(self.name)
+        self.model = CLIPTextModelWithProjection.from_pretrained(self.name).to(device).eval()
+        self.dim = self.model.config.projection_dim
+        self.max_length = self.model.config.max_position_embeddings  # 77 for every released CLIP
+        self.device = device
+
+    @torch.no_grad()
+    def _forward(self, texts: list[str], length: int):
+        batch = self.tokenizer(list(texts), padding="max_length", max_length=length, truncation=True,
+                               return_tensors="pt").to(self.device)
+        return self.model(input_ids=batch["input_ids"])
+
+    @torch.no_grad()
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        # the projected end-of-text state: what CLIP's own encode_text returns
+        projected = self._forward(texts, self.max_length).text_embeds
+        return torch.nn.functional.normalize(projected, dim=-1).float().cpu()
+
+    @torch.no_grad()
+    def token_states(self, texts: list[str], length: int | None = None) -> torch.Tensor:
+        # what an SD 1.5 UNet cross-attends to: all 77 token states of the last layer
+        return self._forward(texts, length or self.max_length).last_hidden_state.float().cpu()
+
+
 @lru_cache(maxsize=4)
 def load_text_encoder(name: str = "minilm", device: str = "cpu") -> TextEncoder:
-    """One shared instance per (encoder, device): loading is the slow part."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    """One shared instance per (encoder, device): loading is the slow part.
+
+    Names: "minilm"; "clip" (ViT-L/14) or "clip:<Hub id or local dir>" for another CLIP text tower."""
     if name in ("minilm", MiniLM.name):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # MiniLM ships inside its package; CLIP may need the Hub
         return MiniLM(device)
+    if name == "clip" or name.startswith("clip:"):
+        return CLIPText(name.partition(":")[2] or None, device)
     raise ValueError(f"unknown text encoder {name!r}")
