@@ -121,27 +121,35 @@ def check_file(path: Path, max_bytes: int | None) -> int:
     if size == 0:
         raise InputError(f"{path.name}: the file is empty (0 bytes)")
     if max_bytes is not None and size > max_bytes:
-        raise InputError(f"{path.name}: {size / 1e6:.1f} MB is over the {max_bytes / 1e6:.1f} MB limit")
+        raise InputError(f"{path.name}: {human_bytes(size)} is over the {human_bytes(max_bytes)} limit")
     return size
 
 
 def refuse_non_safetensors(path: Path) -> None:
     """Refuse pickles and archives by their first bytes (a renamed pickle is still a pickle), then by extension."""
     with path.open("rb") as f:
-        head = f.read(8)
+        head = f.read(9)
+    # A safetensors length prefix can look like pickle magic (a 1,152-byte header starts 0x80 0x04); a "{" right
+    # after a length that fits the file settles it.
+    declared = int.from_bytes(head[:8], "little")
+    if not (len(head) == 9 and head[8:] == b"{" and 8 + declared <= path.stat().st_size):
+        refuse_by_magic(path.name, head)
+    if path.suffix.lower() in PICKLE_EXTENSIONS:
+        raise InputError(f"{path.name}: {path.suffix} files are pickles, which ProbeX never opens (unpickling can "
+                         "run code); convert it to .safetensors")
+
+
+def refuse_by_magic(name: str, head: bytes) -> None:
     if len(head) >= 2 and head[0] == 0x80 and 1 <= head[1] <= 5:
-        raise InputError(f"{path.name}: this is a Python pickle (PyTorch .ckpt/.bin/.pt); ProbeX never unpickles "
+        raise InputError(f"{name}: this is a Python pickle (PyTorch .ckpt/.bin/.pt); ProbeX never unpickles "
                          "files because unpickling can run code — convert it to .safetensors")
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
-        raise InputError(f"{path.name}: this is a zip archive (a PyTorch .pt/.ckpt checkpoint is a zip of pickles); "
+        raise InputError(f"{name}: this is a zip archive (a PyTorch .pt/.ckpt checkpoint is a zip of pickles); "
                          "ProbeX only reads .safetensors")
     for magic, what in ((b"GGUF", "a GGUF file"), (b"\x89HDF", "an HDF5 (Keras .h5) file"),
                         (b"\x93NUMPY", "a NumPy .npy file")):
         if head.startswith(magic):
-            raise InputError(f"{path.name}: this is {what}; ProbeX only reads .safetensors")
-    if path.suffix.lower() in PICKLE_EXTENSIONS:
-        raise InputError(f"{path.name}: {path.suffix} files are pickles, which ProbeX never opens (unpickling can "
-                         "run code); convert it to .safetensors")
+            raise InputError(f"{name}: this is {what}; ProbeX only reads .safetensors")
 
 
 def read_safetensors_header(path: Path, size: int) -> tuple[dict[str, dict], dict[str, str]]:
@@ -273,6 +281,13 @@ def load_float_tensors(path: Path, entries: dict[str, dict]) -> dict[str, torch.
     return tensors
 
 
+def human_bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
 def short(value, limit: int = 80) -> str:
     """A user-supplied name or value, quoted and clipped so messages stay one readable line."""
     text = repr(value)
@@ -383,7 +398,9 @@ def lora_factors(source: str, module: str, roles: dict[str, tuple[str, torch.Ten
         up, down = up.flatten(1), down.flatten(1)
     if up.dim() != 2 or down.dim() != 2:
         raise InputError(f"{where} has factors of unexpected shapes: up {tuple(up.shape)}, down {tuple(down.shape)}")
-    if up.shape[1] != down.shape[0] or down.shape[0] == 0:
+    if down.shape[0] == 0:
+        raise InputError(f"{where} has rank-0 factors: up {tuple(up.shape)}, down {tuple(down.shape)}")
+    if up.shape[1] != down.shape[0]:
         raise InputError(f"{where} has mismatched factors: up {tuple(up.shape)} vs down {tuple(down.shape)} "
                          f"(ranks {up.shape[1]} ≠ {down.shape[0]})")
     scale = 1.0
@@ -398,12 +415,12 @@ def lora_factors(source: str, module: str, roles: dict[str, tuple[str, torch.Ten
 def full_checkpoint_layers(source: str, tensors: dict[str, torch.Tensor]):
     layers, text_encoder = {}, {}
     for key, value in tensors.items():
-        if value.dim() < 2:
-            continue  # biases, norms, schedules: not weight matrices
+        if value.dim() < 2 or value.numel() == 0:
+            continue  # biases, norms, schedules, empty placeholders: not weight matrices
         part, name = full_checkpoint_name(key)
         if part is None:
             continue
-        matrix = value.reshape(value.shape[0], -1)  # conv kernels: output channels first
+        matrix = value.flatten(1)  # conv kernels: output channels first
         (layers if part == "unet" else text_encoder)[name] = matrix
     if not layers and not text_encoder:
         raise InputError(f"{source}: no LoRA factors and no ≥2-D weight matrices found; nothing to read")
@@ -542,7 +559,8 @@ def describe(weights: ModelWeights) -> str:
     if weights.kind == "lora":
         ranks = [f.rank for f in [*weights.layers.values(), *weights.text_encoder.values()]]
         low, high = min(ranks), max(ranks)
-        parts = [f"LoRA, {len(weights.layers)} modules", f"rank {low}" if low == high else f"rank {low}–{high}"]
+        modules = f"{len(weights.layers)} modules" if weights.layers else "text encoder only"
+        parts = [f"LoRA, {modules}", f"rank {low}" if low == high else f"rank {low}–{high}"]
     else:
         parts = [f"full checkpoint, {len(weights.layers)} weight matrices"]
     if family:
