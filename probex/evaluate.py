@@ -14,7 +14,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
-from probex.errors import NoExpertError
+from probex.errors import NoExpertError, ProbexError
 from probex.train import LayerData, encode_all, task_targets
 
 
@@ -115,3 +115,48 @@ def evaluate_expert(expert, cache, layer: str, task: str | None = None, text_emb
         report[f"occ_auc{k}_holdout"] = one_class_auc(enc["val_holdout"], y["val_holdout"], enc["test_holdout"],
                                                       y["test_holdout"], k)["auc"]
     return report
+
+
+def evaluate_bundle(bundle_dir, zoo_dir, cache_dir=None, k: int = 5) -> dict:
+    """A bundle on a population (one tree, Model-J layout): how many of its models the router sends to the tree,
+    then `evaluate_expert` of that tree's expert on them. The true tree is the zoo's tree.json "name" when the
+    bundle has it, else the tree most models route to. Flat {metric: value}, as `probex eval` prints it."""
+    import tempfile
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from probex.bundle import Bundle
+    from probex.text import load_text_encoder
+    from probex.train import class_text_embeddings
+    from probex.weights import read_weights
+    from probex.zoo import Zoo, build_cache
+
+    bundle = Bundle.load(bundle_dir)
+    zoo = Zoo.scan(zoo_dir)
+    routed = []
+    for m in tqdm(zoo.models, desc="routing", unit="model"):
+        try:
+            routed.append(bundle.router.route(read_weights(zoo.root / m.source)).tree)
+        except NoExpertError:
+            routed.append(None)
+    named = zoo.tree.get("name")
+    truth = named if named in bundle.trees else max(set(routed), key=lambda t: (t is not None, routed.count(t)))
+    if truth not in bundle.trees:
+        raise ProbexError(f"no model of {zoo.root.name} routes to a tree of this bundle")
+    tree = bundle.trees[truth]
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = build_cache(zoo, cache_dir or tmp, layers=[tree.layer])
+        text = None
+        if tree.expert.head_kind == "align":
+            text = class_text_embeddings(cache, load_text_encoder(bundle.text_encoder), tree.prompt_template)
+        else:
+            expected = tree.gallery.class_ids
+            classes = [c["id"] for c in cache.classes if tree.expert.head_kind == "multilabel" or not c["holdout"]]
+            if classes != expected:
+                raise ProbexError(f"the {truth} expert was trained on {len(expected)} other classes than the "
+                                  f"{len(classes)} of {zoo.root.name}; only an align expert reads new classes")
+        report = evaluate_expert(tree.expert, cache, tree.layer, tree.expert.head_kind, text, k)
+    n_models = report.pop("n_models")
+    return {"tree": truth, "router_accuracy": routed.count(truth) / len(routed),
+            **{f"n_{split}": n for split, n in n_models.items()}, **report}

@@ -136,10 +136,18 @@ def task_targets(cache: LayerCache, task: str | None = None, text_embeddings: to
     return targets
 
 
+DEFAULT_PROMPT = "a photo of a {name}"  # the release's prompt for CLIP
+
+
+def prompt(template: str, name: str) -> str:
+    """A class name in its prompt; templates may write the slot as {name} or {}."""
+    return template.format(name, name=name)
+
+
 def class_text_embeddings(cache: LayerCache, encoder, template: str | None = None) -> torch.Tensor:
-    """One embedding per class of the cache, of the prompt "a photo of a {name}" (or the tree's own template)."""
-    template = template or cache.index.get("tree", {}).get("prompt_template") or "a photo of a {}"
-    return encoder.embed([template.format(c["name"]) for c in cache.classes])
+    """One embedding per class of the cache, of its prompt (the given template, else the tree's, else the release's)."""
+    template = template or cache.index.get("tree", {}).get("prompt_template") or DEFAULT_PROMPT
+    return encoder.embed([prompt(template, c["name"]) for c in cache.classes])
 
 
 # ---- training -------------------------------------------------------------------------------------------------------

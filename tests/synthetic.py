@@ -58,8 +58,9 @@ def split_counts(n: int) -> dict[str, int]:
 
 
 def _layer_generator(seed: int, layer: str) -> torch.Generator:
-    # Fixed per (seed, layer), independent of the other layers and of the call order.
-    return torch.Generator().manual_seed(seed * 2**32 + zlib.crc32(layer.encode()))
+    # Fixed per (seed, layer), independent of the other layers and of the call order. (torch's CPU generator keeps
+    # only 32 bits of a seed, so seed and layer are hashed together rather than packed into one big integer.)
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}/{layer}".encode()))
 
 
 def _unit(v: torch.Tensor) -> torch.Tensor:
@@ -91,7 +92,8 @@ def make_lora_zoo(root, n_classes: int = 6, per_class: int = 10, layers: dict[st
         g = _layer_generator(seed, name)
         tg = _layer_generator(seed if tree_seed is None else tree_seed, name + "/tree")
         planted[name] = {
-            "P": torch.randn(d_out, text_dim, generator=g) * (signal / text_dim ** 0.5 * (name in informative)),
+            # ‖P t‖ ≈ signal for a unit t, whatever the text width
+            "P": torch.randn(d_out, text_dim, generator=g) * (signal / d_out ** 0.5 * (name in informative)),
             "a": _unit(torch.randn(d_in, generator=g)),
             "g": _unit(torch.randn(d_out, generator=tg)) * tree_component,
             "h": _unit(torch.randn(d_in, generator=tg)),

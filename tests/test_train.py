@@ -24,7 +24,7 @@ def planted(tmp_path_factory):
     """20 training classes × 6 LoRAs (ranks 2–4) + 5 held-out classes × 4; only INFORMATIVE carries the class."""
     root = tmp_path_factory.mktemp("train")
     zoo = make_lora_zoo(root / "zoo", n_classes=20, per_class=6, layers=LAYERS, ranks=(2, 3, 4), holdout_classes=5,
-                        holdout_per_class=4, informative=[INFORMATIVE], text_dim=8, signal=0.3, jitter=0.8, seed=0)
+                        holdout_per_class=4, informative=[INFORMATIVE], text_dim=8, signal=0.6, jitter=0.4, seed=0)
     return zoo, build_cache(zoo.root, root / "cache")
 
 

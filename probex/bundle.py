@@ -1,0 +1,438 @@
+"""Bundles: everything the app and the CLI load — router, per-tree experts and galleries — as safetensors + JSON.
+
+    <bundle>/bundle.json                 format, profile, text encoder, trees (name, folder, layer, signature digest,
+                                         family, task, prompt template, root model, instance prompt), the router's
+                                         JSON state, example files, and a manifest: sha256 of every other file
+    <bundle>/router.safetensors          the router's tensors (tree centres of the routing layer)
+    <bundle>/<tree>/expert/              the expert's save_pretrained (config.json + model.safetensors)
+    <bundle>/<tree>/gallery.safetensors  encodings (N, r_T), umap (N, 2), text_emb (C, text_dim)
+    <bundle>/<tree>/gallery.json         model ids, classes, splits, class vocabulary, sample LoRA paths, layout
+    <bundle>/<tree>/samples/*.safetensors, <bundle>/examples/*.safetensors   LoRA files shipped with the bundle
+Nothing is pickled. Loading checks every file against the manifest; a missing or altered file is named.
+
+The map. Gallery encodings get 2-D coordinates once, at build time: UMAP (umap-learn, cosine, fixed seed) — or PCA
+for galleries too small for UMAP. New points (an upload, a text query) are placed WITHOUT refitting — UMAP's
+`transform` would need the fitted object, which only pickles — as the average of their k nearest gallery models'
+coordinates (cosine), weighted by 1 / cosine distance: a point on top of a known model lands on it, a point between
+two clusters lands between them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from probex.errors import ProbexError
+from probex.model import Expert, load_expert
+from probex.train import (DEFAULT_PROMPT, PAPER, LayerData, TrainConfig, class_text_embeddings, encode_all, prompt,
+                          sweep_layers)
+
+FORMAT, VERSION = "probex-bundle", 1
+PLACE_K = 5
+MIN_UMAP_MODELS = 10  # below this UMAP's neighbour graph is degenerate: PCA lays the gallery out instead
+
+
+# ---- galleries --------------------------------------------------------------------------------------------------
+@dataclass
+class Gallery:
+    """A tree's known models in its expert's representation, and the class text bank."""
+    ids: list[str]
+    classes: list                  # per model: its class name, or its label list (multilabel trees)
+    splits: list[str]
+    classes_vocabulary: list[str]  # class names: the rows of text_emb and the outputs of a classifier head
+    encodings: torch.Tensor        # (N, r_T)
+    umap: torch.Tensor             # (N, 2) map coordinates
+    text_emb: torch.Tensor         # (C, text_dim) embeddings of the vocabulary's prompts
+    class_ids: list[str] = field(default_factory=list)
+    sample_paths: dict[str, str] = field(default_factory=dict)   # model id → LoRA file (absolute once loaded)
+    layout: dict = field(default_factory=lambda: {"method": "umap", "seed": 0, "place_k": PLACE_K})
+
+    def place(self, encodings: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """(M, 2) map positions of new encodings: 1/cosine-distance weighted mean of the k nearest models' points."""
+        k = min(k or self.layout.get("place_k", PLACE_K), len(self.ids))
+        cos = F.normalize(encodings.float(), dim=-1) @ F.normalize(self.encodings, dim=-1).T
+        sim, idx = cos.topk(k, dim=1)
+        weights = 1.0 / (1.0 - sim).clamp_min(1e-6)
+        return (weights[..., None] * self.umap[idx]).sum(1) / weights.sum(1, keepdim=True)
+
+    def nearest(self, encoding: torch.Tensor, k: int = 5) -> list[tuple[int, float]]:
+        """(gallery index, cosine) of the k known models closest to one encoding."""
+        cos = F.normalize(self.encodings, dim=-1) @ F.normalize(encoding.float(), dim=-1)
+        sim, idx = cos.topk(min(k, len(self.ids)))
+        return list(zip(idx.tolist(), sim.tolist()))
+
+
+def layout_2d(encodings: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, str]:
+    """2-D coordinates of the gallery: UMAP on cosine distance with a fixed seed, or PCA for tiny galleries."""
+    x = F.normalize(encodings.float(), dim=-1).numpy()
+    if len(x) >= MIN_UMAP_MODELS:
+        import umap  # slow to import (numba): only when a bundle is built
+
+        reducer = umap.UMAP(n_components=2, n_neighbors=min(15, len(x) - 1), metric="cosine", random_state=seed,
+                            n_jobs=1)
+        return torch.from_numpy(reducer.fit_transform(x).astype(np.float32)), "umap"
+    from sklearn.decomposition import PCA
+
+    coords = PCA(n_components=min(2, len(x)), random_state=seed).fit_transform(x) if len(x) > 1 else np.zeros((1, 1))
+    return torch.from_numpy(np.pad(coords, ((0, 0), (0, 2 - coords.shape[1]))).astype(np.float32)), "pca"
+
+
+# ---- trees and bundles ------------------------------------------------------------------------------------------
+@dataclass
+class TreeBundle:
+    name: str
+    layer: str | list[str]          # the layer(s) the expert reads
+    expert: Expert
+    gallery: Gallery
+    task: str
+    digest: str | None = None       # architecture signature the tree's models share
+    family: str | None = None
+    prompt_template: str = DEFAULT_PROMPT
+    root_model: str | None = None   # diffusers model id or dir of the tree's root (for drawing samples)
+    instance_prompt: str | None = None
+
+
+@dataclass
+class Bundle:
+    profile: str
+    text_encoder: str | None        # a probex.text.load_text_encoder name
+    trees: dict[str, TreeBundle]
+    router: object | None = None    # probex.router.Router (to_state / from_state)
+    examples: list[Path] = field(default_factory=list)   # LoRA files for the app's examples
+    info: dict = field(default_factory=dict)             # free-form provenance (training config, sweep summary)
+
+    def place(self, tree: str, encodings: torch.Tensor) -> torch.Tensor:
+        return self.trees[tree].gallery.place(encodings)
+
+    # -- writing ----------------------------------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        written: list[Path] = []
+        router_state = None
+        if self.router is not None:
+            tensors, router_state = self.router.to_state()
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "router.safetensors"))
+            written.append(directory / "router.safetensors")
+        trees = []
+        folders = set()
+        for tree in self.trees.values():
+            folder = _folder_name(tree.name, folders)
+            written += _save_tree(tree, directory / folder, directory)
+            trees.append({"name": tree.name, "folder": folder, "layer": tree.layer, "task": tree.task,
+                          "digest": tree.digest, "family": tree.family, "prompt_template": tree.prompt_template,
+                          "root_model": tree.root_model, "instance_prompt": tree.instance_prompt})
+        examples = [_ship(Path(p), directory / "examples" / _example_name(Path(p))) for p in self.examples]
+        written += examples
+        manifest = {p.relative_to(directory).as_posix(): sha256_file(p) for p in written}
+        (directory / "bundle.json").write_text(json.dumps(
+            {"format": FORMAT, "version": VERSION, "profile": self.profile, "text_encoder": self.text_encoder,
+             "trees": trees, "router": router_state,
+             "examples": [p.relative_to(directory).as_posix() for p in examples], "info": self.info,
+             "manifest": manifest}, indent=1))
+        return directory
+
+    # -- reading ----------------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, directory: str | Path, verify: bool = True) -> "Bundle":
+        directory = Path(directory)
+        meta = _read_bundle_json(directory)
+        if verify:
+            verify_manifest(directory, meta["manifest"])
+        router = None
+        if meta.get("router") is not None:
+            from probex.router import Router
+
+            router = Router.from_state(_load_tensors(directory, "router.safetensors"), meta["router"])
+        trees = {}
+        for t in meta["trees"]:
+            trees[t["name"]] = TreeBundle(
+                name=t["name"], layer=t["layer"], expert=load_expert(directory / t["folder"] / "expert"),
+                gallery=_load_gallery(directory, t["folder"]), task=t["task"], digest=t.get("digest"),
+                family=t.get("family"), prompt_template=t.get("prompt_template") or DEFAULT_PROMPT,
+                root_model=t.get("root_model"), instance_prompt=t.get("instance_prompt"))
+        return cls(meta.get("profile", ""), meta.get("text_encoder"), trees, router,
+                   [directory / p for p in meta.get("examples", [])], meta.get("info", {}))
+
+
+def save_bundle(bundle: Bundle, directory: str | Path) -> Path:
+    return bundle.save(directory)
+
+
+def load_bundle(directory: str | Path, verify: bool = True) -> Bundle:
+    return Bundle.load(directory, verify)
+
+
+def _folder_name(name: str, taken: set) -> str:
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "tree"
+    while folder in taken:
+        folder += "_"
+    taken.add(folder)
+    return folder
+
+
+def _example_name(source: Path) -> str:
+    """Zoo files all share one name (pytorch_lora_weights.safetensors): name the copy after the model's folders."""
+    from probex.zoo import WEIGHT_FILES
+
+    stem = f"{source.parent.parent.name}__{source.parent.name}" if source.name in WEIGHT_FILES else source.stem
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem) + ".safetensors"
+
+
+def _ship(source: Path, target: Path) -> Path:
+    """Copy a LoRA file into the bundle (no-op when re-saving a bundle in place)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if source.resolve() != target.resolve():
+        shutil.copyfile(source, target)
+    return target
+
+
+def _save_tree(tree: TreeBundle, folder: Path, root: Path) -> list[Path]:
+    tree.expert.save_pretrained(folder / "expert")
+    g = tree.gallery
+    save_file({"encodings": g.encodings.float().contiguous(), "umap": g.umap.float().contiguous(),
+               "text_emb": g.text_emb.float().contiguous()}, str(folder / "gallery.safetensors"))
+    samples = {mid: _ship(Path(p), folder / "samples" / (re.sub(r"[^A-Za-z0-9._-]+", "__", mid) + ".safetensors"))
+               for mid, p in g.sample_paths.items()}
+    (folder / "gallery.json").write_text(json.dumps(
+        {"ids": g.ids, "classes": g.classes, "splits": g.splits, "classes_vocabulary": g.classes_vocabulary,
+         "class_ids": g.class_ids, "sample_paths": {m: p.relative_to(root).as_posix() for m, p in samples.items()},
+         "layout": g.layout}, indent=1))
+    return [folder / "expert" / "config.json", folder / "expert" / "model.safetensors", folder / "gallery.safetensors",
+            folder / "gallery.json", *samples.values()]
+
+
+def _read_bundle_json(directory: Path) -> dict:
+    path = directory / "bundle.json"
+    if not path.is_file():
+        raise ProbexError(f"no bundle at {directory} (bundle.json is missing)")
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProbexError(f"bundle {directory.name}: bundle.json is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("manifest"), dict):
+        raise ProbexError(f"bundle {directory.name}: bundle.json is not a {FORMAT} file")
+    if meta.get("version") != VERSION:
+        raise ProbexError(f"bundle {directory.name}: version {meta.get('version')} is not supported (this is {VERSION})")
+    return meta
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_manifest(directory: Path, manifest: dict[str, str]) -> None:
+    """Every listed file exists and has its recorded sha256 — before anything is parsed."""
+    for rel, expected in manifest.items():
+        path = directory / rel
+        if ".." in Path(rel).parts or not path.is_file():
+            raise ProbexError(f"bundle {directory.name}: {rel} is missing")
+        if sha256_file(path) != expected:
+            raise ProbexError(f"bundle {directory.name}: {rel} is corrupted (its sha256 does not match the manifest)")
+
+
+def _load_tensors(directory: Path, rel: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(directory / rel))
+    except (SafetensorError, OSError) as exc:
+        raise ProbexError(f"bundle {directory.name}: {rel} is unreadable ({exc})") from None
+
+
+def _load_gallery(directory: Path, folder: str) -> Gallery:
+    t = _load_tensors(directory, f"{folder}/gallery.safetensors")
+    try:
+        j = json.loads((directory / folder / "gallery.json").read_text())
+        return Gallery(j["ids"], j["classes"], j["splits"], j["classes_vocabulary"], t["encodings"], t["umap"],
+                       t["text_emb"], j.get("class_ids", []),
+                       {m: str(directory / p) for m, p in j.get("sample_paths", {}).items()}, j.get("layout", {}))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ProbexError(f"bundle {directory.name}: {folder}/gallery is incomplete ({exc})") from None
+
+
+# ---- building bundles -------------------------------------------------------------------------------------------
+@dataclass
+class TreeSpec:
+    """A trained tree expert and where its known models live, ready to become a TreeBundle."""
+    name: str
+    expert: Expert
+    cache: object                      # probex.zoo.LayerCache of the tree's population
+    layer: str | list[str]
+    prompt_template: str = DEFAULT_PROMPT
+    root_model: str | None = None
+    instance_prompt: str | None = None
+    signature: object | None = None    # probex.weights.Signature; default: that of the cache's first model file
+    samples: list[str] = field(default_factory=list)   # ids of models whose LoRA files ship (to draw samples)
+    encodings: torch.Tensor | None = None   # precomputed, for experts reading several layers; default: encode `layer`
+
+
+def make_gallery(spec: TreeSpec, encoder, seed: int = 0) -> Gallery:
+    """Encode every model of the tree's population, lay the encodings out in 2-D, embed the class prompts.
+
+    The vocabulary is what the expert can name: every class for an align expert (held-out ones included: text is
+    all it needs), the classes of its head otherwise."""
+    cache = spec.cache
+    if spec.encodings is not None:
+        encodings = spec.encodings.float()
+    else:
+        encodings = encode_all(spec.expert, LayerData.from_cache(cache, spec.layer))
+    coords, method = layout_2d(encodings, seed)
+    head = spec.expert.head_kind
+    vocab = [c for c in cache.classes if head != "multiclass" or not c["holdout"]]
+    names = [c["name"] for c in vocab]
+    text_emb = encoder.embed([prompt(spec.prompt_template, n) for n in names]) if names else torch.zeros(0, 0)
+    zoo_root = Path(cache.index["zoo"])
+    models = cache.models
+    return Gallery(
+        ids=[m["id"] for m in models],
+        classes=[m.get("labels", m.get("class_name")) for m in models],
+        splits=[m["split"] for m in models],
+        classes_vocabulary=names, class_ids=[c["id"] for c in vocab],
+        encodings=encodings, umap=coords, text_emb=text_emb.float(),
+        sample_paths={m["id"]: str(zoo_root / m["source"]) for m in models if m["id"] in set(spec.samples)},
+        layout={"method": method, "seed": seed, "place_k": PLACE_K})
+
+
+def build_bundle(out_dir: str | Path, trees: list[TreeSpec], text_encoder: str, router=None,
+                 profile: str = "emoji-mini", examples=(), seed: int = 0, encoder=None, info: dict | None = None) -> Bundle:
+    """Galleries for trained experts, written with the router as a bundle in `out_dir`. `text_encoder` is the
+    load_text_encoder name stored in the bundle (`encoder` overrides the instance used, e.g. an already loaded one)."""
+    from probex.text import load_text_encoder
+
+    encoder = encoder or load_text_encoder(text_encoder)
+    built = {}
+    for spec in trees:
+        signature = spec.signature or _first_signature(spec.cache)
+        built[spec.name] = TreeBundle(
+            spec.name, spec.layer, spec.expert.eval(), make_gallery(spec, encoder, seed), spec.expert.head_kind,
+            getattr(signature, "digest", None), getattr(signature, "family", None), spec.prompt_template,
+            spec.root_model, spec.instance_prompt)
+    bundle = Bundle(profile, text_encoder, built, router, [Path(p) for p in examples], info or {})
+    bundle.save(out_dir)
+    return Bundle.load(out_dir)   # what the app will see: paths inside the bundle, verified
+
+
+def _first_signature(cache):
+    from probex.weights import read_weights
+
+    path = Path(cache.index["zoo"]) / cache.models[0]["source"]
+    return read_weights(path).signature if path.is_file() else None
+
+
+def train_bundle(zoo, out_dir: str | Path, layers=None, config: TrainConfig = PAPER, profile: str | None = None,
+                 task: str | None = None, cache_dir: str | Path | None = None, routing_layer: str | None = None,
+                 samples_per_class: int = 1, n_examples: int = 3, encoder=None) -> dict:
+    """Population(s) → bundle: the `probex train` flow.
+
+    Each zoo is one tree (named by its tree.json "name", else its folder). For each: cache the swept layers and the
+    routing layer, sweep experts over the layers (best on val; align with the profile's text encoder for LoRA
+    trees, multilabel for discriminative ones), keep the best; the router's trees are found per architecture with as
+    many trees as zoos and must recover the zoos. Returns a summary (per tree: chosen layer and its scores)."""
+    from probex.profiles import get_profile
+    from probex.text import load_text_encoder
+    from probex.zoo import Zoo, build_cache
+
+    prof = get_profile(profile)
+    encoder = encoder or load_text_encoder(prof.text_encoder)
+    out_dir = Path(out_dir)
+    zoos = [Zoo.scan(z) for z in (zoo if isinstance(zoo, (list, tuple)) else [zoo])]
+    cache_root = Path(cache_dir) if cache_dir else Path("cache")
+    specs, caches, summary = [], [], {}
+    for z in zoos:
+        name = z.tree.get("name") or z.root.resolve().name
+        cache = build_cache(z, cache_root / _folder_name(name, set()), layers=select_layers_of(z, layers))
+        routing = routing_layer or cache.all_layers[0]
+        cache = build_cache(z, cache.directory, layers=[routing])
+        template = z.tree.get("prompt_template") or prof.prompt_template
+        tree_task = task or ("multilabel" if cache.task == "multilabel" else "align")
+        text = class_text_embeddings(cache, encoder, template) if tree_task == "align" else None
+        sweep = sweep_layers(cache, layers, tree_task, text, config, out_dir=out_dir / "sweeps" / _folder_name(name, set()))
+        specs.append(TreeSpec(name, sweep.best.expert, cache, sweep.best_layer, template,
+                              z.tree.get("root_model") or prof.root_model, z.tree.get("instance_prompt"),
+                              samples=_sample_ids(cache, samples_per_class)))
+        caches.append((cache, routing))
+        summary[name] = {"layer": sweep.best_layer, **{k: v for k, v in sweep.best_row.items() if k != "layer"},
+                         "task": tree_task, "n_models": len(cache.models)}
+    router = _fit_router(specs, caches)
+    examples = [Path(c.index["zoo"]) / m["source"] for c, _ in caches for m in _example_models(c, n_examples)]
+    build_bundle(out_dir, specs, prof.text_encoder, router, prof.name, examples, config.seed, encoder,
+                 info={"config": config.__dict__, "trees": summary})
+    return {"bundle": str(out_dir), "profile": prof.name, "trees": summary}
+
+
+def select_layers_of(zoo, layers):
+    """The layer spec resolved against a zoo's own layer names (read from its first file)."""
+    from probex.weights import read_weights
+    from probex.zoo import select_layers
+
+    return select_layers(list(read_weights(zoo.root / zoo.models[0].source).layers), layers)
+
+
+def _fit_router(specs: list[TreeSpec], caches: list):
+    """Trees per architecture from the routing layer of every known model; each discovered tree must be one zoo."""
+    from probex.router import Router
+    from probex.weights import LoraFactors
+
+    router = Router()
+    by_digest: dict[str, list[int]] = {}
+    for i, spec in enumerate(specs):
+        spec.signature = spec.signature or _first_signature(spec.cache)
+        by_digest.setdefault(spec.signature.digest, []).append(i)
+    for members in by_digest.values():
+        items, owner = [], []
+        for i in members:
+            cache, layer = caches[i]
+            t = cache.load(layer)
+            if "up" in t:
+                items += [LoraFactors(u[:, :r], d[:r], float(s)) for u, d, s, r in
+                          zip(t["up"], t["down"], t["scale"], t["rank"].tolist())]
+            else:
+                items += list(t["weight"])
+            owner += [i] * len(cache.models)
+        first = specs[members[0]]
+        found = router.add_group(first.signature, first.cache.kind, caches[members[0]][1], items, n_trees=len(members))
+        names = {}
+        for i in members:
+            votes = [f for f, o in zip(found, owner) if o == i]
+            majority = max(set(votes), key=votes.count)
+            if majority in names or votes.count(majority) != len(votes):
+                raise ProbexError(f"the router could not separate tree {specs[i].name} from the other populations "
+                                  f"of its architecture on layer {caches[i][1]}")
+            names[majority] = specs[i].name
+        router.rename(names)
+    return router
+
+
+def _sample_ids(cache, per_class: int) -> list[str]:
+    """The first `per_class` train models of each class: their LoRA files ship for drawing samples."""
+    chosen, count = [], {}
+    for m in cache.models:
+        key = m.get("class_id") or "|".join(m.get("labels", []))
+        if m["split"] == "train" and count.get(key, 0) < per_class:
+            chosen.append(m["id"])
+            count[key] = count.get(key, 0) + 1
+    return chosen
+
+
+def _example_models(cache, n: int) -> list[dict]:
+    """A few held-out-class and test models of distinct classes: the app's example uploads."""
+    picked, seen = [], set()
+    for split in ("test_holdout", "test"):
+        for m in cache.models:
+            key = m.get("class_id") or m["id"]
+            if m["split"] == split and key not in seen and len(picked) < n:
+                picked.append(m)
+                seen.add(key)
+    return picked

@@ -1,0 +1,140 @@
+"""Bundles: exact round trip, a manifest that names a missing or altered file, map placement without refitting,
+and the whole train flow (zoos → router + experts + galleries) read back and evaluated."""
+import json
+
+import pytest
+import torch
+
+from probex.bundle import Bundle, Gallery, TreeBundle, layout_2d, train_bundle
+from probex.errors import NoExpertError, ProbexError
+from probex.evaluate import evaluate_bundle
+from probex.model import ProbeX
+from probex.train import TrainConfig
+from probex.weights import read_weights
+from synthetic import make_lora_zoo, write_tree_json
+
+
+def small_bundle(n=6):
+    torch.manual_seed(0)
+    expert = ProbeX(8, 6, r_u=4, r_v=4, r_t=5, head="align", text_dim=3)
+    enc = torch.randn(n, 5)
+    coords, method = layout_2d(enc)
+    gallery = Gallery([f"train/m{i}" for i in range(n)], ["cat", "dog"] * (n // 2), ["train"] * n, ["cat", "dog"],
+                      enc, coords, torch.randn(2, 3), ["c0", "c1"], layout={"method": method, "seed": 0, "place_k": 2})
+    tree = TreeBundle("tiny-tree", "down_blocks.0.attn2.to_q", expert, gallery, "align", "abc123", None,
+                      "an emoji of {name}", None, "an emoji of sks")
+    return Bundle("emoji-mini", "minilm", {"tiny-tree": tree}, None, [], {"note": "test"})
+
+
+def test_round_trip_is_exact(tmp_path):
+    bundle = small_bundle()
+    bundle.save(tmp_path / "b")
+    loaded = Bundle.load(tmp_path / "b")
+    t, u = bundle.trees["tiny-tree"], loaded.trees["tiny-tree"]
+    assert (u.layer, u.task, u.digest, u.prompt_template, u.instance_prompt) == \
+           (t.layer, t.task, t.digest, t.prompt_template, t.instance_prompt)
+    for field in ("encodings", "umap", "text_emb"):
+        assert torch.equal(getattr(u.gallery, field), getattr(t.gallery, field))
+    assert u.gallery.ids == t.gallery.ids and u.gallery.classes_vocabulary == ["cat", "dog"]
+    x, text = torch.randn(3, 8, 6), torch.randn(2, 3)
+    with torch.no_grad():
+        assert torch.equal(u.expert(x, text), t.expert(x, text))
+    meta = json.loads((tmp_path / "b" / "bundle.json").read_text())
+    assert set(meta["manifest"]) == {"tiny-tree/expert/config.json", "tiny-tree/expert/model.safetensors",
+                                     "tiny-tree/gallery.safetensors", "tiny-tree/gallery.json"}
+    assert loaded.info == {"note": "test"} and loaded.router is None
+    assert not list((tmp_path / "b").rglob("*.pt")) and not list((tmp_path / "b").rglob("*.pkl"))
+
+
+@pytest.mark.parametrize("victim", ["tiny-tree/expert/model.safetensors", "tiny-tree/gallery.json"])
+def test_altered_or_missing_files_are_named(tmp_path, victim):
+    small_bundle().save(tmp_path)
+    path = tmp_path / victim
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(ProbexError, match=f"{victim} is corrupted"):
+        Bundle.load(tmp_path)
+    path.unlink()
+    with pytest.raises(ProbexError, match=f"{victim} is missing"):
+        Bundle.load(tmp_path)
+
+
+def test_broken_bundle_json_is_a_one_line_error(tmp_path):
+    with pytest.raises(ProbexError, match="bundle.json is missing"):
+        Bundle.load(tmp_path)
+    small_bundle().save(tmp_path)
+    meta = json.loads((tmp_path / "bundle.json").read_text())
+    (tmp_path / "bundle.json").write_text(json.dumps({**meta, "version": 99}))
+    with pytest.raises(ProbexError, match="version 99"):
+        Bundle.load(tmp_path)
+    (tmp_path / "bundle.json").write_text("{not json")
+    with pytest.raises(ProbexError, match="not valid JSON") as err:
+        Bundle.load(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_new_points_are_placed_among_their_neighbours_without_refitting():
+    g = small_bundle(n=4).trees["tiny-tree"].gallery
+    g.encodings = torch.tensor([[1.0, 0, 0, 0, 0], [0.9, 0.1, 0, 0, 0], [0, 0, 1.0, 0, 0], [0, 0, 0.9, 0.1, 0]])
+    g.umap = torch.tensor([[0.0, 0.0], [1.0, 0.0], [10.0, 10.0], [11.0, 10.0]])
+    on_top = g.place(g.encodings[2:3], k=2)[0]
+    assert torch.allclose(on_top, g.umap[2], atol=1e-3)
+    between = g.place(torch.tensor([[1.0, 0.05, 0, 0, 0]]), k=2)[0]
+    assert 0 < between[0] < 1 and abs(between[1]) < 1e-6
+    assert g.nearest(torch.tensor([0, 0, 1.0, 0.01, 0]), k=1)[0][0] == 2
+
+
+def test_tiny_galleries_fall_back_to_pca():
+    coords, method = layout_2d(torch.randn(4, 6))
+    assert method == "pca" and coords.shape == (4, 2)
+
+
+LAYERS = {"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (16, 12),
+          "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q": (16, 16)}
+INFORMATIVE = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q"
+
+
+def test_train_bundle_end_to_end(tmp_path):
+    """Two trees of one architecture (different shared components), trained, bundled, loaded, routed, evaluated."""
+    from probex.text import load_text_encoder
+
+    minilm = load_text_encoder("minilm")
+    names = ["tiger", "lion", "house cat", "wolf", "fox", "owl", "eagle", "shark"]
+    text = minilm.embed([f"an emoji of {n}" for n in names])
+    zoos = []
+    for i, tree_seed in enumerate((11, 22)):
+        z = make_lora_zoo(tmp_path / f"zoo{i}", n_classes=6, per_class=5, layers=LAYERS, ranks=(2, 3),
+                          holdout_classes=2, holdout_per_class=4, informative=[INFORMATIVE], class_names=names,
+                          class_embeddings=text, tree_component=3.0, tree_seed=tree_seed, signal=1.0, seed=i)
+        write_tree_json(z.root, name=f"tree-{i}", instance_prompt="an emoji of sks")
+        zoos.append(z)
+    config = TrainConfig(epochs=25, batch_size=32, lr=1e-2, r_u=8, r_v=8, r_t=16)
+    summary = train_bundle([z.root for z in zoos], tmp_path / "bundle", config=config, profile="emoji-mini",
+                           cache_dir=tmp_path / "cache", encoder=minilm)
+    assert set(summary["trees"]) == {"tree-0", "tree-1"}, summary
+    assert all(t["layer"] == INFORMATIVE and t["task"] == "align" for t in summary["trees"].values())
+
+    bundle = Bundle.load(tmp_path / "bundle")
+    assert bundle.text_encoder == "minilm" and set(bundle.trees) == {"tree-0", "tree-1"}
+    for i, z in enumerate(zoos):
+        tree = bundle.trees[f"tree-{i}"]
+        assert tree.instance_prompt == "an emoji of sks" and tree.gallery.layout["method"] == "umap"
+        assert tree.gallery.encodings.shape == (len(z.models), 16) and tree.gallery.umap.shape == (len(z.models), 2)
+        assert tree.gallery.classes_vocabulary == names   # align: held-out classes are nameable too
+        assert tree.gallery.text_emb.shape == (8, 384)
+        assert len(tree.gallery.sample_paths) == 6 and all(
+            p.startswith(str(tmp_path / "bundle")) for p in tree.gallery.sample_paths.values())
+        for m in z.models[::7]:   # the router sends every model home
+            assert bundle.router.route(read_weights(m["path"])).tree == f"tree-{i}"
+    assert len(bundle.examples) == 6 and all(p.is_file() for p in bundle.examples)
+    assert (tmp_path / "bundle" / "sweeps" / "tree-0" / "sweep.csv").is_file()
+
+    foreign = make_lora_zoo(tmp_path / "foreign", n_classes=1, per_class=3, layers={"mid_block.attn1.to_v": (8, 8)})
+    with pytest.raises(NoExpertError):
+        bundle.router.route(read_weights(foreign.models[0]["path"]))
+
+    report = evaluate_bundle(tmp_path / "bundle", zoos[0].root, k=3)
+    assert report["tree"] == "tree-0" and report["router_accuracy"] == 1.0
+    assert report["top1_test"] >= 0.8 and report["n_test_holdout"] == 4
+    assert {"zero_shot_val_holdout", "zero_shot_test_holdout", "knn3_test", "occ_auc3_holdout"} <= set(report)
