@@ -2,18 +2,25 @@
 and real-world files (kohya fp16 with text-encoder parts, SD 2.x, SDXL)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
+from probex.bundle import train_bundle
 from probex.errors import InputError, NoExpertError, ProbexError
 from probex.generate import load_pipeline, sample
+from probex.modelj import write_tree_json
 from probex.profiles import get_profile
 from probex.router import Router
+from probex.service import Studio
 from probex.text import CLIPText, load_text_encoder
+from probex.train import TrainConfig
 from probex.weights import read_weights
-from sd15_fixtures import (SIGNAL_LAYER, build_unet, kohya_metadata, lora_shapes, lora_state_dict, random_factors,
-                           save_tiny_clip_text, save_tiny_sd_pipeline, text_encoder_factors, write_lora)
+from sd15_fixtures import (MODELJ_HOLDOUT_WNIDS, MODELJ_TRAIN_WNIDS, SIGNAL_LAYER, build_unet, kohya_metadata,
+                           lora_shapes, lora_state_dict, prompts, random_factors, save_tiny_clip_text,
+                           save_tiny_sd_pipeline, text_encoder_factors, write_lora, write_modelj_tree)
 
 FORMATS = ("diffusers", "modelj", "kohya")
 
@@ -218,5 +225,75 @@ def test_sample_refuses_what_it_cannot_draw(tiny_pipe, tmp_path):
     sd15_file = write_lora(tmp_path / "sd15.safetensors", random_factors(lora_shapes("sd15"), 2, 0), "diffusers")
     with pytest.raises(InputError, match="cannot put this LoRA on the root"):   # SD 1.5 shapes on the tiny root
         sample(tiny_pipe, sd15_file, "x", num_inference_steps=1)
+    sd15 = get_profile("sd15-modelj")
     with pytest.raises(ProbexError, match="no image generator yet"):
-        load_pipeline("emoji-mini")
+        load_pipeline(replace(sd15, name="sd3-test", pipeline="sd3"))
+    with pytest.raises(ProbexError, match="names no root model"):
+        load_pipeline(replace(sd15, root_model=None))
+
+
+# ---- a fake Model-J tree, download-free: zoo → cache → train → bundle → predict ---------------------------------------
+@pytest.fixture(scope="module")
+def modelj_tree(tmp_path_factory, tiny_clip):
+    """56 SD 1.5 LoRAs in Model-J layout / keys / metadata: 8 training classes × 5, 4 held-out classes × 4; the class
+    signal (linear in the class prompt's CLIP embedding) sits in SIGNAL_LAYER only."""
+    root = tmp_path_factory.mktemp("modelj") / "SD_200"
+    text = load_text_encoder(f"clip:{tiny_clip}").embed(prompts(MODELJ_TRAIN_WNIDS + MODELJ_HOLDOUT_WNIDS))
+    zoo = write_modelj_tree(root, text)
+    write_tree_json(root, "SD_200", "ProbeX/Model-J__SD_200")
+    return zoo
+
+
+def civitai_copy(source, target):
+    """A Model-J LoRA as a Civitai user would upload it: kohya keys, fp16, text-encoder parts, ss_ metadata."""
+    w = read_weights(source)
+    factors = {name: (f.up * f.scale, f.down) for name, f in w.layers.items()}
+    return write_lora(target, factors, "kohya", alpha=4.0, dtype=torch.float16, text_encoder=text_encoder_factors(),
+                      metadata=kohya_metadata("sd_v1", 4, 4.0))
+
+
+def test_fake_modelj_tree_end_to_end(modelj_tree, tiny_clip, tmp_path, monkeypatch):
+    monkeypatch.setenv("PROBEX_PROFILE", "sd15-modelj")
+    monkeypatch.setenv("PROBEX_CLIP_MODEL", tiny_clip)        # the profile's CLIP, offline: the tiny one
+    noise_layer = sorted(lora_shapes("sd15"))[0]               # a layer without signal, to be swept and rejected
+    config = TrainConfig(epochs=60, batch_size=16, lr=2e-3, r_u=16, r_v=16, r_t=32)
+    summary = train_bundle(modelj_tree.root, tmp_path / "bundle", layers=[noise_layer, SIGNAL_LAYER], config=config,
+                           cache_dir=tmp_path / "cache", routing_layer=SIGNAL_LAYER)
+    tree = summary["trees"]["modelj-sd_200"]
+    assert summary["profile"] == "sd15-modelj" and tree["layer"] == SIGNAL_LAYER and tree["task"] == "align"
+    assert tree["n_models"] == len(modelj_tree.models) == 56
+    assert tree["test"] >= 0.75                                 # 8 in-distribution classes: chance 0.125
+    assert tree["test_holdout"] >= 0.5                          # 4 never-seen classes, from text alone: chance 0.25
+    assert len(list((tmp_path / "cache").glob("*/index.json"))) == 1   # the layer cache, built on the way
+
+    # Uploads as Civitai users make them (kohya keys, fp16, text-encoder parts), read and routed by the service.
+    studio = Studio.load(tmp_path / "bundle")
+    known, zero_shot, in_top3 = 0, 0, 0
+    held_out_names = [imagenet_name(w) for w in MODELJ_HOLDOUT_WNIDS]
+    for model in modelj_tree.models:
+        if model["split"] not in ("test", "test_holdout"):
+            continue
+        upload = civitai_copy(model["path"], tmp_path / "uploads" / f"{model['id'].replace('/', '_')}.safetensors")
+        out = studio.predict(upload, top_k=3)
+        assert out["tree"] == "modelj-sd_200" and out["layer"] == SIGNAL_LAYER
+        assert out["neighbors"][0]["id"] == model["id"]          # the same LoRA, whatever its file format
+        names = [c["name"] for c in out["classes"]]
+        if model["split"] == "test":
+            known += names[0] == imagenet_name(model["wnid"])
+        else:
+            in_top3 += imagenet_name(model["wnid"]) in names
+            zero_shot += studio.zero_shot(upload, held_out_names)[0]["name"] == imagenet_name(model["wnid"])
+    assert known >= 7                     # 8 test LoRAs, 12 class names to choose from (chance 1/12)
+    assert zero_shot >= 5                 # 8 held-out LoRAs among 4 never-trained class names (chance 2 of 8)
+    assert in_top3 >= 6                   # … and among all 12 names, the true one in the top 3 (chance 2 of 8)
+
+    sdxl = write_lora(tmp_path / "sdxl.safetensors", random_factors(lora_shapes("sdxl"), 2, 1), "kohya-sgm",
+                      dtype=torch.float16, metadata=kohya_metadata("sdxl_base_v1-0", 2, 1.0))
+    with pytest.raises(NoExpertError, match="no tree expert for SDXL UNet LoRAs"):
+        studio.predict(sdxl)
+
+
+def imagenet_name(wnid: str) -> str:
+    from probex.zoo import imagenet_names
+
+    return imagenet_names()[wnid]
