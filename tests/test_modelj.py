@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlparse
 
@@ -20,6 +21,7 @@ from safetensors.torch import save_file
 
 from probex import modelj
 from probex.errors import InputError, ProbexError
+from probex.profiles import get_profile, resolve_bundle_dir
 from probex.zoo import Zoo, imagenet_names
 
 
@@ -235,3 +237,28 @@ def test_imagenet_table():
     assert names["n02111277"] == "Newfoundland" and names["n04254680"] == "soccer ball"
     assert {names["n02012849"], names["n03126707"]} == {"crane, bird", "construction crane"}
     assert all(w.startswith("n") and len(w) == 9 for w in names)
+
+
+def test_bundle_from_a_hub_repo(tmp_path, monkeypatch):
+    """The sd15-modelj profile's bundle named by a Hub repo id arrives once (JSON + safetensors only, never a
+    pickle) and resolves to a local dir; a repo that is missing or holds no bundle is one clear line."""
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    bundle = {"bundle.json": b'{"format": "probex-bundle"}', "router.safetensors": b"0", "tree/expert/config.json": b"{}",
+              "training_args.bin": b"\x80\x04 pickle", "README.md": b"# bundle"}
+    server = FakeHub({("model", "someone/probex-sd15"): bundle, ("model", "someone/not-a-bundle"): {"a.json": b"{}"}})
+    try:
+        profile = replace(get_profile("sd15-modelj"), bundle="someone/probex-sd15")
+        local = resolve_bundle_dir(profile, endpoint=server.url)
+        assert (local / "bundle.json").read_bytes() == bundle["bundle.json"]
+        assert (local / "tree/expert/config.json").is_file() and not (local / "training_args.bin").exists()
+        assert resolve_bundle_dir(replace(profile, bundle=str(local))) == local      # a local dir is taken as is
+
+        with pytest.raises(InputError, match="holds no bundle.json"):
+            resolve_bundle_dir(replace(profile, bundle="someone/not-a-bundle"), endpoint=server.url)
+        with pytest.raises(InputError, match="cannot download bundle someone/gone") as err:
+            resolve_bundle_dir(replace(profile, bundle="someone/gone"), endpoint=server.url)
+        assert "\n" not in str(err.value)
+        with pytest.raises(InputError, match="neither a local dir nor a Hub repo id"):
+            resolve_bundle_dir(replace(profile, bundle="no/such/dir"))
+    finally:
+        server.close()
