@@ -28,8 +28,10 @@ from probex.weights import FAMILY_NAMES, LoraFactors, ModelWeights, Signature, l
 
 Item = LoraFactors | torch.Tensor
 
-# One tree unless the largest gap between consecutive merge heights is over GAP_RATIO × the median merge height.
-GAP_RATIO = 3.0
+# One tree unless the largest gap between consecutive merge heights is over GAP_RATIO × the median merge height
+# and leaves every tree at least MIN_TREE_SIZE models (see count_trees).
+GAP_RATIO = 1.0
+MIN_TREE_SIZE = 2
 GRAM_CHUNK_ELEMENTS = 2**24  # bounds the (chunk, r, N, r) products of the factor Gram (~128 MB of float64)
 
 
@@ -132,23 +134,35 @@ def mean_layer(items: list[Item]) -> Item:
 
 
 # ------------------------------------------------------------------------------------------- tree finding
-def count_trees(heights, gap_ratio: float = GAP_RATIO) -> int:
-    """Number of trees read off the dendrogram's merge heights.
+def count_trees(merges: np.ndarray, gap_ratio: float = GAP_RATIO, min_tree_size: int = MIN_TREE_SIZE) -> int:
+    """Number of trees read off a single-linkage dendrogram (scipy ``linkage`` output).
 
-    Rule: sort the N−1 merge heights; the largest gap between consecutive heights is where the dendrogram is cut,
-    leaving one cluster per merge above it. Within one tree merges happen at similar heights and the biggest jump
-    is not much larger than the heights themselves, so the cut is made only when that gap exceeds
-    ``gap_ratio`` × the median merge height; otherwise everything is ONE tree. With fewer than 3 models (at most
-    one merge, no gap to compare) the answer is 1. Each tree needs ≥ 2 members to be seen as a tree.
+    Rule: the merge heights h_1 ≤ … ≤ h_{N−1} are cut at their largest gap h_{k+1} − h_k, leaving N − k trees —
+    if that gap is larger than ``gap_ratio`` × the median merge height (the typical distance at which models of one
+    tree join). Otherwise everything is ONE tree. A cut that would leave a "tree" with fewer than ``min_tree_size``
+    models is an outlier, not a tree: the next largest gap is tried, under the same test.
+    Fewer than 3 models (at most one merge, nothing to compare) → 1 tree.
+
+    Why these numbers: weight layers are high-dimensional, where distances within one population concentrate, so its
+    merges happen at nearly the same height and a gap as big as a whole merge height stands out. Measured on single
+    Gaussian clouds (N = 10…300, 30–40 draws each, dimension 8…2000, also with log-normal member norms and
+    Student-t entries): no false split with these defaults; without the size rule, clouds whose member norms vary
+    log-normally (σ = 0.5) split off their largest model in up to 9 of 30 draws. (Dimension 2: 3 of 40 — weight
+    layers are never that small.)
     """
-    h = np.sort(np.asarray(heights, dtype=float))
-    if len(h) < 2:
+    heights = np.asarray(merges)[:, 2] if len(merges) else np.zeros(0)
+    if len(heights) < 2:
         return 1
-    gaps = np.diff(h)
-    cut = int(np.argmax(gaps))
-    if gaps[cut] <= gap_ratio * np.median(h):
-        return 1
-    return len(h) - cut
+    gaps = np.diff(heights)
+    typical = np.median(heights)
+    for cut in np.argsort(gaps)[::-1]:
+        if gaps[cut] <= gap_ratio * typical:
+            break
+        k = len(heights) - cut
+        sizes = np.bincount(fcluster(merges, k, criterion="maxclust"))[1:]
+        if sizes.min() >= min_tree_size:
+            return int(k)
+    return 1
 
 
 def find_trees(items: list[Item], *, n_trees: int | None = None, gap_ratio: float = GAP_RATIO):
@@ -160,7 +174,7 @@ def find_trees(items: list[Item], *, n_trees: int | None = None, gap_ratio: floa
     np.fill_diagonal(d, 0.0)
     merges = linkage(squareform(d, checks=False), method="single")
     heights = merges[:, 2]
-    k = n_trees or count_trees(heights, gap_ratio)
+    k = n_trees or count_trees(merges, gap_ratio)
     raw = fcluster(merges, k, criterion="maxclust")
     first_seen = {c: i for i, c in reversed(list(enumerate(raw)))}
     order = {c: rank for rank, c in enumerate(sorted(first_seen, key=first_seen.get))}

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from scipy.cluster.hierarchy import linkage
 
 from probex.errors import InputError, NoExpertError
 from probex.router import (Router, count_trees, distance, find_trees, gram, inner, mean_layer,
@@ -91,16 +92,22 @@ def test_no_lora_product_is_ever_materialised(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------- tree counting
-@pytest.mark.parametrize("heights, expected", [
-    ([1.0, 1.1, 0.9, 1.2, 1.05], 1),  # one cloud: no gap stands out
-    ([1.0, 1.1, 0.9, 1.2, 30.0], 2),  # one merge far above the rest
-    ([1.0, 1.1, 0.9, 1.2, 1.0, 1.1, 25.0, 28.0, 31.0], 4),
-    ([1.0], 1),  # two models: nothing to compare
-    ([], 1),
-    ([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 1),  # evenly spread: one tree
+@pytest.mark.parametrize("positions, expected", [
+    ([0, 1, 2, 3, 4, 5], 1),  # evenly spread: one tree
+    ([0, 1.1, 1.9, 3.2, 4.0], 1),  # no gap stands out
+    ([0, 1, 2, 3, 40, 41, 42], 2),  # one merge far above the rest
+    ([0, 1, 2, 50, 51, 52, 100, 101, 150, 151.5], 4),
+    ([0, 1, 2, 3, 4, 30], 1),  # a lone outlier is not a tree
+    ([0, 1, 2, 3, 4, 30, 60, 61, 62], 2),  # …nor here: the next largest gap is the cut
+    ([0, 5], 1),  # two models: nothing to compare
 ])
-def test_count_trees_rule(heights, expected):
-    assert count_trees(heights) == expected
+def test_count_trees_rule(positions, expected):
+    merges = linkage(np.array(positions, dtype=float)[:, None], method="single")
+    assert count_trees(merges) == expected
+
+
+def test_count_trees_of_one_model():
+    assert count_trees(np.zeros((0, 4))) == 1
 
 
 def planted_trees(n_trees, per_tree, shape=(64, 48), rank=2, spread=0.05, seed=0):
