@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from probex.errors import InputError, ProbexError
 from probex.profiles import PROFILES
 from probex.zoo import SPLITS, Zoo
@@ -75,8 +77,9 @@ def _snapshot(repo_id, repo_type, patterns, local_dir, revision, max_workers, re
 
     for attempt in range(1, retries + 1):
         try:
+            # plain tqdm: the bars show even where a CLI has switched huggingface_hub's own bars off
             snapshot_download(repo_id, repo_type=repo_type, revision=revision, local_dir=local_dir,
-                              allow_patterns=patterns, max_workers=max_workers, endpoint=endpoint)
+                              allow_patterns=patterns, max_workers=max_workers, endpoint=endpoint, tqdm_class=tqdm)
             return
         except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError, EntryNotFoundError) as exc:
             # asking again will not help
