@@ -14,6 +14,8 @@ from functools import lru_cache
 
 import torch
 
+from probex.errors import ProbexError
+
 
 class TextEncoder:
     name: str
@@ -94,14 +96,43 @@ class CLIPText(TextEncoder):
         return self._forward(texts, length or self.max_length).last_hidden_state.float().cpu()
 
 
+class OpenCLIPText(TextEncoder):
+    """open_clip's text tower (the paper's OpenCLIP ablation): optional, since open_clip needs torchvision.
+    Named "open_clip:<architecture>/<pretrained tag>", e.g. "open_clip:ViT-L-14/laion2b_s32b_b82k"."""
+
+    def __init__(self, spec: str, device: str = "cpu"):
+        try:
+            import open_clip
+        except ImportError:
+            raise ProbexError("the open_clip text encoder needs the open_clip_torch package (and torchvision); "
+                              "use clip:<model id> instead") from None
+        arch, _, pretrained = spec.partition("/")
+        self.name = f"open_clip:{spec}"
+        self.model = open_clip.create_model_and_transforms(arch, pretrained=pretrained or None)[0].to(device).eval()
+        self.tokenizer = open_clip.get_tokenizer(arch)
+        self.dim = int(self.model.text_projection.shape[1])
+        self.device = device
+
+    @torch.no_grad()
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        features = self.model.encode_text(self.tokenizer(list(texts)).to(self.device))
+        return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
+
+    def token_states(self, texts: list[str], length: int | None = None) -> torch.Tensor:
+        raise ProbexError("the open_clip text encoder only embeds texts; no root here cross-attends to its tokens")
+
+
 @lru_cache(maxsize=4)
 def load_text_encoder(name: str = "minilm", device: str = "cpu") -> TextEncoder:
     """One shared instance per (encoder, device): loading is the slow part.
 
-    Names: "minilm"; "clip" (ViT-L/14) or "clip:<Hub id or local dir>" for another CLIP text tower."""
+    Names: "minilm"; "clip" (ViT-L/14) or "clip:<Hub id or local dir>" for another CLIP text tower;
+    "open_clip:<architecture>/<pretrained>" where open_clip is installed."""
     if name in ("minilm", MiniLM.name):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # MiniLM ships inside its package; CLIP may need the Hub
         return MiniLM(device)
     if name == "clip" or name.startswith("clip:"):
         return CLIPText(name.partition(":")[2] or None, device)
+    if name.startswith("open_clip:"):
+        return OpenCLIPText(name.partition(":")[2], device)
     raise ValueError(f"unknown text encoder {name!r}")

@@ -2,6 +2,8 @@
 and real-world files (kohya fp16 with text-encoder parts, SD 2.x, SDXL)."""
 from __future__ import annotations
 
+import sys
+import types
 from dataclasses import replace
 
 import numpy as np
@@ -15,7 +17,7 @@ from probex.modelj import write_tree_json
 from probex.profiles import get_profile
 from probex.router import Router
 from probex.service import Studio
-from probex.text import CLIPText, load_text_encoder
+from probex.text import CLIPText, OpenCLIPText, load_text_encoder
 from probex.train import TrainConfig
 from probex.weights import read_weights
 from sd15_fixtures import (MODELJ_HOLDOUT_WNIDS, MODELJ_TRAIN_WNIDS, SIGNAL_LAYER, build_unet, kohya_metadata,
@@ -163,6 +165,35 @@ def test_clip_text_embeddings(tiny_clip):
 
     states = encoder.token_states(texts[:2])
     assert states.shape == (2, 77, 32)
+
+
+def test_open_clip_backend_is_optional(monkeypatch):
+    monkeypatch.setitem(sys.modules, "open_clip", None)            # not installed (it needs torchvision)
+    with pytest.raises(ProbexError, match="needs the open_clip_torch package"):
+        load_text_encoder("open_clip:ViT-L-14/laion2b_s32b_b82k")
+
+    class FakeTextTower(torch.nn.Module):                           # open_clip's API surface, nothing more
+        def __init__(self):
+            super().__init__()
+            self.token_embedding = torch.nn.Embedding(256, 8)
+            self.text_projection = torch.nn.Parameter(torch.randn(8, 5))
+
+        def encode_text(self, tokens):
+            return self.token_embedding(tokens).mean(1) @ self.text_projection
+
+    made = []
+    fake = types.SimpleNamespace(
+        create_model_and_transforms=lambda arch, pretrained=None: (made.append((arch, pretrained)) or FakeTextTower(),
+                                                                   None, None),
+        get_tokenizer=lambda arch: lambda texts: torch.tensor([[ord(c) % 256 for c in t[:6].ljust(6)] for t in texts]))
+    monkeypatch.setitem(sys.modules, "open_clip", fake)
+    encoder = OpenCLIPText("ViT-L-14/laion2b_s32b_b82k")
+    assert made == [("ViT-L-14", "laion2b_s32b_b82k")] and encoder.dim == 5
+    emb = encoder.embed(["a photo of a tench", "a photo of a goldfinch"])
+    expected = encoder.model.encode_text(encoder.tokenizer(["a photo of a tench", "a photo of a goldfinch"]))
+    assert torch.allclose(emb, torch.nn.functional.normalize(expected, dim=-1).detach(), atol=1e-6)
+    with pytest.raises(ProbexError, match="only embeds texts"):
+        encoder.token_states(["x"])
 
 
 def test_sd15_profile():
