@@ -477,7 +477,8 @@ TOP_RENAMES = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_
                "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2",
                "out.0": "conv_norm_out", "out.2": "conv_out", "input_blocks.0.0": "conv_in"}
 LDM_BLOCKS = ("input_blocks.", "middle_block.", "output_blocks.")
-LDM_NAME = re.compile(r"^(?P<where>input_blocks|middle_block|output_blocks)\.(?:(?P<i>\d+)\.)?(?P<j>\d+)(?P<rest>(\..+)?)$")
+LDM_NAME = re.compile(
+    r"^(?P<where>input_blocks|middle_block|output_blocks)\.(?:(?P<i>\d+)\.)?(?P<j>\d+)(?P<rest>(\..+)?)$")
 
 
 def ldm_to_diffusers(name: str) -> str:

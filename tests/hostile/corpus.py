@@ -341,6 +341,7 @@ CASES = [
         {"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, bytes(4)), error="invalid shape"),
     Case("unknown_dtype", lambda d, c: raw_safetensors(
         {"a": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 4]}}, bytes(4)), error="unknown dtype"),
+    # non-string metadata values are refused, not coerced: the format says str → str and the library refuses them too
     Case("metadata_odd_types", odd_metadata, error="not a string"),
     Case("metadata_not_object", lambda d, c: raw_safetensors(
         {"__metadata__": ["a"], "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, bytes(4)),
