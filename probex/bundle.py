@@ -22,7 +22,7 @@ import hashlib
 import json
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -342,7 +342,8 @@ def train_bundle(zoo, out_dir: str | Path, layers=None, config: TrainConfig = PA
     many trees as zoos and must recover the zoos. Returns a summary (per tree: chosen layer and its scores)."""
     from probex.profiles import get_profile
     from probex.text import load_text_encoder
-    from probex.zoo import Zoo, build_cache
+    from probex.weights import read_weights
+    from probex.zoo import Zoo, build_cache, select_layers
 
     prof = get_profile(profile)
     encoder = encoder or load_text_encoder(prof.text_encoder)
@@ -352,9 +353,9 @@ def train_bundle(zoo, out_dir: str | Path, layers=None, config: TrainConfig = PA
     specs, caches, summary = [], [], {}
     for z in zoos:
         name = z.tree.get("name") or z.root.resolve().name
-        cache = build_cache(z, cache_root / _folder_name(name, set()), layers=select_layers_of(z, layers))
-        routing = routing_layer or cache.all_layers[0]
-        cache = build_cache(z, cache.directory, layers=[routing])
+        all_layers = sorted(read_weights(z.root / z.models[0].source).layers)
+        routing = routing_layer or all_layers[0]   # the router's default: the first layer in sorted order
+        cache = build_cache(z, cache_root / _folder_name(name, set()), layers=[*select_layers(all_layers, layers), routing])
         template = z.tree.get("prompt_template") or prof.prompt_template
         tree_task = task or ("multilabel" if cache.task == "multilabel" else "align")
         text = class_text_embeddings(cache, encoder, template) if tree_task == "align" else None
@@ -368,16 +369,8 @@ def train_bundle(zoo, out_dir: str | Path, layers=None, config: TrainConfig = PA
     router = _fit_router(specs, caches)
     examples = [Path(c.index["zoo"]) / m["source"] for c, _ in caches for m in _example_models(c, n_examples)]
     build_bundle(out_dir, specs, prof.text_encoder, router, prof.name, examples, config.seed, encoder,
-                 info={"config": config.__dict__, "trees": summary})
+                 info={"config": asdict(config), "trees": summary})
     return {"bundle": str(out_dir), "profile": prof.name, "trees": summary}
-
-
-def select_layers_of(zoo, layers):
-    """The layer spec resolved against a zoo's own layer names (read from its first file)."""
-    from probex.weights import read_weights
-    from probex.zoo import select_layers
-
-    return select_layers(list(read_weights(zoo.root / zoo.models[0].source).layers), layers)
 
 
 def _fit_router(specs: list[TreeSpec], caches: list):

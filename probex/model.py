@@ -144,8 +144,11 @@ class ProbeX(Expert):
         if isinstance(x, Tensor):
             return self.V.T @ (x @ self.U)
         up, down, scale = x
-        # (VᵀB)(AU): r_V×r times r×r_U per model; B·A (d_W×d_H) is never formed.
-        return (self.V.T @ up) @ (down @ self.U) * _per_model(scale, up)
+        # (VᵀB)(AU): r_V×r times r×r_U per model; B·A (d_W×d_H) is never formed. Each einsum is one GEMM over the
+        # whole batch (batch folded into rows), faster than a batched product of many thin matrices.
+        left = torch.einsum("wv,nwr->nvr", self.V, up)
+        right = torch.einsum("nrh,hu->nru", down, self.U)
+        return left @ right * _per_model(scale, up)
 
     def encode(self, x: LayerInput) -> Tensor:
         z = self.responses(x)

@@ -84,6 +84,18 @@ class LayerData:
         r = int(self.rank[idx].max()) if self.rank is not None and len(idx) else up.shape[2]
         return up[idx, :, :r], down[idx, :r], scale[idx]
 
+    def encode(self, expert: Expert, idx: torch.Tensor) -> torch.Tensor:
+        """Encodings of the models at `idx`, in that order. LoRAs are encoded one rank at a time, so a batch mixing
+        rank 4 and rank 64 costs its true ranks, not 64 each (padding is exact, but it is not free)."""
+        if self.rank is None or isinstance(self.x, torch.Tensor):
+            return expert.encode(self.take(idx))
+        ranks = self.rank[idx]
+        groups = [torch.nonzero(ranks == r).flatten() for r in ranks.unique()]
+        if len(groups) == 1:
+            return expert.encode(self.take(idx))
+        enc = torch.cat([expert.encode(self.take(idx[g])) for g in groups])
+        return enc[torch.cat(groups).argsort()]   # back to the order of idx
+
 
 @dataclass
 class Targets:
@@ -162,7 +174,7 @@ def loss_and_score(task: str, logits: torch.Tensor, y: torch.Tensor) -> tuple[to
 def evaluate_split(expert: Expert, data: LayerData, targets: Targets, split: str, batch_size: int = 512) -> dict:
     expert.eval()
     idx = targets.split[split]
-    logits = torch.cat([expert(data.take(b), targets.text_for(split)) for b in idx.split(batch_size)])
+    logits = torch.cat([expert.logits(data.encode(expert, b), targets.text_for(split)) for b in idx.split(batch_size)])
     loss, score = loss_and_score(targets.task, logits, targets.y[idx])
     return {"loss": loss.item(), "score": score.item()}
 
@@ -174,7 +186,8 @@ def train_epoch(expert: Expert, data: LayerData, targets: Targets, opt: torch.op
     order = idx[torch.randperm(len(idx), generator=generator)]
     total = 0.0
     for batch in order.split(batch_size):
-        loss, _ = loss_and_score(targets.task, expert(data.take(batch), targets.text), targets.y[batch])
+        logits = expert.logits(data.encode(expert, batch), targets.text)
+        loss, _ = loss_and_score(targets.task, logits, targets.y[batch])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -293,5 +306,5 @@ def encode_all(expert: Expert, data: LayerData, idx: torch.Tensor | None = None,
     idx = torch.arange(len(data)) if idx is None else idx
     expert.eval()
     with torch.no_grad():
-        return torch.cat([expert.encode(data.take(b)) for b in idx.split(batch_size)])
+        return torch.cat([data.encode(expert, b) for b in idx.split(batch_size)])
 

@@ -133,3 +133,14 @@ def test_user_mistakes_are_one_line_errors(planted, tmp_path):
     partial = build_cache(zoo.root, tmp_path / "partial", layers="0")
     with pytest.raises(InputError, match="not cached"):
         sweep_layers(partial, "0-1", config=SMALL, progress=False)
+
+
+def test_rank_grouped_encoding_equals_the_padded_batch(planted):
+    zoo, cache = planted
+    data = LayerData.from_cache(cache, INFORMATIVE)
+    assert set(data.rank.tolist()) == {2, 3, 4}
+    torch.manual_seed(0)
+    expert = fit_expert(cache, INFORMATIVE, "multiclass", config=TrainConfig(**{**SMALL.__dict__, "epochs": 1})).expert
+    idx = torch.randperm(len(data))[:17]
+    with torch.no_grad():
+        assert torch.allclose(data.encode(expert, idx), expert.encode(data.take(idx)), atol=1e-5)
