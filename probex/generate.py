@@ -40,8 +40,27 @@ def load_sd15(model_id: str, device: str | None = None, dtype: torch.dtype | Non
     return pipe.to(device)
 
 
-# pipeline kind → loader(root_model, device, dtype); the emoji-mini roots will register "emoji" here.
-PIPELINE_LOADERS = {"sd15": load_sd15}
+EMOJI_SAMPLING = {"num_inference_steps": 30, "guidance_scale": 3.0}
+
+
+def load_emoji(root_dir: str, device: str | None = None, dtype: torch.dtype | None = None):
+    """An emoji root (``probex.jungle``: unet/, scheduler/, recipe.json) as a diffusers pipeline; CPU-sized, fp32."""
+    from probex.jungle.pipeline import EmojiPipeline
+    from probex.profiles import PROJECT_ROOT
+
+    path = Path(root_dir)
+    if not path.is_absolute() and not path.is_dir():
+        path = PROJECT_ROOT / path  # bundles name shipped roots relative to the project
+    if not (path / "unet").is_dir() or not (path / "recipe.json").is_file():
+        raise ProbexError(f"emoji root {root_dir} is not there (no unet/ or recipe.json); samples cannot be drawn")
+    pipe = EmojiPipeline.from_root(path, device or default_device())
+    pipe.set_progress_bar_config(disable=True)
+    pipe.sampling_defaults = dict(EMOJI_SAMPLING)
+    return pipe
+
+
+# pipeline kind → loader(root_model, device, dtype)
+PIPELINE_LOADERS = {"sd15": load_sd15, "emoji": load_emoji}
 
 
 def load_pipeline(profile: Profile | str | None = None, *, root_model: str | None = None, device: str | None = None,

@@ -1,0 +1,378 @@
+"""ProbeX Studio — the Gradio app. Wiring only: every answer comes from ``probex.service``.
+
+Run locally with ``python app.py`` (the embedded emoji-mini bundle, CPU, offline); the same file runs as a Hugging Face
+Space. ``PROBEX_PROFILE`` / ``PROBEX_BUNDLE`` pick what is loaded; the banner says what is running.
+
+Uploaded files live only for the request that reads them: after the results and samples are drawn, the upload (or
+the downloaded link) and the generated card file are deleted. Shipped examples are read in place and never deleted.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gradio as gr
+
+from probex.errors import ProbexError
+from probex.plots import concept_bars
+from probex.service import MAX_UPLOAD_BYTES, open_studio
+
+try:  # on a ZeroGPU Space, generation runs inside a GPU allocation; elsewhere the decorator is a no-op
+    import spaces
+
+    on_gpu = spaces.GPU(duration=120)
+except ImportError:
+    def on_gpu(fn):
+        return fn
+
+STUDIO, NOTICE = open_studio()
+NEIGHBOURS_DRAWN = 4      # nearest models shown with live samples
+UPLOAD_SAMPLES = 4        # images of "what does your LoRA draw"
+CONCURRENCY = int(os.environ.get("PROBEX_CONCURRENCY", "2"))  # requests running at once; the rest wait in the queue
+
+
+@dataclass
+class Request:
+    """What one identification leaves for its follow-up steps (samples, labels, map), kept in gr.State."""
+
+    analysis: object = None
+    lora: str | None = None                     # the file the LoRA's own samples are drawn from
+    neighbours: list[dict] = field(default_factory=list)
+    owned: list[str] = field(default_factory=list)   # paths this request must delete when it is done
+
+
+def need_studio():
+    if STUDIO is None:
+        raise gr.Error(NOTICE, duration=None)
+    return STUDIO
+
+
+def user_error(err: ProbexError) -> gr.Error:
+    return gr.Error(str(err), duration=12, title="Cannot read this model")
+
+
+# ----------------------------------------------------------------------------------------------- identify
+def identify(path: str, owned: list[str], top_k: int):
+    """Read, route, encode → summary, concept bars, neighbour table, map, card. Deletes ``owned`` on failure."""
+    studio = need_studio()
+    try:
+        analysis = studio.analyse(path)
+        result = studio.predict(analysis, top_k=int(top_k))
+        card_dir = tempfile.mkdtemp(prefix="probex-card-")
+        owned = [*owned, card_dir]
+        card_path = Path(card_dir) / "README.md"
+        card_path.write_text(studio.model_card(analysis, top_k=int(top_k)))
+        figure = studio.map_figure(analysis)
+    except ProbexError as err:
+        discard(owned)
+        raise user_error(err) from None
+    except Exception:
+        discard(owned)
+        raise
+    request = Request(analysis, path, studio.drawable_neighbors(analysis, NEIGHBOURS_DRAWN), owned)
+    return (summary_markdown(result), concept_bars(result["classes"], "Top concepts (zero-shot over the tree's "
+                                                                      "classes)"),
+            neighbour_rows(result["neighbors"]), figure, str(card_path), card_path.read_text(), request,
+            gr.update(visible=True))
+
+
+def identify_upload(file: str | None, top_k: int):
+    if not file:
+        raise gr.Error("Drop a .safetensors LoRA file first.")
+    return identify(file, [file], top_k)
+
+
+def identify_link(link: str, top_k: int):
+    from probex.fetch import fetch_to_temp
+
+    link = (link or "").strip()
+    if not link:
+        raise gr.Error("Paste a Hub repo id (user/name) or an https:// link first.")
+    try:
+        fetched = fetch_to_temp(link, max_bytes=MAX_UPLOAD_BYTES, timeout=60)
+    except ProbexError as err:
+        raise user_error(err) from None
+    return identify(str(fetched.path), [str(fetched.directory)], top_k)
+
+
+def identify_example(index: int, top_k: int):
+    examples = need_studio().examples()
+    if index is None or not 0 <= int(index) < len(examples):
+        raise gr.Error("Unknown example.")
+    return identify(str(examples[int(index)]["path"]), [], top_k)  # shipped files: never deleted
+
+
+@on_gpu
+def draw_samples(request: Request | None, progress=gr.Progress()):
+    """Images of the uploaded LoRA and of its nearest known models, drawn live by the tree's root pipeline."""
+    if request is None or request.analysis is None:
+        return gr.skip(), gr.skip()
+    studio = need_studio()
+    steps = 1 + len(request.neighbours)
+    progress(0, desc="Loading the tree's image generator…")
+    own = []
+    try:
+        if request.lora and Path(request.lora).exists():
+            progress(0.05, desc="Drawing your LoRA…")
+            own = [(im, f"your LoRA · sample {i + 1}") for i, im in
+                   enumerate(studio.samples(request.lora, n=UPLOAD_SAMPLES))]
+        neighbours = []
+        for i, n in enumerate(request.neighbours, start=1):
+            progress(i / steps, desc=f"Drawing neighbour {i}/{len(request.neighbours)}: {n['class']}")
+            image = studio.samples(n["id"], n=1, tree=n["tree"])[0]
+            neighbours.append((image, f"{n['class']} · similarity {n['score']:.2f} · {n['id']}"))
+    except ProbexError as err:
+        raise gr.Error(f"Samples could not be drawn: {err}", duration=12) from None
+    return own, neighbours
+
+
+def forget_upload(request: Request | None):
+    """The request is over: delete what it owned (upload, download, card file) and clear the upload box."""
+    if request is not None:
+        discard(request.owned)
+        request.owned, request.lora = [], None
+    return request, None
+
+
+def discard(paths: list[str]) -> None:
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------- follow-ups
+def custom_labels(request: Request | None, labels: str):
+    if request is None or request.analysis is None:
+        raise gr.Error("Identify a LoRA first, then score it against your own labels.")
+    try:
+        scores = need_studio().zero_shot(request.analysis, labels)
+    except ProbexError as err:
+        raise user_error(err) from None
+    return concept_bars(scores, "Your labels", score_label="cosine score")
+
+
+def search(text: str, top_k: int, request: Request | None):
+    studio = need_studio()
+    try:
+        result = studio.search(text, top_k=int(top_k))
+        figure = studio.map_figure(request.analysis if request else None, query=text,
+                                   tree=result["models"][0]["tree"] if result["models"] else None)
+    except ProbexError as err:
+        raise user_error(err) from None
+    return neighbour_rows(result["models"]), figure, result["models"]
+
+
+@on_gpu
+def draw_search_samples(models: list[dict] | None, progress=gr.Progress()):
+    if not models:
+        return []
+    studio = need_studio()
+    images = []
+    for i, m in enumerate(models[:NEIGHBOURS_DRAWN]):
+        progress(i / min(len(models), NEIGHBOURS_DRAWN), desc=f"Drawing {m['class']}…")
+        try:
+            images.append((studio.samples(m["id"], n=1, tree=m["tree"])[0], f"{m['class']} · score {m['score']:.2f}"))
+        except ProbexError as err:
+            raise gr.Error(f"Samples could not be drawn: {err}") from None
+    return images
+
+
+def show_map(query: str, request: Request | None):
+    studio = need_studio()
+    try:
+        return studio.map_figure(request.analysis if request else None, query=query or None)
+    except ProbexError as err:
+        raise user_error(err) from None
+
+
+# ------------------------------------------------------------------------------------------ API endpoints
+def api_predict(file: gr.FileData, top_k: int = 5) -> dict:
+    """Tree, router confidence, top-k concepts and nearest known models of a .safetensors LoRA."""
+    path = file["path"] if isinstance(file, dict) else file.path
+    try:
+        return need_studio().predict(path, top_k=int(top_k))
+    except ProbexError as err:
+        raise gr.Error(str(err)) from None
+    finally:
+        Path(path).unlink(missing_ok=True)  # an upload is never kept after its request
+
+
+def api_search(text: str, top_k: int = 5) -> dict:
+    """Known models whose weights best match a text."""
+    try:
+        return need_studio().search(text, top_k=int(top_k))
+    except ProbexError as err:
+        raise gr.Error(str(err)) from None
+
+
+# ------------------------------------------------------------------------------------------ presentation
+def summary_markdown(result: dict) -> str:
+    top = result["classes"][0] if result["classes"] else {"name": "—", "score": 0.0}
+    confidence = result["router"]["confidence"]
+    sure = "sure" if confidence >= 0.5 else ("fairly sure" if confidence >= 0.2 else "unsure")
+    return (f"### Most likely concept: **{top['name']}**\n"
+            f"Tree **{result['tree']}** (base model `{result['base_model']}`), the router is {sure} "
+            f"(confidence {confidence:.2f}).  \n"
+            f"`{result['file']}` · {result['description']} · expert layer `{result['layer']}`")
+
+
+def neighbour_rows(models: list[dict]) -> list[list]:
+    return [[m["class"], round(m["score"], 3), m["id"], m.get("split", "")] for m in models]
+
+
+def banner_markdown() -> str:
+    if STUDIO is None:
+        return f"⚠️ **No model bundle is loaded.** {NOTICE}"
+    return f"🟢 {STUDIO.describe_bundle()}"
+
+
+HEADER = """
+# 🌳 ProbeX Studio
+**Drop a LoRA and learn what it is from its weights alone** — which base model it was fine-tuned from, which concept it
+was trained on (zero-shot, from text), and which known models are its nearest relatives. No images needed: one layer
+of the weights is read by a tree expert ([ProbeX](https://arxiv.org/abs/2410.13569), CVPR 2025).
+"""
+
+CLIENT_EXAMPLE = """
+```python
+from gradio_client import Client, handle_file
+client = Client("http://127.0.0.1:7860/")          # or the Space id
+print(client.predict(handle_file("my_lora.safetensors"), 5, api_name="/predict"))
+print(client.predict("a striped wild cat", 5, api_name="/search"))
+```
+"""
+
+CSS = """
+.banner {border-radius: 10px; padding: 6px 14px; background: #f1f5f9; font-size: 0.9em}
+.banner.warn {background: #fef3c7}
+#summary h3 {margin-top: 0}
+footer {opacity: 0.7}
+"""
+
+NEIGHBOUR_HEADERS = ["class", "similarity", "model id", "split"]
+
+
+# ---------------------------------------------------------------------------------------------------- UI
+def build_demo() -> gr.Blocks:
+    examples = STUDIO.examples() if STUDIO else []
+    with gr.Blocks(title="ProbeX Studio", delete_cache=(600, 1800)) as demo:
+        gr.Markdown(HEADER)
+        gr.Markdown(banner_markdown(), elem_classes=["banner"] + ([] if STUDIO else ["warn"]), elem_id="banner")
+        request = gr.State(None)
+        with gr.Tabs():
+            with gr.Tab("Identify a LoRA", id="identify"):
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=2, min_width=300):
+                        upload = gr.File(label="Drop a .safetensors LoRA", file_types=[".safetensors"],
+                                         file_count="single", type="filepath", height=120, elem_id="upload")
+                        with gr.Row():
+                            link = gr.Textbox(label="…or a Hub repo id / https link", scale=4,
+                                              placeholder="user/name  or  https://…/lora.safetensors")
+                            fetch_btn = gr.Button("Fetch", scale=1, min_width=80)
+                        top_k = gr.Slider(1, 20, value=5, step=1, label="how many concepts and neighbours")
+                        example_set = gr.Dataset(
+                            label="…or try a shipped example", components=[gr.Textbox(visible=False)],
+                            samples=[[e["label"]] for e in examples], type="index", layout="table",
+                            samples_per_page=12, elem_id="examples")
+                    with gr.Column(scale=3, min_width=400):
+                        summary = gr.Markdown("Results appear here.", elem_id="summary")
+                        concepts = gr.Plot(label="concepts", show_label=False, elem_id="concepts")
+                with gr.Group(visible=False) as details:
+                    with gr.Row(equal_height=False):
+                        with gr.Column(scale=3):
+                            gr.Markdown("#### Nearest known models, drawn live by the tree's root with their LoRA")
+                            neighbour_gallery = gr.Gallery(show_label=False, columns=4, height=260,
+                                                           object_fit="contain", elem_id="neighbour-gallery")
+                            neighbours = gr.Dataframe(headers=NEIGHBOUR_HEADERS, interactive=False, wrap=True,
+                                                      elem_id="neighbours")
+                        with gr.Column(scale=2):
+                            gr.Markdown("#### What does your LoRA draw?")
+                            own_gallery = gr.Gallery(show_label=False, columns=4, height=260,
+                                                     object_fit="contain", elem_id="own-gallery")
+                            gr.Markdown("#### Score it against your own labels")
+                            with gr.Row():
+                                labels = gr.Textbox(show_label=False, placeholder="tiger, lion, house cat", scale=4)
+                                labels_btn = gr.Button("Score", scale=1, min_width=80)
+                            label_plot = gr.Plot(show_label=False)
+                    with gr.Accordion("Draft model card (README.md for the Hub)", open=False):
+                        card_file = gr.DownloadButton("Download README.md", variant="primary")
+                        card_preview = gr.Markdown()
+            with gr.Tab("Search models by text", id="search"):
+                with gr.Row():
+                    query = gr.Textbox(label="Describe what a model should draw", scale=4,
+                                       placeholder="a striped wild cat", elem_id="query")
+                    search_k = gr.Slider(1, 20, value=5, step=1, label="results", scale=1)
+                    search_btn = gr.Button("Search", variant="primary", scale=1)
+                search_gallery = gr.Gallery(label="best matches, drawn live", columns=4, height=240,
+                                            object_fit="contain")
+                search_table = gr.Dataframe(headers=NEIGHBOUR_HEADERS, interactive=False, wrap=True)
+                search_models = gr.State([])
+            with gr.Tab("Map", id="map"):
+                gr.Markdown("Every known model of the tree at its place in the weight–text space (UMAP of the "
+                            "expert's encodings). Your LoRA ★ and a text ◆ are placed without refitting the map.")
+                with gr.Row():
+                    map_query = gr.Textbox(show_label=False, placeholder="place a text on the map, e.g. a fruit",
+                                           scale=4)
+                    map_btn = gr.Button("Place", scale=1)
+                weight_map = gr.Plot(show_label=False, elem_id="map",
+                                     value=STUDIO.map_figure() if STUDIO else None)
+            with gr.Tab("How it works & API", id="about"):
+                gr.Markdown(ABOUT + CLIENT_EXAMPLE)
+
+        identify_outputs = [summary, concepts, neighbours, weight_map, card_file, card_preview, request, details]
+
+        def then_draw_and_forget(event):
+            event.success(draw_samples, request, [own_gallery, neighbour_gallery], api_visibility="private") \
+                 .then(forget_upload, request, [request, upload], api_visibility="private")
+            event.failure(lambda: None, None, upload, api_visibility="private")
+
+        then_draw_and_forget(upload.upload(identify_upload, [upload, top_k], identify_outputs,
+                                           api_visibility="private"))
+        then_draw_and_forget(gr.on([fetch_btn.click, link.submit], identify_link, [link, top_k], identify_outputs,
+                                   api_visibility="private"))
+        then_draw_and_forget(example_set.click(identify_example, [example_set, top_k], identify_outputs,
+                                               api_visibility="private"))
+        gr.on([labels_btn.click, labels.submit], custom_labels, [request, labels], label_plot,
+              api_visibility="private")
+        gr.on([search_btn.click, query.submit], search, [query, search_k, request],
+              [search_table, weight_map, search_models], api_visibility="private") \
+            .success(draw_search_samples, search_models, search_gallery, api_visibility="private")
+        gr.on([map_btn.click, map_query.submit], show_map, [map_query, request], weight_map,
+              api_visibility="private")
+        gr.api(api_predict, api_name="predict")
+        gr.api(api_search, api_name="search")
+    return demo
+
+
+ABOUT = """
+### How it works
+1. **Route.** Most public models are fine-tuned from a few base models: they form *Model Trees*. A router compares
+   one layer of your LoRA with the centre of every tree it knows and picks the nearest.
+2. **Encode.** That tree's expert (ProbeX) reads ONE layer of the LoRA with learned probes, straight from its low-rank
+   factors, and maps it into a space shared with text.
+3. **Compare.** Concepts are the texts closest to the LoRA's encoding — any text, so labels it never saw work too
+   (zero-shot). Neighbours are known models with the closest encodings; their samples are drawn live by the tree's
+   base model with their LoRA loaded through diffusers.
+
+Accepted: `.safetensors` LoRAs in diffusers/peft, Model-J and kohya formats. Pickled `.ckpt/.bin/.pt` files are
+refused, never opened. Uploads are deleted after each request.
+
+### Use it from Python
+"""
+
+
+def main() -> None:
+    demo = build_demo()
+    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=256)
+    demo.launch(theme=gr.themes.Soft(primary_hue="rose", secondary_hue="slate"), css=CSS,
+                max_file_size=MAX_UPLOAD_BYTES, footer_links=["api", "gradio"])
+
+
+if __name__ == "__main__":
+    main()

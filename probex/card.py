@@ -1,0 +1,109 @@
+"""A Hub-style ``README.md`` draft for an undocumented LoRA, written from what ProbeX inferred about its weights.
+
+The paper's point is documenting models nobody documented: the card states the base model (the tree), the concepts
+the weights most likely encode, the nearest documented models, how this was inferred, and where it can be wrong.
+YAML front matter comes from ``huggingface_hub.ModelCardData`` so the Hub reads it as it reads any model card.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from huggingface_hub import ModelCard, ModelCardData
+
+
+@dataclass
+class CardFacts:
+    """What the card says; the service fills it from a prediction."""
+
+    file_name: str
+    description: str                 # weights.describe(): "LoRA, 56 modules, rank 4, …"
+    tree: str                        # the router's tree name
+    base_model: str                  # the tree's root: a Hub id or a local root name
+    layer: str                       # the layer the expert read
+    router_confidence: float
+    classes: list[dict]              # [{"name", "score"}], best first
+    neighbors: list[dict]            # [{"id", "class", "split", "score"}], best first
+    profile: str
+    text_encoder: str
+    instance_prompt: str | None = None   # the trigger prompt, when the file's metadata names one
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+# metadata keys worth repeating in the card (kohya, diffusers, our jungle); everything else stays in the file
+METADATA_SHOWN = ("ss_base_model_version", "ss_network_dim", "ss_network_alpha", "ss_output_name",
+                  "ss_training_comment", "rank", "lora_alpha", "learning_rate", "steps", "base_model")
+
+
+def front_matter(facts: CardFacts) -> ModelCardData:
+    top = facts.classes[0]["name"] if facts.classes else None
+    tags = ["lora", "text-to-image", "diffusers", "probex-inferred", f"tree:{facts.tree}"]
+    if top:
+        tags.append(f"concept:{top}")
+    return ModelCardData(base_model=facts.base_model, library_name="diffusers", pipeline_tag="text-to-image",
+                         tags=tags, instance_prompt=facts.instance_prompt)
+
+
+def concepts_table(classes: list[dict]) -> str:
+    rows = [f"| {i} | {c['name']} | {c['score']:.3f} |" for i, c in enumerate(classes, 1)]
+    return "\n".join(["| rank | concept | score |", "|---:|---|---:|", *rows])
+
+
+def neighbors_table(neighbors: list[dict]) -> str:
+    rows = [f"| `{n['id']}` | {n['class']} | {n.get('split', '')} | {n['score']:.3f} |" for n in neighbors]
+    return "\n".join(["| model | class | split | similarity |", "|---|---|---|---:|", *rows])
+
+
+def confidence_words(score_gap: float) -> str:
+    """How sure the top concept is, from the gap between the two best scores (cosine units)."""
+    if score_gap >= 0.1:
+        return "clear"
+    if score_gap >= 0.03:
+        return "likely"
+    return "uncertain: the top concepts score almost the same"
+
+
+def render_card(facts: CardFacts) -> str:
+    """The README.md text: YAML front matter, then the inferred facts and how they were inferred."""
+    classes = facts.classes
+    top = classes[0]["name"] if classes else "unknown"
+    gap = classes[0]["score"] - classes[1]["score"] if len(classes) > 1 else 1.0
+    trigger = (f"The file's metadata names the trigger prompt **`{facts.instance_prompt}`**."
+               if facts.instance_prompt else "The file names no trigger prompt; try the concept's name.")
+    shown_meta = [f"- `{k}`: {facts.metadata[k]}" for k in METADATA_SHOWN if k in facts.metadata]
+    body = f"""
+# {facts.file_name}: a LoRA for **{facts.base_model}** that most likely draws *{top}*
+
+> Draft card written by ProbeX Studio from the weights alone. Check it and edit before publishing.
+
+- **Base model (Model Tree):** `{facts.base_model}` (tree `{facts.tree}`, router confidence {facts.router_confidence:.2f})
+- **File:** {facts.description}
+- **Most likely concept:** {top} ({confidence_words(gap)})
+
+{trigger}
+
+## Inferred concepts
+
+{concepts_table(classes)}
+
+## Nearest known models
+
+{neighbors_table(facts.neighbors)}
+
+## How this was inferred
+
+ProbeX ("Learning on Model Weights using Tree Experts", Horwitz et al., CVPR 2025) reads the weights, not images.
+A router compared the LoRA's weights with the centres of the Model Trees it knows and sent it to `{facts.tree}`.
+That tree's expert read ONE layer, `{facts.layer}`, with learned probes and mapped it into a space shared with text
+({facts.text_encoder}, profile `{facts.profile}`). Concept scores are cosine similarities between the LoRA's
+encoding and the concepts' text; nearest models are the known LoRAs with the most similar encodings.
+No image was generated to produce this card.
+
+## Limits
+
+- Scores rank concepts; they are not probabilities. A concept the expert never saw can still score high when its
+  text is close to one it did see.
+- The expert only knows its own tree: a LoRA trained on another base model can be routed to the closest known tree.
+- LoRAs that change style, composition or many subjects at once are summarised by one subject here.
+{chr(10).join(["", "## Training metadata found in the file", "", *shown_meta]) if shown_meta else ""}
+"""
+    return str(ModelCard(f"---\n{front_matter(facts).to_yaml()}\n---\n{body}"))

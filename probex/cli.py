@@ -1,0 +1,276 @@
+"""`python -m probex …`: the service's verbs on the command line, plus training, evaluation and Model-J download.
+
+    predict FILE [--bundle DIR] [--top-k K] [--json]     tree, concepts, nearest models of a LoRA
+    zero-shot FILE LABEL… [--bundle DIR] [--json]        scores over labels you choose (true zero-shot)
+    search TEXT [--bundle DIR] [--top-k K] [--json]      known models that best match a text
+    route FILE [--bundle DIR] [--json]                   which tree a file belongs to
+    card FILE [--bundle DIR] [--out README.md]           a Hub model card draft for a LoRA
+    samples MODEL [--bundle DIR] [-n N] [--seed S] --out DIR   images drawn by a known model (id) or a LoRA file
+    train --zoo DIR --out DIR …                          fit a tree's expert (layer sweep) and build a bundle
+    eval --bundle DIR --zoo DIR [--json]                 the bundle's accuracy on a population
+    modelj download …                                    Model-J from the Hub (when probex.modelj is present)
+
+FILE may be a local path, an https URL or a Hub repo id (`user/name[/file.safetensors]`).
+A user's mistake exits with status 2 and ONE line `error: …` on stderr; anything unexpected exits 1, also one line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from probex.errors import ProbexError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints usage plus a message over several lines; the CLI's contract is one `error:` line."""
+
+    def error(self, message: str):
+        print(f"error: {' '.join(message.split())} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------- verbs
+def open_studio(args):
+    from probex.service import Studio
+
+    return Studio.load(args.bundle)
+
+
+def run_predict(args) -> int:
+    studio = open_studio(args)
+    with studio.local_file(args.file) as path:
+        result = studio.predict(path, top_k=args.top_k)
+    print(json.dumps(result, indent=1) if args.json else format_prediction(result))
+    return 0
+
+
+def run_zero_shot(args) -> int:
+    studio = open_studio(args)
+    with studio.local_file(args.file) as path:
+        scores = studio.zero_shot(path, args.labels)
+    print(json.dumps(scores, indent=1) if args.json else format_scores(scores))
+    return 0
+
+
+def run_search(args) -> int:
+    result = open_studio(args).search(args.text, top_k=args.top_k)
+    print(json.dumps(result, indent=1) if args.json else format_models(result["models"]))
+    return 0
+
+
+def run_route(args) -> int:
+    studio = open_studio(args)
+    with studio.local_file(args.file) as path:
+        result = studio.route(path)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"tree {result['tree']}  (router confidence {result['router']['confidence']:.2f}, "
+              f"distance {result['router']['distance']:.4g}, routing layer {result['router']['layer']})")
+    return 0
+
+
+def run_card(args) -> int:
+    studio = open_studio(args)
+    with studio.local_file(args.file) as path:
+        card = studio.model_card(path)
+    if args.out:
+        Path(args.out).write_text(card)
+        print(f"model card written to {args.out}")
+    else:
+        print(card)
+    return 0
+
+
+def run_samples(args) -> int:
+    studio = open_studio(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if studio.is_known_model(args.model, args.tree):
+        images = studio.samples(args.model, n=args.n, seed=args.seed, tree=args.tree)
+    else:
+        with studio.local_file(args.model) as path:
+            images = studio.samples(path, n=args.n, seed=args.seed)
+    stem = args.model.replace("/", "_").removesuffix(".safetensors")
+    for i, image in enumerate(images):
+        image.save(out / f"{Path(stem).name}_{i}.png")
+    print(f"{len(images)} images written to {out}")
+    return 0
+
+
+def run_train(args) -> int:
+    from probex.bundle import train_bundle
+    from probex.train import TrainConfig
+
+    config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, r_u=args.r_u,
+                         r_v=args.r_v, r_t=args.r_t, relu=not args.linear, patience=args.patience)
+    summary = train_bundle(args.zoo, args.out, layers=args.layers, config=config, profile=args.profile,
+                           task=args.task, cache_dir=args.cache, routing_layer=args.routing_layer)
+    if args.json:
+        print(json.dumps(summary, indent=1, default=str))
+    else:
+        for tree, row in summary["trees"].items():
+            scores = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float))
+            print(f"{tree}: layer {row['layer']} ({scores})")
+        print(f"bundle written to {summary['bundle']}")
+    return 0
+
+
+def run_eval(args) -> int:
+    """The bundle's experts on a population: every metric of probex.evaluate that fits each tree's task."""
+    from probex.evaluate import evaluate_expert
+    from probex.zoo import Zoo, build_cache
+
+    studio = open_studio(args)
+    zoo = Zoo.scan(args.zoo)
+    name = zoo.tree.get("name") or zoo.root.resolve().name
+    tree = studio.bundle.trees.get(name) or (studio.bundle.trees.get(studio.trees[0]) if len(studio.trees) == 1
+                                             else None)
+    if tree is None:
+        raise ProbexError(f"the bundle has no tree named {name!r} (trees: {', '.join(studio.trees)}); "
+                          "name the zoo's tree in its tree.json")
+    layers = [tree.layer] if isinstance(tree.layer, str) else list(tree.layer)
+    cache = build_cache(zoo, Path(args.cache) / name, layers=layers)
+    text = studio.stored_text_input(tree.name) if tree.expert.head_kind == "align" else None
+    report = {"tree": tree.name, **evaluate_expert(tree.expert, cache, tree.layer, tree.task, text)}
+    if args.json:
+        print(json.dumps(report, indent=1, default=str))
+    else:
+        for key, value in report.items():
+            print(f"{key:>24}: {value:.4f}" if isinstance(value, float) else f"{key:>24}: {value}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- output
+def format_prediction(result: dict) -> str:
+    router = result["router"]
+    lines = [f"tree      {result['tree']}  (router confidence {router['confidence']:.2f})",
+             f"layer     {result['layer']}", "", "concepts"]
+    lines += format_scores(result["classes"]).splitlines()
+    lines += ["", "nearest known models"]
+    lines += format_models(result["neighbors"]).splitlines()
+    return "\n".join(lines)
+
+
+def format_scores(scores: list[dict]) -> str:
+    width = max((len(s["name"]) for s in scores), default=0)
+    top = max((s["score"] for s in scores), default=1.0) or 1.0
+    return "\n".join(f"  {i:>2}. {s['name']:<{width}}  {s['score']:+.3f}  {'█' * max(0, round(12 * s['score'] / top))}"
+                     for i, s in enumerate(scores, 1))
+
+
+def format_models(models: list[dict]) -> str:
+    return "\n".join(f"  {i:>2}. {m['id']:<28} {m['class']:<24} {m.get('split', ''):<13} {m['score']:.3f}"
+                     for i, m in enumerate(models, 1))
+
+
+# ----------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="python -m probex", description="ProbeX Studio: learn on model weights.")
+    verbs = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    def verb(name: str, run, help: str, bundle: bool = True, as_json: bool = True):
+        p = verbs.add_parser(name, help=help, description=help)
+        if bundle:
+            p.add_argument("--bundle", default=None,
+                           help="bundle dir or Hub repo id (default: the shipped bundle of PROBEX_PROFILE)")
+        if as_json:
+            p.add_argument("--json", action="store_true", help="print JSON instead of text")
+        p.set_defaults(run=run)
+        return p
+
+    p = verb("predict", run_predict, "which tree, which concepts and which known models a LoRA is closest to")
+    p.add_argument("file", help="a .safetensors LoRA: path, https URL or Hub repo id")
+    p.add_argument("--top-k", type=positive, default=5)
+    p = verb("zero-shot", run_zero_shot, "score a LoRA against labels you choose")
+    p.add_argument("file")
+    p.add_argument("labels", nargs="+", help="candidate labels, e.g. tiger lion 'house cat'")
+    p = verb("search", run_search, "known models that best match a text")
+    p.add_argument("text")
+    p.add_argument("--top-k", type=positive, default=5)
+    p = verb("route", run_route, "which Model Tree a file belongs to")
+    p.add_argument("file")
+    p = verb("card", run_card, "a Hub README.md draft for a LoRA", as_json=False)
+    p.add_argument("file")
+    p.add_argument("--out", default=None, help="write the card here instead of printing it")
+    p = verb("samples", run_samples, "images drawn by a known model (its id) or a LoRA file", as_json=False)
+    p.add_argument("model", help="a known model id (e.g. train/model_idx_0003) or a LoRA file")
+    p.add_argument("--tree", default=None, help="the model's tree, when several trees use the same id")
+    p.add_argument("-n", type=positive, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="directory for the PNG files")
+
+    p = verb("train", run_train, "fit a tree expert on a population (layer chosen on val) and write a bundle",
+             bundle=False)
+    p.add_argument("--zoo", required=True, nargs="+", help="population dir(s) in Model-J layout, one per tree")
+    p.add_argument("--out", required=True, help="bundle dir to write")
+    p.add_argument("--cache", default="cache", help="layer cache dir (default ./cache)")
+    p.add_argument("--task", default=None, choices=["align", "multiclass", "multilabel"],
+                   help="default: align for LoRA trees, multilabel for discriminative ones")
+    p.add_argument("--routing-layer", default=None, help="the router's layer (default: the first in sorted order)")
+    p.add_argument("--patience", type=positive, default=None, help="stop after this many epochs without progress")
+    p.add_argument("--profile", default=None, help="profile the bundle is for (default PROBEX_PROFILE)")
+    p.add_argument("--layers", default=None, help="layers to sweep: all (default), names, or index ranges 40-47")
+    p.add_argument("--epochs", type=positive, default=200)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch-size", type=positive, default=128)
+    p.add_argument("--r-u", type=positive, default=128)
+    p.add_argument("--r-v", type=positive, default=128)
+    p.add_argument("--r-t", type=positive, default=128)
+    p.add_argument("--linear", action="store_true", help="linear ProbeX (no ReLU)")
+    p.add_argument("--seed", type=int, default=0)
+    p = verb("eval", run_eval, "the bundle's expert scored on a population (top-1, zero-shot, kNN, AUC…)",
+             bundle=False)
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--zoo", required=True)
+    p.add_argument("--cache", default="cache", help="layer cache dir (default ./cache)")
+    mount_optional_parsers(verbs)
+    return parser
+
+
+def mount_optional_parsers(verbs) -> None:
+    """Subcommands other modules provide, mounted only when their module offers a parser builder."""
+    try:
+        from probex.modelj import add_modelj_parser
+    except ImportError:
+        return
+    add_modelj_parser(verbs)
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------- main
+def quiet_libraries() -> None:
+    """Library warnings and progress bars go to stderr, where the CLI promises one line on failure."""
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def main(argv=None) -> int:
+    quiet_libraries()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except ProbexError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `… | head` closed the pipe: not an error of ours
+        return 0
+    except Exception as err:  # noqa: BLE001 — the contract: one line, never a traceback
+        detail = " ".join(str(err).split())[:300]
+        print(f"error: unexpected {type(err).__name__}: {detail} (please report this)", file=sys.stderr)
+        return 1

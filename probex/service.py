@@ -1,0 +1,485 @@
+"""The app's verbs, UI-free: what the Gradio app and the CLI both call.
+
+    studio = Studio.load()                       # the shipped bundle of PROBEX_PROFILE (or a dir / Hub repo id)
+    studio.predict(path)                         # tree + router confidence, concepts, nearest known models
+    studio.zero_shot(path, ["tiger", "lion"])    # scores over labels the user chooses
+    studio.search("a striped wild cat")          # known models that match a text
+    studio.map_figure(path, query)               # the tree's weight–text map with the request's points
+    studio.model_card(path)                      # a Hub README.md draft
+    studio.samples("train/model_idx_0003")       # images the tree's root draws with that LoRA
+
+Every verb that takes a file starts from ``analyse``: read (safetensors only, size-capped) → refuse what is not a
+LoRA of a known tree → route → encode the tree's layer. An ``Analysis`` can be passed instead of a path, so the app
+reads an upload once and answers the follow-up questions (custom labels, map, card) from memory.
+
+Inputs are paths. Links and Hub ids become temp files through ``local_file`` (probex.fetch, deleted after use);
+uploads are the app's temp files. Nothing here writes into the bundle, so a request cannot touch shipped artifacts.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from probex.errors import InputError, NoExpertError, ProbexError
+from probex.weights import LoraFactors, ModelWeights, describe, read_weights
+
+MAX_UPLOAD_BYTES = int(float(os.environ.get("PROBEX_MAX_UPLOAD_MB", "256")) * 2**20)  # rank-128 SD LoRAs ≈ 150 MB
+FETCH_TIMEOUT_S = float(os.environ.get("PROBEX_FETCH_TIMEOUT_S", "60"))
+MAX_LABELS = 64            # custom zero-shot labels per request
+MAX_TEXT_CHARS = 200       # a label or a search text
+SAMPLE_CACHE_SIZE = 256    # known models' samples are deterministic: drawn once, then served from memory
+
+
+@dataclass
+class Analysis:
+    """One file read, routed and encoded: what every file verb starts from."""
+
+    source: str                 # file name, for messages and the card
+    description: str            # weights.describe()
+    metadata: dict[str, str]
+    tree: str
+    layer: str
+    distance: float
+    confidence: float
+    encoding: torch.Tensor      # (r_T,), unit norm
+
+
+class Studio:
+    """A loaded bundle and the verbs on it. Thread-safe for concurrent requests: the experts and text encoder only
+    read; each tree's image pipeline is guarded by its own lock (diffusers swaps LoRAs in and out of one model)."""
+
+    def __init__(self, bundle, bundle_dir: Path, profile):
+        from probex.text import load_text_encoder
+
+        self.bundle, self.bundle_dir, self.profile = bundle, Path(bundle_dir), profile
+        self.text = load_text_encoder(bundle.text_encoder) if bundle.text_encoder else None
+        self._text_features: dict[str, torch.Tensor] = {}  # tree → class text in the representation space
+        self._pipelines: dict[str, object] = {}
+        self._pipeline_locks: dict[str, threading.Lock] = {name: threading.Lock() for name in bundle.trees}
+        self._pipelines_lock = threading.Lock()
+        self._sample_cache: OrderedDict[tuple, list] = OrderedDict()
+        for name in bundle.trees:
+            self.class_features(name)  # computed once here, so the first request is as fast as the rest
+
+    # ------------------------------------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, bundle_dir: str | Path | None = None) -> "Studio":
+        """The bundle in ``bundle_dir`` (a dir or Hub repo id), else the shipped one of ``PROBEX_PROFILE``."""
+        from probex.bundle import Bundle
+        from probex.profiles import get_profile, resolve_bundle_dir
+
+        profile = get_profile()
+        if bundle_dir is None:
+            directory = resolve_bundle_dir(profile)
+        else:
+            from dataclasses import replace
+
+            directory = resolve_bundle_dir(replace(profile, bundle=str(bundle_dir)))
+        return cls(Bundle.load(directory), directory, profile)
+
+    @property
+    def trees(self) -> list[str]:
+        return list(self.bundle.trees)
+
+    def describe_bundle(self) -> str:
+        """One line for the app's banner and the CLI."""
+        sizes = ", ".join(f"{name} ({len(tree.gallery.ids)} models, {len(tree.gallery.classes_vocabulary)} classes)"
+                          for name, tree in self.bundle.trees.items())
+        return f"profile {self.profile.name} · bundle {self.bundle_dir.name} · trees: {sizes}"
+
+    def examples(self) -> list[dict]:
+        """The bundle's example LoRAs that exist on disk: [{"label", "path"}], labelled from their metadata,
+        e.g. "🆕 tiger (a class the expert never saw)"."""
+        return [{"label": example_label(Path(p)), "path": Path(p)} for p in self.bundle.examples if Path(p).is_file()]
+
+    # --------------------------------------------------------------------------------------------- input
+    @contextmanager
+    def local_file(self, ref: str | Path):
+        """A local path for a path, an https URL or a Hub repo id; downloads are deleted when the block ends."""
+        from probex.fetch import fetch_to_temp
+
+        if not is_remote(ref):
+            yield Path(ref)  # read_weights names a missing file in its error
+            return
+        fetched = fetch_to_temp(str(ref), max_bytes=MAX_UPLOAD_BYTES, timeout=FETCH_TIMEOUT_S)
+        try:
+            yield fetched.path
+        finally:
+            fetched.cleanup()
+
+    def read(self, path: str | Path) -> ModelWeights:
+        weights = read_weights(path, max_bytes=MAX_UPLOAD_BYTES)
+        if weights.kind == "full" and not any(g.kind == "full" for g in self.router().groups):
+            raise InputError(f"{weights.source}: this is a full checkpoint ({describe(weights)}), not a LoRA; "
+                             "upload the LoRA file (a few MB of lora_A/lora_B or lora_down/lora_up weights)")
+        return weights
+
+    def router(self):
+        if self.bundle.router is None:
+            raise ProbexError(f"bundle {self.bundle_dir.name} has no router; rebuild it with `python -m probex train`")
+        return self.bundle.router
+
+    # ---------------------------------------------------------------------------------------- the pipeline
+    def analyse(self, source: str | Path | Analysis) -> Analysis:
+        """Read → route → encode the tree's layer. An Analysis passes through unchanged."""
+        if isinstance(source, Analysis):
+            return source
+        weights = self.read(source)
+        route = self.router().route(weights)
+        tree = self.bundle.trees.get(route.tree)
+        if tree is None:
+            raise NoExpertError(f"{weights.source} routes to tree {route.tree}, which has no expert in this bundle")
+        names = [tree.layer] if isinstance(tree.layer, str) else list(tree.layer)
+        missing = [n for n in names if n not in weights.layers]
+        if missing:
+            raise InputError(f"{weights.source}: has no {missing[0]} module, a layer the {route.tree} expert reads "
+                             f"({describe(weights)})")
+        encoding = self.encode(route.tree, [weights.layers[n] for n in names])
+        return Analysis(weights.source, describe(weights), dict(weights.metadata), route.tree, ", ".join(names),
+                        route.distance, route.confidence, encoding)
+
+    @torch.no_grad()
+    def encode(self, tree: str, layers: list[LoraFactors | torch.Tensor]) -> torch.Tensor:
+        """The expert's unit-norm encoding of one model; multi-layer experts take the list, the others one item."""
+        t = self.bundle.trees[tree]
+        batch = [as_batch_of_one(layer) for layer in layers]
+        try:
+            e = t.expert.encode(batch[0] if isinstance(t.layer, str) else batch)
+        except (InputError, RuntimeError) as err:  # the layer exists with another shape than the expert reads
+            raise InputError(f"the {tree} expert cannot read this file's layer: {first_line(err)}") from None
+        return F.normalize(e[0], dim=-1)
+
+    @torch.no_grad()
+    def class_features(self, tree: str) -> torch.Tensor:
+        """(C, r_T) unit vectors of the tree's class vocabulary (align experts), cached per tree."""
+        if tree not in self._text_features:
+            t = self.bundle.trees[tree]
+            self._text_features[tree] = (t.expert.text_features(self.stored_text_input(tree))
+                                         if t.expert.head_kind == "align" else None)
+        return self._text_features[tree]
+
+    def stored_text_input(self, tree: str) -> torch.Tensor:
+        """The gallery's class text bank as the expert takes it (token-state experts store it flattened)."""
+        t = self.bundle.trees[tree]
+        n_tokens = getattr(t.expert, "n_tokens", None)
+        return t.gallery.text_emb.reshape(len(t.gallery.classes_vocabulary), n_tokens, -1) if n_tokens \
+            else t.gallery.text_emb
+
+    @torch.no_grad()
+    def text_features(self, tree: str, texts: list[str]) -> torch.Tensor:
+        """(len(texts), r_T) unit vectors of free texts, put in the tree's prompt template first."""
+        from probex.train import prompt
+
+        t = self.bundle.trees[tree]
+        if t.expert.head_kind != "align":
+            raise ProbexError(f"the {tree} expert has no text head (it was trained on labels, not text); "
+                              "zero-shot labels and text search need an aligned expert")
+        prompts = [prompt(t.prompt_template, text) for text in texts]
+        n_tokens = getattr(t.expert, "n_tokens", None)  # root-anchored experts read token states, not one vector
+        text_input = self.text.token_states(prompts, n_tokens) if n_tokens else self.text.embed(prompts)
+        return t.expert.text_features(text_input)
+
+    # ------------------------------------------------------------------------------------------- verbs
+    def route(self, source: str | Path) -> dict:
+        weights = self.read(source)
+        r = self.router().route(weights)
+        return {"tree": r.tree, "router": {"distance": r.distance, "confidence": r.confidence, "layer": r.layer,
+                                           "exact_signature": r.exact_signature}}
+
+    @torch.no_grad()
+    def predict(self, source: str | Path | Analysis, top_k: int = 5) -> dict:
+        a = self.analyse(source)
+        return {"tree": a.tree, "layer": a.layer,
+                "router": {"distance": a.distance, "confidence": a.confidence},
+                "classes": self.concepts(a, top_k), "neighbors": self.nearest(a.tree, a.encoding, top_k),
+                "file": a.source, "description": a.description, "base_model": self.base_model(a.tree)}
+
+    @torch.no_grad()
+    def concepts(self, a: Analysis, top_k: int) -> list[dict]:
+        """Top-k of the tree's class vocabulary: cosine to the class text (align), else the head's probabilities."""
+        t = self.bundle.trees[a.tree]
+        names = t.gallery.classes_vocabulary
+        features = self.class_features(a.tree)
+        if features is not None:
+            scores = features @ a.encoding
+        else:
+            logits = t.expert.logits(a.encoding[None])[0]
+            scores = logits.softmax(-1) if t.expert.head_kind == "multiclass" else logits.sigmoid()
+        return top_scores(names, scores, top_k)
+
+    @torch.no_grad()
+    def zero_shot(self, source: str | Path | Analysis, labels: list[str]) -> list[dict]:
+        """Cosine scores over exactly the user's labels, best first (true zero-shot: any text)."""
+        labels = clean_labels(labels)
+        a = self.analyse(source)
+        return top_scores(labels, self.text_features(a.tree, labels) @ a.encoding, len(labels))
+
+    @torch.no_grad()
+    def search(self, text: str, top_k: int = 5) -> dict:
+        """Known models whose encodings best match the text, over every tree with a text head."""
+        text = clean_text(text)
+        found = []
+        for name, t in self.bundle.trees.items():
+            if t.expert.head_kind != "align":
+                continue
+            query = self.text_features(name, [text])[0]
+            found += self.nearest(name, query, top_k)
+        if not found and self.bundle.trees:
+            raise ProbexError("no tree in this bundle has a text head; text search needs an aligned expert")
+        found.sort(key=lambda m: m["score"], reverse=True)
+        return {"models": found[:top_k]}
+
+    def nearest(self, tree: str, vector: torch.Tensor, top_k: int) -> list[dict]:
+        g = self.bundle.trees[tree].gallery
+        scores = self.gallery_similarity(tree, vector)
+        order = torch.argsort(scores, descending=True)[:top_k].tolist()
+        return [{"id": g.ids[i], "class": class_text(g.classes[i]), "split": g.splits[i], "score": float(scores[i]),
+                 "tree": tree} for i in order]
+
+    def gallery_similarity(self, tree: str, vector: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.bundle.trees[tree].gallery.encodings, dim=-1) @ F.normalize(vector, dim=-1)
+
+    # ---------------------------------------------------------------------------------------------- map
+    @torch.no_grad()
+    def map_figure(self, source: str | Path | Analysis | None = None, query: str | None = None,
+                   tree: str | None = None):
+        """The tree's weight–text map: known models at their build-time UMAP coordinates, class names and the
+        request's points (upload, query) placed without refitting UMAP."""
+        from probex.plots import weight_text_map
+
+        a = self.analyse(source) if source is not None else None
+        tree = a.tree if a else (tree or self.default_tree())
+        t = self.bundle.trees[tree]
+        g = t.gallery
+        marks, focus, labelled = [], None, []
+        if a is not None:
+            marks.append(self.mark(tree, a.encoding, f"your LoRA: {a.source}", "upload"))
+            focus = a.encoding
+            labelled = [c["name"] for c in self.concepts(a, 5)]
+        if query:
+            q = self.text_features(tree, [clean_text(query)])[0]
+            marks.append(self.mark(tree, q, f"“{query.strip()}”", "query"))
+            focus = q if focus is None else focus
+        scores = self.gallery_similarity(tree, focus).tolist() if focus is not None else None
+        features = self.class_features(tree)
+        class_points = None
+        if features is not None:
+            xy = self.bundle.place(tree, features).tolist()
+            class_points = {name: (float(x), float(y)) for name, (x, y) in zip(g.classes_vocabulary, xy)}
+            if len(g.classes_vocabulary) <= 40 and not labelled:
+                labelled = list(g.classes_vocabulary)
+        return weight_text_map(g.umap.numpy(), g.ids, [class_text(c) for c in g.classes], g.splits, scores,
+                               class_points, labelled, marks,
+                               title=f"Weight–text map of tree {tree}")
+
+    def mark(self, tree: str, vector: torch.Tensor, label: str, kind: str):
+        from probex.plots import Mark
+
+        x, y = self.bundle.place(tree, vector[None])[0]
+        return Mark(label, float(x), float(y), kind)
+
+    def default_tree(self) -> str:
+        """The tree the map shows before anything is uploaded: the largest one."""
+        return max(self.bundle.trees, key=lambda name: len(self.bundle.trees[name].gallery.ids))
+
+    # --------------------------------------------------------------------------------------------- card
+    def model_card(self, source: str | Path | Analysis, top_k: int = 5) -> str:
+        from probex.card import CardFacts, render_card
+
+        a = self.analyse(source)
+        return render_card(CardFacts(
+            file_name=a.source, description=a.description, tree=a.tree, base_model=self.base_model(a.tree),
+            layer=a.layer, router_confidence=a.confidence, classes=self.concepts(a, top_k),
+            neighbors=self.nearest(a.tree, a.encoding, top_k), profile=self.profile.name,
+            text_encoder=self.text.name, instance_prompt=a.metadata.get("prompt") or a.metadata.get("instance_prompt"),
+            metadata=a.metadata))
+
+    def base_model(self, tree: str) -> str:
+        """The tree's root as a card names it: a Hub id as is, a local root folder by its name."""
+        from probex.profiles import PROJECT_ROOT
+
+        root = self.bundle.trees[tree].root_model
+        if not root:
+            return tree
+        local = Path(root) if Path(root).is_absolute() else PROJECT_ROOT / root
+        return local.name if local.is_dir() else root
+
+    # ------------------------------------------------------------------------------------------ samples
+    def tree_of(self, model_id: str, tree: str | None = None) -> str | None:
+        """The tree holding a known model id (ids are unique within a tree; pass ``tree`` when several hold it)."""
+        for name in ([tree] if tree else self.bundle.trees):
+            if name in self.bundle.trees and model_id in self.bundle.trees[name].gallery.ids:
+                return name
+        return None
+
+    def is_known_model(self, model_id: str, tree: str | None = None) -> bool:
+        return self.tree_of(model_id, tree) is not None
+
+    def samples(self, model: str | Path | Analysis, n: int = 4, seed: int = 0, tree: str | None = None) -> list:
+        """``n`` images from the tree's root pipeline with a LoRA on it: a known model (by id; drawn once, then
+        cached) or a LoRA file (routed first, never cached)."""
+        if isinstance(model, str) and self.is_known_model(model, tree):
+            tree = self.tree_of(model, tree)
+            key = (tree, model, n, seed)
+            if key not in self._sample_cache:
+                drawn = self.sample_source(tree, model)
+                if drawn is None:
+                    raise ProbexError(f"model {model} ships no LoRA file to draw samples from")
+                path = Path(self.bundle.trees[tree].gallery.sample_paths[drawn])
+                self._sample_cache[key] = self.draw(tree, path, self.sample_prompt(tree, {}), n, seed)
+                while len(self._sample_cache) > SAMPLE_CACHE_SIZE:
+                    self._sample_cache.popitem(last=False)
+            return self._sample_cache[key]
+        if isinstance(model, Analysis):
+            raise ProbexError("samples of an upload need its file, not only its analysis")
+        a = self.analyse(model)
+        return self.draw(a.tree, Path(model), self.sample_prompt(a.tree, a.metadata), n, seed)
+
+    def sample_source(self, tree: str, model_id: str) -> str | None:
+        """The id of the model whose shipped LoRA is drawn for ``model_id``: itself when its file ships, else a
+        shipped model of the same class (bundles ship about one LoRA per class to stay small), else None."""
+        g = self.bundle.trees[tree].gallery
+        if model_id in g.sample_paths:
+            return model_id
+        wanted = class_text(g.classes[g.ids.index(model_id)])
+        index = {m: i for i, m in enumerate(g.ids)}
+        return next((other for other in g.sample_paths if class_text(g.classes[index[other]]) == wanted), None)
+
+    def drawable_neighbors(self, source: str | Path | Analysis, n: int = 4, search_k: int = 50) -> list[dict]:
+        """The nearest known models that can be drawn (their LoRA, or one of their class, ships with the bundle)."""
+        a = self.analyse(source)
+        near = self.nearest(a.tree, a.encoding, search_k)
+        return [m for m in near if self.sample_source(a.tree, m["id"]) is not None][:n]
+
+    def sample_prompt(self, tree: str, metadata: dict[str, str]) -> str:
+        """What the LoRA is prompted with: its own trigger prompt if the file names one, else the tree's."""
+        t = self.bundle.trees[tree]
+        return (metadata.get("prompt") or metadata.get("instance_prompt") or t.instance_prompt
+                or prompt_for(t.prompt_template, "sks"))
+
+    def draw(self, tree: str, lora: Path, prompt: str, n: int, seed: int) -> list:
+        from probex.generate import sample
+
+        pipe = self.pipeline(tree)
+        with self._pipeline_locks[tree]:
+            return sample(pipe, lora, prompt, n=n, seed=seed)
+
+    def pipeline(self, tree: str):
+        """The tree's root pipeline, loaded on first use (the slow part) and kept."""
+        from probex.generate import load_pipeline
+
+        with self._pipelines_lock:
+            if tree not in self._pipelines:
+                root = self.bundle.trees[tree].root_model
+                if not root:
+                    raise ProbexError(f"tree {tree} names no root model; samples cannot be drawn")
+                self._pipelines[tree] = load_pipeline(self.profile, root_model=str(root))
+            return self._pipelines[tree]
+
+
+def open_studio(bundle_dir: str | Path | None = None) -> tuple[Studio | None, str]:
+    """(studio, notice) for the app: the profile's bundle; if that cannot load and the profile is not the embedded
+    one, the embedded emoji-mini bundle; if nothing loads, (None, why) — the app still starts and says so."""
+    from probex.profiles import DEFAULT_PROFILE, get_profile
+
+    try:
+        return Studio.load(bundle_dir), ""
+    except ProbexError as err:
+        first = str(err)
+    profile = get_profile().name
+    if bundle_dir is None and profile != DEFAULT_PROFILE and not os.environ.get("PROBEX_BUNDLE"):
+        os.environ["PROBEX_PROFILE"] = DEFAULT_PROFILE
+        try:
+            return Studio.load(), f"profile {profile} could not load ({first}); running {DEFAULT_PROFILE} instead"
+        except ProbexError as err:
+            first = f"{first}; {DEFAULT_PROFILE}: {err}"
+    return None, first
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def as_batch_of_one(layer: LoraFactors | torch.Tensor):
+    """One model's layer in the experts' batch form: factors (up, down, scale) or a dense (1, d_W, d_H)."""
+    if isinstance(layer, LoraFactors):
+        return layer.up[None], layer.down[None], torch.tensor([layer.scale])
+    return layer[None]
+
+
+def class_text(label) -> str:
+    """A gallery model's class: a name (generative trees) or a label list (discriminative trees)."""
+    return ", ".join(label) if isinstance(label, (list, tuple)) else str(label)
+
+
+def prompt_for(template: str, name: str) -> str:
+    from probex.train import prompt
+
+    return prompt(template, name)
+
+
+def example_label(path: Path) -> str:
+    """"tiger · a class the expert never saw" from the example file's own metadata (header only)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # noqa: BLE001 — a label is cosmetic; the file is validated when it is used
+        meta = {}
+    name = meta.get("class_name") or path.stem
+    if "holdout" in path.stem:
+        return f"{name} · held-out class (never seen in training)"
+    return f"{name} · test model"
+
+
+def first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+def top_scores(names: list[str], scores: torch.Tensor, k: int) -> list[dict]:
+    order = torch.argsort(scores, descending=True)[:k].tolist()
+    return [{"name": names[i], "score": float(scores[i])} for i in order]
+
+
+def clean_text(text: str) -> str:
+    text = " ".join(str(text or "").split())
+    if not text:
+        raise InputError("the text is empty; type what the model should draw, e.g. 'a striped wild cat'")
+    if len(text) > MAX_TEXT_CHARS:
+        raise InputError(f"the text is {len(text)} characters; keep it under {MAX_TEXT_CHARS}")
+    return text
+
+
+def clean_labels(labels: list[str] | str) -> list[str]:
+    """Labels from a list and/or comma-separated strings; blanks dropped, duplicates kept once, order kept."""
+    if isinstance(labels, str):
+        labels = [labels]
+    parts = [part for label in labels for part in str(label).split(",")]
+    cleaned = list(dict.fromkeys(" ".join(part.split()) for part in parts))
+    cleaned = [label for label in cleaned if label]
+    if not cleaned:
+        raise InputError("no labels given; type candidates separated by commas, e.g. 'tiger, lion, house cat'")
+    if len(cleaned) > MAX_LABELS:
+        raise InputError(f"{len(cleaned)} labels is more than the {MAX_LABELS} one request may score")
+    for label in cleaned:
+        if len(label) > MAX_TEXT_CHARS:
+            raise InputError(f"a label is {len(label)} characters; keep each under {MAX_TEXT_CHARS}")
+    return cleaned
+
+
+def is_remote(ref: str | Path) -> bool:
+    """A link (``…://…``) or a Hub repo id — unless it names something on disk: ``dir/file.safetensors`` whose first
+    folder exists here is a local path, even though it has the shape of ``user/name``."""
+    from probex.fetch import HUB_ID
+
+    if not isinstance(ref, str) or Path(ref).exists():
+        return False
+    ref = ref.strip()
+    if "://" in ref:
+        return True
+    return bool(HUB_ID.match(ref)) and not ref.startswith((".", "/")) and not Path(ref.split("/")[0]).exists()

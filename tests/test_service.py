@@ -1,0 +1,362 @@
+"""The service verbs on a real bundle built here: a tiny random emoji root, two synthetic LoRA trees of the same
+architecture (planted class signal linear in MiniLM text embeddings, a different tree component each), trained with
+probex.bundle.train_bundle — the same flow `python -m probex train` runs.
+
+`build_test_bundle` is shared by the CLI, app and browser tests; it builds once per pytest session (≈ 25 s).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from PIL import Image
+
+from probex.errors import InputError, NoExpertError, ProbexError
+from probex.weights import LoraFactors, read_weights, save_lora
+
+CLASS_NAMES = ["tiger", "lion", "apple", "rocket", "house", "car", "banana", "fish", "snail", "tulip", "owl", "pizza"]
+TREES = {  # name → (seed, training classes, held-out classes)
+    "tree-a": (1, 10, 2),
+    "tree-b": (2, 4, 0),
+}
+ROOT_TARGETS = ("attn2.to_k", "attn2.to_v")
+
+
+def build_test_bundle(base: Path) -> dict:
+    """Root, zoos and bundle under ``base``; idempotent (a finished build is reused). Returns their paths."""
+    base = Path(base)
+    paths = {"base": base, "root": base / "root", "bundle": base / "bundle",
+             "zoos": {name: base / "zoo" / name for name in TREES}}
+    if (base / "done.json").exists():
+        return paths
+    from probex.bundle import train_bundle
+    from probex.jungle.root import RootRecipe, make_scheduler, make_unet
+    from probex.text import load_text_encoder
+    from probex.train import TrainConfig
+    from synthetic import make_lora_zoo, write_tree_json
+
+    recipe = RootRecipe(name="tiny-root", block_out_channels=(32, 64))
+    torch.manual_seed(0)
+    unet = make_unet(recipe)  # random weights: samples are noise, but drawn through the real pipeline
+    unet.save_pretrained(paths["root"] / "unet")
+    make_scheduler(recipe).save_pretrained(paths["root"] / "scheduler")
+    recipe.save(paths["root"] / "recipe.json")
+    layers = {name: (m.out_features, m.in_features) for name, m in unet.named_modules()
+              if isinstance(m, torch.nn.Linear) and name.endswith(ROOT_TARGETS)}
+    text = load_text_encoder("minilm").embed([f"an emoji of {n}" for n in CLASS_NAMES])
+    for name, (seed, n_train, n_hold) in TREES.items():
+        zoo = make_lora_zoo(paths["zoos"][name], n_classes=n_train, per_class=6, layers=layers, ranks=(4,),
+                            holdout_classes=n_hold, holdout_per_class=4, seed=seed, tree_component=3.0,
+                            tree_seed=seed + 100, class_embeddings=text[: n_train + n_hold],
+                            class_names=CLASS_NAMES[: n_train + n_hold])
+        write_tree_json(zoo.root, name=name, root_model=str(paths["root"]), prompt_template="an emoji of {name}",
+                        instance_prompt="an emoji of sks")
+    config = TrainConfig(epochs=80, r_u=16, r_v=16, r_t=32, batch_size=32, lr=5e-3)
+    threads = torch.get_num_threads()
+    train_bundle(list(paths["zoos"].values()), paths["bundle"], layers=[sorted(layers)[-1]], config=config,
+                 profile="emoji-mini", cache_dir=base / "cache")
+    # UMAP's numba start-up raises torch's OpenMP thread count; on 2 shared cores that slows the diffusion steps of
+    # the later tests 10-50× (measured), so the count is put back.
+    torch.set_num_threads(threads)
+    (base / "done.json").write_text(json.dumps({"layers": sorted(layers)}))
+    return paths
+
+
+def zoo_file(zoo: Path, split: str, class_name: str) -> Path:
+    """The first model file of ``split`` whose metadata names ``class_name``."""
+    from safetensors import safe_open
+
+    for path in sorted((zoo / split).glob("*/pytorch_lora_weights.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            if f.metadata()["class_name"] == class_name:
+                return path
+    raise LookupError(f"no {split} model of {class_name} in {zoo}")
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory):
+    return build_test_bundle(tmp_path_factory.getbasetemp() / "studio")
+
+
+@pytest.fixture(scope="session")
+def studio(built):
+    from probex.service import Studio
+
+    return Studio.load(built["bundle"])
+
+
+# ------------------------------------------------------------------------------------------------- predict
+@pytest.mark.parametrize("tree,split,cls", [("tree-a", "test", "banana"), ("tree-a", "test", "fish"),
+                                            ("tree-b", "test", "apple"), ("tree-b", "test", "rocket"),
+                                            ("tree-a", "test_holdout", "owl")])
+def test_predict_routes_to_the_tree_and_names_the_class(studio, built, tree, split, cls):
+    path = zoo_file(built["zoos"][tree], split, cls)
+    result = studio.predict(path, top_k=5)
+    assert set(result) >= {"tree", "layer", "router", "classes", "neighbors"}
+    assert result["tree"] == tree
+    assert 0 < result["router"]["confidence"] <= 1 and result["router"]["distance"] >= 0
+    names = [c["name"] for c in result["classes"]]
+    assert len(names) == min(5, len(studio.bundle.trees[tree].gallery.classes_vocabulary)) and cls in names
+    scores = [c["score"] for c in result["classes"]]
+    assert scores == sorted(scores, reverse=True)
+    top = result["neighbors"][0]  # the file is a known model: its own gallery entry is the nearest (cosine 1)
+    assert top["id"] == path.parent.relative_to(built["zoos"][tree]).as_posix()
+    assert top["class"] == cls and top["score"] == pytest.approx(1.0, abs=1e-4)
+    assert all(set(n) >= {"id", "class", "split", "score"} for n in result["neighbors"])
+
+
+def test_in_distribution_top1_on_every_test_model(studio, built):
+    """Not one lucky file: the expert names the class of most test models of both trees."""
+    right = total = 0
+    for tree, zoo in built["zoos"].items():
+        for path in sorted((zoo / "test").glob("*/pytorch_lora_weights.safetensors")):
+            truth = read_weights(path).metadata["class_name"]
+            right += studio.predict(path, top_k=1)["classes"][0]["name"] == truth
+            total += 1
+    assert right / total >= 0.8, f"top-1 {right}/{total}"
+
+
+def test_route_reports_the_routing_layer(studio, built):
+    path = zoo_file(built["zoos"]["tree-b"], "test", "lion")
+    r = studio.route(path)
+    assert r["tree"] == "tree-b" and r["router"]["layer"] and r["router"]["exact_signature"] is True
+
+
+# ----------------------------------------------------------------------------------------------- zero-shot
+def test_zero_shot_scores_exactly_the_users_labels(studio, built):
+    path = zoo_file(built["zoos"]["tree-b"], "test", "apple")
+    scores = studio.zero_shot(path, ["rocket", " apple ", "tiger", "apple"])
+    assert [s["name"] for s in scores][0] == "apple"
+    assert sorted(s["name"] for s in scores) == ["apple", "rocket", "tiger"]  # cleaned, duplicates once
+    assert scores == sorted(scores, key=lambda s: s["score"], reverse=True)
+
+
+def test_zero_shot_accepts_a_comma_separated_string_and_an_analysis(studio, built):
+    analysis = studio.analyse(zoo_file(built["zoos"]["tree-b"], "test", "lion"))
+    assert studio.zero_shot(analysis, "tiger, lion,, ")[0]["name"] == "lion"
+
+
+@pytest.mark.parametrize("labels,fragment", [([], "no labels"), ([" ", ","], "no labels"),
+                                             ([f"l{i}" for i in range(100)], "more than"),
+                                             (["x" * 500], "characters")])
+def test_zero_shot_refuses_bad_labels(studio, built, labels, fragment):
+    with pytest.raises(InputError, match=fragment):
+        studio.zero_shot(zoo_file(built["zoos"]["tree-b"], "test", "lion"), labels)
+
+
+# -------------------------------------------------------------------------------------------------- search
+@pytest.mark.parametrize("cls", ["tiger", "banana", "tulip"])
+def test_search_finds_models_of_the_class(studio, cls):
+    models = studio.search(cls, top_k=3)["models"]
+    assert len(models) == 3 and models[0]["class"] == cls
+    assert all(set(m) >= {"id", "class", "split", "score", "tree"} for m in models)
+    assert [m["score"] for m in models] == sorted((m["score"] for m in models), reverse=True)
+
+
+@pytest.mark.parametrize("text", ["", "   ", "x" * 1000])
+def test_search_refuses_empty_or_huge_text(studio, text):
+    with pytest.raises(InputError):
+        studio.search(text)
+
+
+# ----------------------------------------------------------------------------------------------------- map
+def test_map_figure_places_upload_and_query(studio, built):
+    path = zoo_file(built["zoos"]["tree-a"], "test", "fish")
+    fig = studio.map_figure(path, query="a red fruit")
+    known = fig.data[0]
+    gallery = studio.bundle.trees["tree-a"].gallery
+    assert len(known.x) == len(gallery.ids) and known.customdata[0][0] == gallery.ids[0]
+    names = [trace.name for trace in fig.data]
+    assert "class names" in names
+    upload = next(t for t in fig.data if (t.name or "").startswith("your LoRA"))
+    query = next(t for t in fig.data if "a red fruit" in (t.name or ""))
+    # the upload IS a known model: placed on its own gallery point (weights 1/(1-cos) favour the exact match)
+    own = gallery.ids.index(path.parent.relative_to(built["zoos"]["tree-a"]).as_posix())
+    assert upload.x[0] == pytest.approx(float(gallery.umap[own, 0]), abs=1e-2)
+    assert upload.y[0] == pytest.approx(float(gallery.umap[own, 1]), abs=1e-2)
+    assert query.x[0] is not None
+
+
+def test_map_without_a_request_shows_the_largest_tree(studio):
+    fig = studio.map_figure()
+    assert "tree-a" in fig.layout.title.text and len(fig.data[0].x) == len(studio.bundle.trees["tree-a"].gallery.ids)
+
+
+# ---------------------------------------------------------------------------------------------------- card
+def test_model_card_is_a_hub_readme(studio, built):
+    path = zoo_file(built["zoos"]["tree-b"], "test", "rocket")
+    text = studio.model_card(path)
+    card = ModelCard(text)
+    assert card.data.library_name == "diffusers"
+    assert card.data.base_model == "root"  # the tree's root folder name
+    assert "lora" in card.data.tags and "tree:tree-b" in card.data.tags
+    assert "most likely draws *rocket*" in text
+    assert "## Nearest known models" in text and "## Limits" in text and "## How this was inferred" in text
+
+
+# ------------------------------------------------------------------------------------------------- samples
+def test_samples_of_a_known_model_are_drawn_once_then_cached(studio):
+    g = studio.bundle.trees["tree-b"].gallery
+    model = next(iter(g.sample_paths))
+    images = studio.samples(model, n=2, tree="tree-b")
+    assert len(images) == 2 and all(isinstance(im, Image.Image) and im.size == (32, 32) for im in images)
+    assert studio.samples(model, n=2, tree="tree-b") is images
+
+
+def test_samples_of_an_uploaded_file_and_of_a_model_without_its_own_file(studio, built):
+    path = zoo_file(built["zoos"]["tree-a"], "test", "fish")
+    assert len(studio.samples(str(path), n=1)) == 1
+    # a test model ships no LoRA: a shipped model of its class is drawn instead
+    model = path.parent.relative_to(built["zoos"]["tree-a"]).as_posix()
+    assert model not in studio.bundle.trees["tree-a"].gallery.sample_paths
+    assert studio.sample_source("tree-a", model) is not None
+    neighbours = studio.drawable_neighbors(path, 4)
+    assert 1 <= len(neighbours) <= 4 and all(studio.sample_source(n["tree"], n["id"]) for n in neighbours)
+
+
+# -------------------------------------------------------------------------------------------- bad requests
+def one_line(err: Exception) -> str:
+    message = str(err)
+    assert "\n" not in message and message
+    return message
+
+
+def test_not_a_safetensors_file(studio, tmp_path):
+    path = tmp_path / "notes.safetensors"
+    path.write_bytes(b"this is plain text, certainly not safetensors" * 4)
+    with pytest.raises(InputError) as err:
+        studio.predict(path)
+    assert "notes.safetensors" in one_line(err.value)
+
+
+def test_full_checkpoint_is_not_a_lora(studio, tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight": torch.randn(32, 384),
+               "conv_in.weight": torch.randn(32, 48, 3, 3)}, str(path))
+    with pytest.raises(InputError) as err:
+        studio.predict(path)
+    assert "full checkpoint" in one_line(err.value) and "not a LoRA" in str(err.value)
+
+
+def test_lora_of_another_base_names_the_base(studio, tmp_path):
+    from sd15_fixtures import lora_shapes, random_factors, write_lora
+
+    path = tmp_path / "sd15_lora.safetensors"
+    write_lora(path, random_factors(lora_shapes("sd15"), rank=4), "kohya")
+    with pytest.raises(NoExpertError) as err:
+        studio.predict(path)
+    assert "SD 1.5" in one_line(err.value)
+
+
+def test_text_encoder_only_lora(studio, tmp_path):
+    path = tmp_path / "te.safetensors"
+    save_lora(path, {}, text_encoder={"text_model.encoder.layers.0.self_attn.q_proj":
+                                      LoraFactors(torch.randn(32, 4), torch.randn(4, 32))})
+    with pytest.raises(NoExpertError) as err:
+        studio.predict(path)
+    assert "text-encoder-only" in one_line(err.value)
+
+
+def test_lora_missing_the_expert_layer(studio, built, tmp_path):
+    weights = read_weights(zoo_file(built["zoos"]["tree-a"], "test", "fish"))
+    expert_layer = studio.bundle.trees["tree-a"].layer
+    routing_layer = studio.router().groups[0].layer
+    assert expert_layer != routing_layer  # the file still routes, then lacks what the expert reads
+    layers = {k: v for k, v in weights.layers.items() if k != expert_layer}
+    path = tmp_path / "partial.safetensors"
+    save_lora(path, layers)
+    with pytest.raises(ProbexError) as err:
+        studio.predict(path)
+    assert expert_layer in one_line(err.value)
+
+
+def test_over_the_size_cap(studio, built, monkeypatch):
+    import probex.service as service
+
+    monkeypatch.setattr(service, "MAX_UPLOAD_BYTES", 1000)
+    with pytest.raises(InputError) as err:
+        studio.predict(zoo_file(built["zoos"]["tree-b"], "test", "lion"))
+    assert "limit" in one_line(err.value)
+
+
+def test_missing_file(studio, tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        studio.predict(tmp_path / "nothing.safetensors")
+
+
+# ------------------------------------------------------------------------------------ files and artifacts
+def test_requests_never_write_into_the_bundle(studio, built):
+    from probex.bundle import verify_manifest
+
+    bundle = built["bundle"]
+    before = {p: p.stat().st_mtime_ns for p in bundle.rglob("*")}
+    path = zoo_file(built["zoos"]["tree-a"], "test", "fish")
+    studio.predict(path)
+    studio.model_card(path)
+    studio.map_figure(path, query="fish")
+    studio.samples(str(path), n=1)
+    assert {p: p.stat().st_mtime_ns for p in bundle.rglob("*")} == before
+    verify_manifest(bundle, json.loads((bundle / "bundle.json").read_text())["manifest"])
+
+
+def test_downloads_are_deleted_after_use_even_on_failure(studio, tmp_path, monkeypatch):
+    import probex.fetch as fetch
+
+    made = []
+
+    def fake_fetch(ref, *, max_bytes, timeout):
+        directory = tmp_path / f"fetched{len(made)}"
+        directory.mkdir()
+        (directory / "lora.safetensors").write_bytes(b"junk")
+        made.append(directory)
+        return fetch.Fetched(directory / "lora.safetensors", directory)
+
+    monkeypatch.setattr(fetch, "fetch_to_temp", fake_fetch)
+    with studio.local_file("https://example.org/lora.safetensors") as path:
+        assert path.exists()
+    with pytest.raises(InputError):
+        with studio.local_file("someone/some-lora") as path:
+            studio.predict(path)
+    assert len(made) == 2 and not any(d.exists() for d in made)
+
+
+def test_local_paths_are_not_mistaken_for_hub_ids(studio, built):
+    path = zoo_file(built["zoos"]["tree-b"], "test", "lion")
+    with studio.local_file(str(path)) as local:
+        assert local == path
+    with pytest.raises(InputError, match="no such file"):
+        with studio.local_file(str(path.parent / "missing.safetensors")) as local:
+            studio.predict(local)
+
+
+# -------------------------------------------------------------------------------------------- start-up
+def test_open_studio_without_a_bundle_says_why(tmp_path, monkeypatch):
+    from probex.service import open_studio
+
+    monkeypatch.setenv("PROBEX_BUNDLE", str(tmp_path / "nothing-here"))
+    studio, notice = open_studio()
+    assert studio is None and "nothing-here" in notice and "\n" not in notice
+
+
+def test_a_corrupted_bundle_is_named_at_start_up(built, tmp_path):
+    import shutil
+
+    from probex.service import Studio
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(built["bundle"], copy)
+    gallery = copy / "tree-a" / "gallery.json"
+    gallery.write_text(gallery.read_text().replace("tiger", "tigre"))
+    with pytest.raises(ProbexError, match="tree-a/gallery.json is corrupted"):
+        Studio.load(copy)
+
+
+def test_examples_are_labelled_and_exist(studio):
+    examples = studio.examples()
+    assert examples and all(e["path"].is_file() and e["label"] for e in examples)
+    assert any("held-out" in e["label"] for e in examples)
