@@ -20,6 +20,7 @@ from probex.service import Studio
 from probex.text import CLIPText, OpenCLIPText, load_text_encoder
 from probex.train import TrainConfig
 from probex.weights import read_weights
+from probex.zoo import imagenet_names
 from sd15_fixtures import (MODELJ_HOLDOUT_WNIDS, MODELJ_TRAIN_WNIDS, SIGNAL_LAYER, build_unet, kohya_metadata,
                            lora_shapes, lora_state_dict, prompts, random_factors, save_tiny_clip_text,
                            save_tiny_sd_pipeline, text_encoder_factors, write_lora, write_modelj_tree)
@@ -300,7 +301,7 @@ def test_fake_modelj_tree_end_to_end(modelj_tree, tiny_clip, tmp_path, monkeypat
     # Uploads as Civitai users make them (kohya keys, fp16, text-encoder parts), read and routed by the service.
     studio = Studio.load(tmp_path / "bundle")
     known, zero_shot, in_top3 = 0, 0, 0
-    held_out_names = [imagenet_name(w) for w in MODELJ_HOLDOUT_WNIDS]
+    held_out_names = [imagenet_names()[w] for w in MODELJ_HOLDOUT_WNIDS]
     for model in modelj_tree.models:
         if model["split"] not in ("test", "test_holdout"):
             continue
@@ -310,10 +311,10 @@ def test_fake_modelj_tree_end_to_end(modelj_tree, tiny_clip, tmp_path, monkeypat
         assert out["neighbors"][0]["id"] == model["id"]          # the same LoRA, whatever its file format
         names = [c["name"] for c in out["classes"]]
         if model["split"] == "test":
-            known += names[0] == imagenet_name(model["wnid"])
+            known += names[0] == imagenet_names()[model["wnid"]]
         else:
-            in_top3 += imagenet_name(model["wnid"]) in names
-            zero_shot += studio.zero_shot(upload, held_out_names)[0]["name"] == imagenet_name(model["wnid"])
+            in_top3 += imagenet_names()[model["wnid"]] in names
+            zero_shot += studio.zero_shot(upload, held_out_names)[0]["name"] == imagenet_names()[model["wnid"]]
     assert known >= 7                     # 8 test LoRAs, 12 class names to choose from (chance 1/12)
     assert zero_shot >= 5                 # 8 held-out LoRAs among 4 never-trained class names (chance 2 of 8)
     assert in_top3 >= 6                   # … and among all 12 names, the true one in the top 3 (chance 2 of 8)
@@ -323,8 +324,3 @@ def test_fake_modelj_tree_end_to_end(modelj_tree, tiny_clip, tmp_path, monkeypat
     with pytest.raises(NoExpertError, match="no tree expert for SDXL UNet LoRAs"):
         studio.predict(sdxl)
 
-
-def imagenet_name(wnid: str) -> str:
-    from probex.zoo import imagenet_names
-
-    return imagenet_names()[wnid]
