@@ -62,7 +62,12 @@ def download(subset: str = "SD_200", splits=SPLITS, out: str | Path | None = Non
 
     _snapshot(repo_id, "model", lora_patterns(splits), out, revision, max_workers, retries, endpoint)
     if metadata_repo:
-        _snapshot(metadata_repo, "dataset", [f"{subset}/*"], out / "metadata", revision, max_workers, retries, endpoint)
+        try:  # the labels travel in the LoRA files themselves: a missing metadata config costs nothing essential
+            _snapshot(metadata_repo, "dataset", [f"{subset}/*"], out / "metadata", None, max_workers, retries,
+                      endpoint)
+        except ProbexError as exc:
+            print(f"warning: no Model-J metadata config ({exc}); the labels in the LoRA files are used",
+                  file=sys.stderr)
     write_tree_json(out, subset, repo_id)
     summary = summarize(out, splits)
     (out / "modelj.json").write_text(json.dumps({"subset": subset, "repo_id": repo_id, **summary}, indent=2))
@@ -94,9 +99,8 @@ def _snapshot(repo_id, repo_type, patterns, local_dir, revision, max_workers, re
 def write_tree_json(out: Path, subset: str, repo_id: str) -> None:
     """What `probex.zoo` and training need to know about this tree beyond its files."""
     profile = PROFILES["sd15-modelj"]
-    tree = {"name": f"modelj-{subset.lower()}", "family": "sd15", "root_model": profile.root_model,
-            "text_encoder": profile.text_encoder, "prompt_template": profile.prompt_template,
-            "label_key": CLASS_KEY, "source": repo_id}
+    tree = {"name": f"modelj-{subset.lower()}", "root_model": profile.root_model,
+            "text_encoder": profile.text_encoder, "prompt_template": profile.prompt_template, "source": repo_id}
     (out / "tree.json").write_text(json.dumps(tree, indent=2))
 
 

@@ -205,6 +205,13 @@ def test_download_gives_up_with_one_line(hub, tmp_path):
     assert "\n" not in str(err.value)
 
 
+def test_missing_metadata_config_is_only_a_warning(hub, tmp_path, capsys):
+    out = modelj.download("SD_200", splits=["val"], out=tmp_path / "zoo", endpoint=hub.url,
+                          metadata_repo="ProbeX/absent")
+    assert "warning: no Model-J metadata config" in capsys.readouterr().err
+    assert json.loads((out / "modelj.json").read_text())["splits"]["val"] == {"models": 1, "classes": 1}
+
+
 def test_download_checks_its_arguments_and_offline_mode(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="unknown Model-J subset"):
         modelj.download("SD_9", out=tmp_path)
