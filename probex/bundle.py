@@ -362,12 +362,14 @@ def train_bundle(zoo, out_dir: str | Path, layers=None, config: TrainConfig = PA
         sweep = sweep_layers(cache, layers, tree_task, text, config, out_dir=out_dir / "sweeps" / _folder_name(name, set()))
         specs.append(TreeSpec(name, sweep.best.expert, cache, sweep.best_layer, template,
                               z.tree.get("root_model") or prof.root_model, z.tree.get("instance_prompt"),
-                              samples=_sample_ids(cache, samples_per_class)))
+                              samples=_sample_ids(cache, samples_per_class) if cache.kind == "lora" else []))
         caches.append((cache, routing))
         summary[name] = {"layer": sweep.best_layer, **{k: v for k, v in sweep.best_row.items() if k != "layer"},
                          "task": tree_task, "n_models": len(cache.models)}
     router = _fit_router(specs, caches)
-    examples = [Path(c.index["zoo"]) / m["source"] for c, _ in caches for m in _example_models(c, n_examples)]
+    # LoRA files are small enough to ship as samples and examples; full checkpoints are not
+    examples = [Path(c.index["zoo"]) / m["source"] for c, _ in caches if c.kind == "lora"
+                for m in _example_models(c, n_examples)]
     build_bundle(out_dir, specs, prof.text_encoder, router, prof.name, examples, config.seed, encoder,
                  info={"config": asdict(config), "trees": summary})
     return {"bundle": str(out_dir), "profile": prof.name, "trees": summary}

@@ -138,3 +138,25 @@ def test_train_bundle_end_to_end(tmp_path):
     assert report["tree"] == "tree-0" and report["router_accuracy"] == 1.0
     assert report["top1_test"] >= 0.8 and report["n_test_holdout"] == 4
     assert {"zero_shot_val_holdout", "zero_shot_test_holdout", "knn3_test", "occ_auc3_holdout"} <= set(report)
+
+
+def test_train_bundle_for_a_discriminative_tree(tmp_path):
+    """Full checkpoints with label sets: a multilabel expert, no LoRA files shipped, evaluated per label."""
+    from synthetic import make_full_zoo
+
+    zoo = make_full_zoo(tmp_path / "zoo", n_classes=6, n_models=60, labels_per_model=2,
+                        layers={"blocks.0.fc": (12, 10), "blocks.1.fc": (12, 12)}, informative=["blocks.1.fc"],
+                        signal=1.0, noise=0.3)
+    write_tree_json(zoo.root, name="vit-mini")
+    config = TrainConfig(epochs=30, batch_size=32, lr=1e-2, r_u=8, r_v=8, r_t=16)
+    summary = train_bundle(zoo.root, tmp_path / "bundle", config=config, cache_dir=tmp_path / "cache")
+    assert summary["trees"]["vit-mini"]["layer"] == "blocks.1.fc"
+    assert summary["trees"]["vit-mini"]["task"] == "multilabel"
+    bundle = Bundle.load(tmp_path / "bundle")
+    tree = bundle.trees["vit-mini"]
+    assert tree.expert.head_kind == "multilabel" and tree.gallery.classes_vocabulary == zoo.class_ids
+    assert tree.gallery.classes[0] == zoo.models[0]["labels"]
+    assert tree.gallery.sample_paths == {} and bundle.examples == []
+    assert bundle.router.groups[0].kind == "full"
+    report = evaluate_bundle(tmp_path / "bundle", zoo.root)
+    assert report["router_accuracy"] == 1.0 and report["per_label_accuracy_test"] > 0.85
