@@ -63,39 +63,26 @@ def optimiser(expert: ProbeX) -> torch.optim.Optimizer:
     return torch.optim.Adam(expert.parameters(), lr=RELEASE_GENERATIVE.lr, weight_decay=RELEASE_GENERATIVE.weight_decay)
 
 
-def factor_epoch(n: int, shape, rank: int, threads: int, device: str, max_batches: int | None) -> dict:
-    """Seconds per epoch on the factor path: a whole epoch (max_batches None) or a few batches extrapolated."""
+def epoch_seconds(materialise: bool, n: int, shape, rank: int, threads: int, device: str,
+                  max_batches: int | None) -> dict:
+    """Seconds per training epoch: on the factor path a whole epoch as `probex.train` runs it (max_batches None),
+    else `max_batches` steps extrapolated to the epoch; materialised, each batch's B·A is formed first."""
     torch.set_num_threads(threads)
     data, targets = population(n, shape, rank, device)
     expert = expert_for(shape, device)
     opt = optimiser(expert)
     batch = RELEASE_GENERATIVE.batch_size
     n_batches = math.ceil(n / batch)
-    if max_batches is None:
+    if max_batches is None and not materialise:
         start = time.perf_counter()
         train_epoch(expert, data, targets, opt, batch, torch.Generator().manual_seed(0))
         synchronize(device)
         seconds, measured = time.perf_counter() - start, n_batches
     else:
-        measured = min(max_batches, n_batches)
-        seconds = timed_batches(expert, opt, targets, lambda idx: data.take(idx), measured, batch,
-                                device) * n_batches / measured
+        measured = min(max_batches or n_batches, n_batches)
+        inputs = (lambda idx: dense_from_factors(data.take(idx))) if materialise else data.take
+        seconds = timed_batches(expert, opt, targets, inputs, measured, batch, device) * n_batches / measured
     return {"seconds": seconds, "batches": n_batches, "measured_batches": measured, "peak_mb": peak_mb(device)}
-
-
-def materialised_epoch(n: int, shape, rank: int, threads: int, device: str, max_batches: int) -> dict:
-    """Seconds per epoch when each batch's B·A is formed first (as the public release trains), extrapolated."""
-    torch.set_num_threads(threads)
-    data, targets = population(n, shape, rank, device)
-    expert = expert_for(shape, device)
-    opt = optimiser(expert)
-    batch = RELEASE_GENERATIVE.batch_size
-    n_batches = math.ceil(n / batch)
-    measured = min(max_batches, n_batches)
-    per_epoch = timed_batches(expert, opt, targets, lambda idx: dense_from_factors(data.take(idx)), measured, batch,
-                              device)
-    return {"seconds": per_epoch * n_batches / measured, "batches": n_batches, "measured_batches": measured,
-            "peak_mb": peak_mb(device)}
 
 
 def timed_batches(expert, opt, targets, inputs, n_batches: int, batch: int, device: str) -> float:
@@ -159,10 +146,10 @@ def main(argv=None) -> None:
     print(f"idle process with torch imported: {peak_mb():.0f} MB resident; peaks below are "
           f"{'GPU allocations' if dev.startswith('cuda') else 'resident memory'}")
 
-    factor = in_child(factor_epoch, n, shape, r, args.threads, dev, None)
+    factor = in_child(epoch_seconds, False, n, shape, r, args.threads, dev, None)
     print(f"factor path:       {factor['seconds']:8.1f} s/epoch  (whole epoch, {factor['batches']} batches)  "
           f"peak {factor['peak_mb']:.0f} MB")
-    dense = in_child(materialised_epoch, n, shape, r, args.threads, dev, args.dense_batches)
+    dense = in_child(epoch_seconds, True, n, shape, r, args.threads, dev, args.dense_batches)
     print(f"materialised path: {dense['seconds']:8.1f} s/epoch  (EXTRAPOLATED from {dense['measured_batches']} of "
           f"{dense['batches']} batches)  peak {dense['peak_mb']:.0f} MB")
     print(f"factor path is {dense['seconds'] / factor['seconds']:.1f}× faster per epoch")
@@ -171,7 +158,7 @@ def main(argv=None) -> None:
     per_epoch = {}
     for s in sorted(shapes):
         per_epoch[s] = (factor["seconds"] if s == shape else
-                        in_child(factor_epoch, n, s, r, args.threads, dev, args.shape_batches)["seconds"])
+                        in_child(epoch_seconds, False, n, s, r, args.threads, dev, args.shape_batches)["seconds"])
         print(f"  {shapes[s]:3d} layers of {s[0]:4d}×{s[1]:<4d}: {per_epoch[s]:6.1f} s/epoch (factor path"
               f"{'' if s == shape else f', from {args.shape_batches} batches'})")
     sweep_epoch = sum(per_epoch[s] * k for s, k in shapes.items())
