@@ -74,7 +74,7 @@ def gate2(out: Path, tree_dir: Path, root: str, n: int = 40) -> dict:
 PROMPT = "an emoji of {}"
 
 
-def gate3(out: Path, tree_dir: Path, root: str, epochs: int) -> dict:
+def gate3(out: Path, tree_dir: Path, root: str, epochs: int, layers: str) -> dict:
     from probex.anchored import AnchoredProbeX, LayerStack, anchored_layer_names, training_free_scores
     from probex.model import StatMLP, StatNNClassifier, weight_statistics
     from probex.text import load_text_encoder
@@ -101,8 +101,10 @@ def gate3(out: Path, tree_dir: Path, root: str, epochs: int) -> dict:
     for relu in (True, False):
         name = "ProbeX" if relu else "linear ProbeX"
         config = TrainConfig(epochs=epochs, relu=relu)
-        cls = sweep_layers(cache, task="multiclass", config=config, out_dir=out / f"sweep-{name}-cls", progress=False)
-        align = sweep_layers(cache, task="align", text_embeddings=sentence, config=config,
+        sweep = [n for n in cache.all_layers if layers in n] if layers != "all" else None
+        cls = sweep_layers(cache, sweep, task="multiclass", config=config, out_dir=out / f"sweep-{name}-cls",
+                           progress=False)
+        align = sweep_layers(cache, sweep, task="align", text_embeddings=sentence, config=config,
                              out_dir=out / f"sweep-{name}-align", progress=False)
         record(f"{name} (classifier / align head)", {"test": cls.best_row["test"],
                                                      "test_holdout": align.best_row["test_holdout"]},
@@ -185,6 +187,8 @@ def main(argv=None):
     parser.add_argument("--gates", default="1,2,3")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=200, help="ProbeX epochs (the release uses 200)")
+    parser.add_argument("--layers", default="attn2", help="ProbeX sweeps over layers whose name contains this "
+                                                          "('attn2': the 28 cross-attention layers) or 'all'")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out, zoo = Path(args.out), Path(args.zoo)
@@ -196,7 +200,7 @@ def main(argv=None):
     if "2" in gates:
         report["gate2"] = gate2(out, zoo / "emoji-root-a", "emoji-root-a")
     if "3" in gates:
-        report["gate3"] = gate3(out, zoo / "emoji-root-a", "emoji-root-a", args.epochs)
+        report["gate3"] = gate3(out, zoo / "emoji-root-a", "emoji-root-a", args.epochs, args.layers)
     if "router" in gates or "3" in gates:
         report["router"] = gate_router([zoo / "emoji-root-a", zoo / "emoji-root-b"])
     (out / "report.json").write_text(json.dumps(report, indent=1, default=float))
