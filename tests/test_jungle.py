@@ -145,3 +145,27 @@ def test_anchored_factor_path_equals_dense_and_reads_a_planted_concept():
     assert torch.allclose(model.encode(factors), model.encode(dense), atol=1e-4)
     scores = training_free_scores(model.responses(factors), model.text_responses(h_c))
     assert scores.argmax(1).tolist() == labels
+
+
+def test_recipe_reproduces_with_plain_diffusers_and_peft(tmp_path):
+    """The README's "train your own LoRA" path: peft after torch.manual_seed(0) draws the recipe's A, and
+    diffusers' save_lora_weights writes a file our reader maps to the same canonical layers."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from probex.jungle.lora import TARGETS, peft_initial_a
+    from probex.jungle.pipeline import EmojiPipeline
+    from probex.weights import read_weights
+
+    recipe = RootRecipe(name="tiny", **TINY)
+    unet = make_unet(recipe)
+    recipe_a = peft_initial_a(unet, rank=4, init_seed=0)
+    torch.manual_seed(0)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(TARGETS)))
+    state = get_peft_model_state_dict(unet)
+    for name, a in recipe_a.items():
+        assert torch.equal(state[f"{name}.lora_A.weight"], a), name
+    EmojiPipeline.save_lora_weights(tmp_path / "mine", unet_lora_layers=state)
+    weights = read_weights(tmp_path / "mine" / "pytorch_lora_weights.safetensors")
+    assert weights.kind == "lora" and set(weights.layers) == set(recipe_a)
+    assert all(weights.layers[n].scale == 1.0 for n in recipe_a)
