@@ -51,7 +51,7 @@ def need_studio():
 
 
 def user_error(err: ProbexError) -> gr.Error:
-    return gr.Error(str(err), duration=12, title="Cannot read this model")
+    return gr.Error(str(err), duration=12)
 
 
 # ----------------------------------------------------------------------------------------------- identify
@@ -73,10 +73,9 @@ def identify(path: str, owned: list[str], top_k: int):
         discard(owned)
         raise
     request = Request(analysis, path, studio.drawable_neighbors(analysis, NEIGHBOURS_DRAWN), owned)
-    return (summary_markdown(result), concept_bars(result["classes"], "Top concepts (zero-shot over the tree's "
-                                                                      "classes)"),
-            neighbour_rows(result["neighbors"]), figure, str(card_path), card_path.read_text(), request,
-            gr.update(visible=True))
+    bars = concept_bars(result["classes"], "Top concepts (zero-shot over the tree's classes)")
+    return (summary_markdown(result), gr.update(value=bars, visible=True), neighbour_rows(result["neighbors"]),
+            figure, str(card_path), card_path.read_text(), request, gr.update(visible=True))
 
 
 def identify_upload(file: str | None, top_k: int):
@@ -117,13 +116,12 @@ def draw_samples(request: Request | None, progress=gr.Progress()):
     try:
         if request.lora and Path(request.lora).exists():
             progress(0.05, desc="Drawing your LoRA…")
-            own = [(im, f"your LoRA · sample {i + 1}") for i, im in
-                   enumerate(studio.samples(request.lora, n=UPLOAD_SAMPLES))]
+            own = [(im, f"seed {i}") for i, im in enumerate(studio.samples(request.lora, n=UPLOAD_SAMPLES))]
         neighbours = []
         for i, n in enumerate(request.neighbours, start=1):
             progress(i / steps, desc=f"Drawing neighbour {i}/{len(request.neighbours)}: {n['class']}")
             image = studio.samples(n["id"], n=1, tree=n["tree"])[0]
-            neighbours.append((image, f"{n['class']} · similarity {n['score']:.2f} · {n['id']}"))
+            neighbours.append((image, f"{n['class']} {n['score']:.2f}"))
     except ProbexError as err:
         raise gr.Error(f"Samples could not be drawn: {err}", duration=12) from None
     return own, neighbours
@@ -154,10 +152,10 @@ def custom_labels(request: Request | None, labels: str):
         scores = need_studio().zero_shot(request.analysis, labels)
     except ProbexError as err:
         raise user_error(err) from None
-    return concept_bars(scores, "Your labels", score_label="cosine score")
+    return gr.update(value=concept_bars(scores, "Your labels", score_label="cosine score"), visible=True)
 
 
-def search(text: str, top_k: int, request: Request | None):
+def run_search(text: str, top_k: int, request: Request | None):
     studio = need_studio()
     try:
         result = studio.search(text, top_k=int(top_k))
@@ -177,7 +175,7 @@ def draw_search_samples(models: list[dict] | None, progress=gr.Progress()):
     for i, m in enumerate(models[:NEIGHBOURS_DRAWN]):
         progress(i / min(len(models), NEIGHBOURS_DRAWN), desc=f"Drawing {m['class']}…")
         try:
-            images.append((studio.samples(m["id"], n=1, tree=m["tree"])[0], f"{m['class']} · score {m['score']:.2f}"))
+            images.append((studio.samples(m["id"], n=1, tree=m["tree"])[0], f"{m['class']} {m['score']:.2f}"))
         except ProbexError as err:
             raise gr.Error(f"Samples could not be drawn: {err}") from None
     return images
@@ -223,13 +221,13 @@ def summary_markdown(result: dict) -> str:
 
 
 def neighbour_rows(models: list[dict]) -> list[list]:
-    return [[m["class"], round(m["score"], 3), m["id"], m.get("split", "")] for m in models]
+    return [[m["class"], round(m["score"], 3), m["id"], m.get("split", ""), m.get("tree", "")] for m in models]
 
 
 def banner_markdown() -> str:
     if STUDIO is None:
         return f"⚠️ **No model bundle is loaded.** {NOTICE}"
-    return f"🟢 {STUDIO.describe_bundle()}"
+    return f"⚠️ {NOTICE}  \n🟢 {STUDIO.describe_bundle()}" if NOTICE else f"🟢 {STUDIO.describe_bundle()}"
 
 
 HEADER = """
@@ -249,13 +247,16 @@ print(client.predict("a striped wild cat", 5, api_name="/search"))
 """
 
 CSS = """
-.banner {border-radius: 10px; padding: 6px 14px; background: #f1f5f9; font-size: 0.9em}
+.banner {border-radius: 10px; padding: 2px 14px; background: #f1f5f9; font-size: 0.9em}
 .banner.warn {background: #fef3c7}
 #summary h3 {margin-top: 0}
+.pixel img {image-rendering: pixelated}
 footer {opacity: 0.7}
 """
 
-NEIGHBOUR_HEADERS = ["class", "similarity", "model id", "split"]
+NEIGHBOUR_HEADERS = ["class", "similarity", "model id", "split", "tree"]
+START_HINT = ("👈 **Drop a LoRA**, paste a Hub id or link, or **click an example** — the tree, the concepts and the "
+              "nearest known models appear here in a moment.")
 
 
 # ---------------------------------------------------------------------------------------------------- UI
@@ -281,25 +282,30 @@ def build_demo() -> gr.Blocks:
                             samples=[[e["label"]] for e in examples], type="index", layout="table",
                             samples_per_page=12, elem_id="examples")
                     with gr.Column(scale=3, min_width=400):
-                        summary = gr.Markdown("Results appear here.", elem_id="summary")
-                        concepts = gr.Plot(label="concepts", show_label=False, elem_id="concepts")
-                with gr.Group(visible=False) as details:
+                        summary = gr.Markdown(START_HINT, elem_id="summary")
+                        concepts = gr.Plot(label="concepts", show_label=False, elem_id="concepts", visible=False)
+                with gr.Column(visible=False) as details:
                     with gr.Row(equal_height=False):
                         with gr.Column(scale=3):
-                            gr.Markdown("#### Nearest known models, drawn live by the tree's root with their LoRA")
-                            neighbour_gallery = gr.Gallery(show_label=False, columns=4, height=260,
-                                                           object_fit="contain", elem_id="neighbour-gallery")
+                            gr.Markdown("#### Nearest known models, drawn live\n"
+                                        "The tree's root with the model's LoRA (or, where that file does not "
+                                        "ship, a shipped LoRA of the same class).")
+                            neighbour_gallery = gr.Gallery(show_label=False, columns=4, height=230, format="png",
+                                                           object_fit="contain", elem_id="neighbour-gallery",
+                                                           elem_classes=["pixel"])
                             neighbours = gr.Dataframe(headers=NEIGHBOUR_HEADERS, interactive=False, wrap=True,
                                                       elem_id="neighbours")
                         with gr.Column(scale=2):
                             gr.Markdown("#### What does your LoRA draw?")
-                            own_gallery = gr.Gallery(show_label=False, columns=4, height=260,
-                                                     object_fit="contain", elem_id="own-gallery")
+                            own_gallery = gr.Gallery(show_label=False, columns=4, height=230, format="png",
+                                                     object_fit="contain", elem_id="own-gallery",
+                                                     elem_classes=["pixel"])
                             gr.Markdown("#### Score it against your own labels")
                             with gr.Row():
-                                labels = gr.Textbox(show_label=False, placeholder="tiger, lion, house cat", scale=4)
+                                labels = gr.Textbox(show_label=False, placeholder="tiger, lion, house cat", scale=4,
+                                                    elem_id="label-input")
                                 labels_btn = gr.Button("Score", scale=1, min_width=80)
-                            label_plot = gr.Plot(show_label=False)
+                            label_plot = gr.Plot(show_label=False, visible=False, elem_id="label-plot")
                     with gr.Accordion("Draft model card (README.md for the Hub)", open=False):
                         card_file = gr.DownloadButton("Download README.md", variant="primary")
                         card_preview = gr.Markdown()
@@ -309,9 +315,11 @@ def build_demo() -> gr.Blocks:
                                        placeholder="a striped wild cat", elem_id="query")
                     search_k = gr.Slider(1, 20, value=5, step=1, label="results", scale=1)
                     search_btn = gr.Button("Search", variant="primary", scale=1)
-                search_gallery = gr.Gallery(label="best matches, drawn live", columns=4, height=240,
-                                            object_fit="contain")
-                search_table = gr.Dataframe(headers=NEIGHBOUR_HEADERS, interactive=False, wrap=True)
+                gr.Markdown("The query is also placed on the **Map** tab.")
+                search_gallery = gr.Gallery(label="best matches, drawn live", columns=6, height=200, format="png",
+                                            object_fit="contain", elem_classes=["pixel"], elem_id="search-gallery")
+                search_table = gr.Dataframe(headers=NEIGHBOUR_HEADERS, interactive=False, wrap=True,
+                                            elem_id="search-table")
                 search_models = gr.State([])
             with gr.Tab("Map", id="map"):
                 gr.Markdown("Every known model of the tree at its place in the weight–text space (UMAP of the "
@@ -340,7 +348,7 @@ def build_demo() -> gr.Blocks:
                                                api_visibility="private"))
         gr.on([labels_btn.click, labels.submit], custom_labels, [request, labels], label_plot,
               api_visibility="private")
-        gr.on([search_btn.click, query.submit], search, [query, search_k, request],
+        gr.on([search_btn.click, query.submit], run_search, [query, search_k, request],
               [search_table, weight_map, search_models], api_visibility="private") \
             .success(draw_search_samples, search_models, search_gallery, api_visibility="private")
         gr.on([map_btn.click, map_query.submit], show_map, [map_query, request], weight_map,
@@ -370,7 +378,10 @@ refused, never opened. Uploads are deleted after each request.
 def main() -> None:
     demo = build_demo()
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=256)
-    demo.launch(theme=gr.themes.Soft(primary_hue="rose", secondary_hue="slate"), css=CSS,
+    theme = gr.themes.Soft(primary_hue="rose", secondary_hue="slate",
+                           font=["ui-sans-serif", "system-ui", "Segoe UI", "Roboto", "sans-serif"],
+                           font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"])
+    demo.launch(theme=theme, css=CSS,
                 max_file_size=MAX_UPLOAD_BYTES, footer_links=["api", "gradio"])
 
 

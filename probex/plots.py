@@ -42,7 +42,9 @@ def concept_bars(classes: list[dict], title: str = "Inferred concepts", score_la
         colours[-1] = "#e11d48"  # the winner
     fig = go.Figure(go.Bar(
         x=scores, y=names, orientation="h", marker_color=colours, text=[f"{s:.3f}" for s in scores],
-        textposition="outside", cliponaxis=False,
+        # outside the bar for positive scores; a negative bar's outside text would cover the class names
+        textposition=["outside" if s >= 0 else "inside" for s in scores], insidetextanchor="start",
+        cliponaxis=False,
         hovertemplate="%{y}<br>" + score_label + " %{x:.3f}<extra></extra>"))
     low = min([0.0, *scores])
     high = max([0.0, *scores])
@@ -104,5 +106,6 @@ def add_class_points(fig: go.Figure, class_points: dict[str, tuple[float, float]
     shown = [i for i, n in enumerate(names) if n in labelled]
     if shown:
         fig.add_trace(go.Scatter(
-            x=xy[shown, 0], y=xy[shown, 1], mode="text", text=[names[i] for i in shown], showlegend=False,
-            textposition="bottom center", textfont=dict(size=12, color="#334155"), hoverinfo="skip"))
+            x=xy[shown, 0], y=xy[shown, 1], mode="text", text=[f"<b>{names[i]}</b>" for i in shown],
+            showlegend=False, textposition="top center", textfont=dict(size=13, color="#1e293b"),
+            hoverinfo="skip"))

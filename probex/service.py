@@ -97,7 +97,8 @@ class Studio:
     def examples(self) -> list[dict]:
         """The bundle's example LoRAs that exist on disk: [{"label", "path"}], labelled from their metadata,
         e.g. "🆕 tiger (a class the expert never saw)"."""
-        return [{"label": example_label(Path(p)), "path": Path(p)} for p in self.bundle.examples if Path(p).is_file()]
+        paths = dict.fromkeys(Path(p) for p in self.bundle.examples if Path(p).is_file())  # unique, in order
+        return [{"label": example_label(p), "path": p} for p in paths]
 
     # --------------------------------------------------------------------------------------------- input
     @contextmanager
@@ -260,7 +261,7 @@ class Studio:
         g = t.gallery
         marks, focus, labelled = [], None, []
         if a is not None:
-            marks.append(self.mark(tree, a.encoding, f"your LoRA: {a.source}", "upload"))
+            marks.append(self.mark(tree, a.encoding, "your LoRA", "upload"))
             focus = a.encoding
             labelled = [c["name"] for c in self.concepts(a, 5)]
         if query:

@@ -23,6 +23,7 @@ TREES = {  # name → (seed, training classes, held-out classes)
     "tree-b": (2, 4, 0),
 }
 ROOT_TARGETS = ("attn2.to_k", "attn2.to_v")
+REPO = Path(__file__).resolve().parent.parent
 
 
 def build_test_bundle(base: Path) -> dict:
@@ -32,10 +33,8 @@ def build_test_bundle(base: Path) -> dict:
              "zoos": {name: base / "zoo" / name for name in TREES}}
     if (base / "done.json").exists():
         return paths
-    from probex.bundle import train_bundle
     from probex.jungle.root import RootRecipe, make_scheduler, make_unet
     from probex.text import load_text_encoder
-    from probex.train import TrainConfig
     from synthetic import make_lora_zoo, write_tree_json
 
     recipe = RootRecipe(name="tiny-root", block_out_channels=(32, 64))
@@ -54,15 +53,28 @@ def build_test_bundle(base: Path) -> dict:
                             class_names=CLASS_NAMES[: n_train + n_hold])
         write_tree_json(zoo.root, name=name, root_model=str(paths["root"]), prompt_template="an emoji of {name}",
                         instance_prompt="an emoji of sks")
-    config = TrainConfig(epochs=80, r_u=16, r_v=16, r_t=32, batch_size=32, lr=5e-3)
-    threads = torch.get_num_threads()
-    train_bundle(list(paths["zoos"].values()), paths["bundle"], layers=[sorted(layers)[-1]], config=config,
-                 profile="emoji-mini", cache_dir=base / "cache")
-    # UMAP's numba start-up raises torch's OpenMP thread count; on 2 shared cores that slows the diffusion steps of
-    # the later tests 10-50× (measured), so the count is put back.
-    torch.set_num_threads(threads)
+    # the bundle is trained by the CLI in its own process: what a user runs, and UMAP's numba start-up (which raises
+    # torch's thread count and slows later diffusion steps 10-50× on 2 shared cores) stays out of the test process
+    run_cli("train", "--zoo", *map(str, paths["zoos"].values()), "--out", str(paths["bundle"]),
+            "--layers", sorted(layers)[-1], "--epochs", "80", "--r-u", "16", "--r-v", "16", "--r-t", "32",
+            "--batch-size", "32", "--lr", "5e-3", "--profile", "emoji-mini", "--cache", str(base / "cache"),
+            check=True)
     (base / "done.json").write_text(json.dumps({"layers": sorted(layers)}))
     return paths
+
+
+def run_cli(*args: str, check: bool = False, timeout: float = 300, env: dict | None = None):
+    """`python -m probex …` in a fresh process from the repository root."""
+    import os
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **(env or {})}
+    done = subprocess.run([sys.executable, "-m", "probex", *args], cwd=REPO, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and done.returncode != 0:
+        raise AssertionError(f"probex {args[0]} failed ({done.returncode}): {done.stderr[-2000:]}")
+    return done
 
 
 def zoo_file(zoo: Path, split: str, class_name: str) -> Path:

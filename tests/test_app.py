@@ -1,0 +1,130 @@
+"""The Gradio app as a client sees it: `python app.py` launched on a free localhost port against the test bundle,
+called through gradio_client's named endpoints `predict` and `search`. A failing request answers with the error
+and the app keeps serving; uploads do not stay on disk after their request."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from test_service import REPO, build_test_bundle, zoo_file
+
+
+@dataclass
+class RunningApp:
+    url: str
+    process: subprocess.Popen
+    temp_dir: Path      # GRADIO_TEMP_DIR: where uploads land
+    log: Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_app(bundle: Path, workdir: Path, env: dict | None = None, timeout: float = 180):
+    """`python app.py` in its own process; yields once the page answers, stops the process afterwards."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "PROBEX_BUNDLE": str(bundle), "HF_HUB_OFFLINE": "1",
+                "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
+                "GRADIO_TEMP_DIR": str(workdir / "gradio"), "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})}
+    log = workdir / "app.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=full_env, stdout=out,
+                                   stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise AssertionError(f"app.py exited with {process.returncode}: {log.read_text()[-3000:]}")
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"app.py did not answer within {timeout} s: {log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield RunningApp(url, process, workdir / "gradio", log)
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return build_test_bundle(tmp_path_factory.getbasetemp() / "studio")
+
+
+@pytest.fixture(scope="module")
+def app(built, tmp_path_factory):
+    with running_app(built["bundle"], tmp_path_factory.mktemp("app")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    from gradio_client import Client
+
+    return Client(app.url, verbose=False)
+
+
+def test_named_endpoints(client):
+    named = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert {"/predict", "/search"} <= set(named)
+
+
+def test_predict_on_a_shipped_example(client, built):
+    from gradio_client import handle_file
+    from safetensors import safe_open
+
+    examples = sorted((built["bundle"] / "examples").glob("*.safetensors"))
+    assert examples
+    for example in examples:
+        with safe_open(str(example), framework="pt") as f:
+            truth = f.metadata()["class_name"]
+        result = client.predict(handle_file(str(example)), 5, api_name="/predict")
+        assert {"tree", "layer", "router", "classes", "neighbors"} <= set(result)
+        assert truth in [c["name"] for c in result["classes"]], (example.name, result["classes"])
+
+
+def test_search(client):
+    result = client.predict("tiger", 3, api_name="/search")
+    assert len(result["models"]) == 3 and result["models"][0]["class"] == "tiger"
+
+
+def test_a_bad_upload_is_an_error_and_the_app_keeps_serving(client, app, tmp_path, built):
+    from gradio_client import handle_file
+
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"definitely not a safetensors file" * 20)
+    with pytest.raises(Exception) as err:
+        client.predict(handle_file(str(junk)), 5, api_name="/predict")
+    assert "junk.safetensors" in str(err.value)
+    assert app.process.poll() is None
+    path = zoo_file(built["zoos"]["tree-b"], "test", "lion")
+    assert client.predict(handle_file(str(path)), 5, api_name="/predict")["tree"] == "tree-b"
+
+
+def test_uploads_are_not_kept_after_the_request(client, app, built):
+    from gradio_client import handle_file
+
+    client.predict(handle_file(str(zoo_file(built["zoos"]["tree-a"], "test", "fish"))), 3, api_name="/predict")
+    left = list(app.temp_dir.rglob("*.safetensors"))
+    assert left == [], left

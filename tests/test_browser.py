@@ -1,0 +1,94 @@
+"""The app in a real headless Chromium (Debian's /usr/bin/chromium driven by Playwright): upload an example, see the
+concepts, the neighbours' live samples and the map; a bad file shows a message and the page keeps working.
+Screenshots go to the test's tmp dir, and also to $PROBEX_SCREENSHOT_DIR when set (for people to look at)."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from test_app import running_app
+from test_service import build_test_bundle, zoo_file
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+TIMEOUT_MS = 120_000  # first samples load the root pipeline; the shared 2-core machine may be busy
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium is not installed (/usr/bin/chromium)")
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    built = build_test_bundle(tmp_path_factory.getbasetemp() / "studio")
+    with running_app(built["bundle"], tmp_path_factory.mktemp("browser-app")) as running:
+        yield running, built
+
+
+@pytest.fixture(scope="module")
+def page(app):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(app[0].url)
+        yield page
+        browser.close()
+
+
+def screenshot(page, tmp_path: Path, name: str) -> Path:
+    path = tmp_path / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 10_000  # a rendered page, not a blank one
+    if os.environ.get("PROBEX_SCREENSHOT_DIR"):
+        target = Path(os.environ["PROBEX_SCREENSHOT_DIR"])
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target / path.name)
+    return path
+
+
+def test_upload_shows_concepts_neighbours_and_map(page, app, tmp_path):
+    running, built = app
+    assert "profile emoji-mini" in page.locator("#banner").inner_text()
+    example = zoo_file(built["zoos"]["tree-b"], "test", "apple")
+    page.set_input_files("#upload input[type=file]", str(example))
+    page.wait_for_selector("#summary h3:has-text('apple')")
+    assert "tree-b" in page.locator("#summary").inner_text()
+    page.wait_for_selector("#concepts .js-plotly-plot")
+    assert "apple" in page.locator("#concepts").inner_text()
+    page.wait_for_function("document.querySelectorAll('#neighbour-gallery img').length >= 1")
+    page.wait_for_function("document.querySelectorAll('#own-gallery img').length >= 4")
+    assert page.locator("#neighbours").inner_text().count("apple") >= 1
+    screenshot(page, tmp_path, "identify")
+
+    page.locator("#label-input textarea").fill("rocket, apple, tiger")
+    page.locator("#label-input textarea").press("Enter")
+    page.wait_for_selector("#label-plot .js-plotly-plot")
+    assert "rocket" in page.locator("#label-plot").inner_text()
+
+    page.get_by_role("tab", name="Map").click()
+    page.wait_for_selector("#map .js-plotly-plot")
+    assert "your LoRA" in page.locator("#map").inner_text()
+    screenshot(page, tmp_path, "map")
+    # the upload is gone from the server once its request (results, samples) is done
+    assert not list(running.temp_dir.rglob("*.safetensors"))
+
+
+def test_a_bad_file_shows_a_message_and_the_page_keeps_working(page, tmp_path, app):
+    junk = tmp_path / "broken.safetensors"
+    junk.write_bytes(b"\x00" * 64)
+    page.get_by_role("tab", name="Identify a LoRA").click()
+    page.set_input_files("#upload input[type=file]", str(junk))
+    message = page.get_by_text("broken.safetensors: the header is not valid JSON")  # the error, word for word
+    message.wait_for()
+    assert message.is_visible()
+    screenshot(page, tmp_path, "error")
+    page.get_by_role("tab", name="Search models by text").click()
+    page.locator("#query textarea").fill("tiger")
+    page.locator("#query textarea").press("Enter")
+    page.wait_for_function("document.querySelectorAll('#search-gallery img').length >= 1")
+    assert "tiger" in page.locator("#search-table").inner_text()
+    screenshot(page, tmp_path, "search")
