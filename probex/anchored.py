@@ -95,6 +95,9 @@ class LayerStack:
     def take(self, idx: Tensor) -> list:
         return [layer.take(idx) for layer in self.layers]
 
+    def encode(self, expert, idx: Tensor) -> Tensor:
+        return expert.encode(self.take(idx))
+
 
 def anchored_layer_names(layer_names: list[str]) -> list[str]:
     """The cross-attention key and value layers: where the caption enters the root."""

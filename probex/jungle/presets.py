@@ -26,7 +26,7 @@ PRESETS = {
                          "per_class": {"train": 3, "val": 1, "test": 1},
                          "per_holdout": {"val_holdout": 2, "test_holdout": 2}},
         "emoji-root-b": {"train_classes": 20, "holdout_classes": 0, "seed": 12,
-                         "per_class": {"train": 1, "test": 1}, "per_holdout": {}},
+                         "per_class": {"train": 1, "val": 1, "test": 1}, "per_holdout": {}},
     },
 }
 
