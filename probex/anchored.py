@@ -60,6 +60,10 @@ class AnchoredProbeX(Expert):
     def encode(self, layers: list) -> Tensor:
         return self._encode_responses(self.responses(layers))
 
+    def text_input(self, encoder, prompts: list[str]) -> Tensor:
+        """Token states of each caption, as long as the instance prompt's: (C, n_tokens, d_h)."""
+        return encoder.token_states(prompts, self.n_tokens)
+
     def text_responses(self, text_states: Tensor) -> Tensor:
         """W·(H_c − H_s)ᵀ for class captions' token states (C, n_tokens, d_h) → (C, d_w, n_tokens)."""
         return self.root @ (text_states - self.probes).transpose(1, 2)

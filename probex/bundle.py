@@ -292,7 +292,9 @@ def make_gallery(spec: TreeSpec, encoder, seed: int = 0) -> Gallery:
     head = spec.expert.head_kind
     vocab = [c for c in cache.classes if head != "multiclass" or not c["holdout"]]
     names = [c["name"] for c in vocab]
-    text_emb = encoder.embed([prompt(spec.prompt_template, n) for n in names]) if names else torch.zeros(0, 0)
+    # stored 2-D: experts that read token states get them flattened (the service reshapes by the expert's n_tokens)
+    text_emb = (spec.expert.text_input(encoder, [prompt(spec.prompt_template, n) for n in names]).flatten(1)
+                if names else torch.zeros(0, 0))
     zoo_root = Path(cache.index["zoo"])
     models = cache.models
     return Gallery(

@@ -77,6 +77,10 @@ class Expert(nn.Module):
     def encode(self, x) -> Tensor:
         raise NotImplementedError
 
+    def text_input(self, encoder, prompts: list[str]) -> Tensor:
+        """What this expert's text side reads for these prompts (here one sentence embedding each)."""
+        return encoder.embed(prompts)
+
     def text_features(self, text_emb: Tensor) -> Tensor:
         """Class text embeddings (C, text_dim) → unit vectors in the representation space (C, r_T)."""
         return F.normalize(self.text_head(text_emb), dim=-1)
