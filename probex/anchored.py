@@ -116,3 +116,17 @@ def _register():
 
 _register()
 
+
+
+def fit_anchored(cache, names: list[str], root_weights: dict[str, Tensor], instance_states: Tensor,
+                 class_states: Tensor, config=None, relu: bool = True):
+    """Train a root-anchored expert on the cached ``names`` layers with ``train.train_expert`` (best epoch on val).
+
+    root_weights: the root's matrix per layer name; instance_states (n_tokens, d_h); class_states (C, n_tokens, d_h),
+    one row per class of the cache. Returns (FitResult, LayerStack)."""
+    from .train import PAPER, task_targets, train_expert
+
+    torch.manual_seed((config or PAPER).seed)
+    model = AnchoredProbeX.from_root([root_weights[n] for n in names], instance_states, relu=relu)
+    data = LayerStack.from_cache(cache, names)
+    return train_expert(model, data, task_targets(cache, "align", class_states), config or PAPER), data

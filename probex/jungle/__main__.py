@@ -1,7 +1,8 @@
 """Build the Mini Model Jungle, resumably.
 
     python -m probex.jungle root --name emoji-root-a --seed 0 [--minutes M] [--steps N]
-    python -m probex.jungle build pilot [--zoo zoo] [--roots emoji-root-a]
+    python -m probex.jungle build pilot [--zoo zoo] [--roots emoji-root-a] [--shard 0/2]
+    python -m probex.jungle ship pilot [--out checkpoints/emoji-mini]
 """
 from __future__ import annotations
 
@@ -40,6 +41,12 @@ def main(argv=None):
     build.add_argument("--adapters-per-pass", type=int, default=10)
     build.add_argument("--device", default="cpu")
     build.add_argument("--shard", default="0/1", help="i/n: train every n-th job starting at i (parallel processes)")
+    ship = sub.add_parser("ship", help="train the experts and write the emoji-mini bundle from a built preset")
+    ship.add_argument("preset", choices=["pilot"])
+    ship.add_argument("--zoo", default="zoo")
+    ship.add_argument("--out", default=str(ROOTS_DIR.parent / "emoji-mini"))
+    ship.add_argument("--epochs", type=int, default=200)
+    ship.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.cmd == "root":
@@ -64,6 +71,10 @@ def main(argv=None):
             jobs = jobs[i::n]
             record = build_population(ROOTS_DIR / root, jobs, tree_dir, args.adapters_per_pass, args.device)
             print(json.dumps(record))
+    elif args.cmd == "ship":
+        from .ship import build_emoji_bundle
+
+        print(json.dumps(build_emoji_bundle(Path(args.zoo) / f"emoji-{args.preset}", Path(args.out), args.epochs)))
 
 
 if __name__ == "__main__":

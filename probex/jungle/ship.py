@@ -1,0 +1,69 @@
+"""Build the embedded ``emoji-mini`` bundle (the app's default) from a built jungle population.
+
+    python -m probex.jungle ship pilot [--zoo zoo] [--out checkpoints/emoji-mini]
+
+Per tree (one folder per root under ``<zoo>/emoji-<preset>/``): cache the layers the expert reads, train a
+root-anchored ProbeX on the root's cross-attention value layers (epoch chosen on val), encode every known model for
+the gallery, ship one LoRA per class to draw samples from and a few test / held-out-class LoRAs as examples. The router
+is fitted on all trees together; its routing layer is the first layer, in sorted order, on which the clustering
+separates the trees exactly as they were built.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..anchored import fit_anchored
+from ..bundle import TreeSpec, _example_models, _fit_router, _sample_ids, build_bundle
+from ..errors import ProbexError
+from ..text import load_text_encoder
+from ..train import TrainConfig, encode_all
+from ..weights import read_weights
+from ..zoo import Zoo, build_cache
+from .lora import INSTANCE_PROMPT
+from .root import caption, load_root
+
+PROJECT = Path(__file__).resolve().parents[2]
+EXPERT_LAYERS = "attn2.to_v"  # chosen on the pilot's val split (bench/jungle_signal.py)
+
+
+def build_emoji_bundle(population: Path, out: Path, epochs: int = 200, cache_root: Path = Path("cache"),
+                       n_examples: int = 4) -> dict:
+    encoder = load_text_encoder("minilm")
+    specs, caches, summary = [], [], {}
+    for tree_dir in sorted(p for p in Path(population).iterdir() if (p / "tree.json").exists()):
+        zoo = Zoo.scan(tree_dir)
+        name = zoo.tree["tree"]
+        root_dir = PROJECT / zoo.tree["root_model"]
+        unet, _, recipe = load_root(root_dir)
+        all_layers = sorted(read_weights(zoo.root / zoo.models[0].source).layers)
+        names = [n for n in all_layers if n.endswith(EXPERT_LAYERS)]
+        cache = build_cache(zoo, Path(cache_root) / name, layers="all")
+        class_states = encoder.token_states([caption(recipe, c["name"]) for c in cache.classes], recipe.token_length)
+        instance = encoder.token_states([INSTANCE_PROMPT], recipe.token_length)[0]
+        root_weights = {n: unet.get_submodule(n).weight.detach() for n in names}
+        fit, data = fit_anchored(cache, names, root_weights, instance, class_states, TrainConfig(epochs=epochs))
+        specs.append(TreeSpec(name, fit.expert, cache, names, recipe.prompt_template, zoo.tree["root_model"],
+                              INSTANCE_PROMPT, samples=_sample_ids(cache, 1), encodings=encode_all(fit.expert, data)))
+        caches.append(cache)
+        summary[name] = {"layers": names, "n_models": len(cache.models), "best_epoch": fit.best_epoch,
+                         **{f"top1_{k}": round(v, 4) for k, v in fit.metrics.items()}}
+        print(json.dumps({name: summary[name]}), flush=True)
+    router, routing_layer = _separating_router(specs, caches, all_layers)
+    examples = [Path(c.index["zoo"]) / m["source"] for c in caches for m in _example_models(c, n_examples)]
+    build_bundle(out, specs, "minilm", router, "emoji-mini", examples, encoder=encoder,
+                 info={"trees": summary, "routing_layer": routing_layer,
+                       "expert": f"root-anchored ProbeX on the {EXPERT_LAYERS} layers (probex/anchored.py)",
+                       "built_by": "python -m probex.jungle ship"})
+    return {"bundle": str(out), "routing_layer": routing_layer, "trees": summary}
+
+
+def _separating_router(specs, caches, layers):
+    for layer in layers:
+        try:
+            return _fit_router(specs, [(c, layer) for c in caches]), layer
+        except ProbexError:
+            continue
+    raise ProbexError("no layer separates the trees: the router cannot tell these roots' LoRAs apart")
