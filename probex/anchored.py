@@ -42,6 +42,21 @@ class AnchoredProbeX(Expert):
         model.probes.copy_(instance_states)
         return model
 
+    @classmethod
+    def training_free(cls, root_weights: list[Tensor], instance_states: Tensor, r_t: int = 512,
+                      seed: int = 0) -> "AnchoredProbeX":
+        """No learning: V = I, no σ, M a fixed Gaussian projection to r_t dims. Cosines between encodings then equal,
+        up to the projection's small distortion (Johnson–Lindenstrauss), the cosine between ΔW·H_sᵀ and W·(H_c − H_s)ᵀ
+        over all read layers and tokens — ``training_free_scores`` in a compact, storable form."""
+        d_w = sum(w.shape[0] for w in root_weights)
+        model = cls.from_root(root_weights, instance_states, r_v=d_w, r_t=r_t, relu=False, temperature=None)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            model.V.copy_(torch.eye(d_w))
+            model.M.weight.copy_(torch.randn(r_t, d_w * instance_states.shape[0], generator=g) / r_t**0.5)
+            model.M.bias.zero_()
+        return model.eval()
+
     def _encode_responses(self, z: Tensor) -> Tensor:  # (N, d_w, n_tokens) → (N, r_t)
         z = self.V.T @ z
         return self.M((torch.relu(z) if self.relu else z).flatten(1))

@@ -145,6 +145,8 @@ def test_anchored_factor_path_equals_dense_and_reads_a_planted_concept():
     assert torch.allclose(model.encode(factors), model.encode(dense), atol=1e-4)
     scores = training_free_scores(model.responses(factors), model.text_responses(h_c))
     assert scores.argmax(1).tolist() == labels
+    compact = AnchoredProbeX.training_free(root_w, h_s, r_t=256)
+    assert compact(factors, h_c).argmax(1).tolist() == labels  # the storable form ranks the same way
 
 
 def test_recipe_reproduces_with_plain_diffusers_and_peft(tmp_path):

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from ..anchored import fit_anchored
+from ..anchored import AnchoredProbeX, fit_anchored
 from ..bundle import TreeSpec, _example_models, _fit_router, _sample_ids, build_bundle
 from ..errors import ProbexError
 from ..text import load_text_encoder
-from ..train import TrainConfig, encode_all
+from ..train import TrainConfig, encode_all, evaluate_split, task_targets
 from ..weights import read_weights
 from ..zoo import Zoo, build_cache
 from .lora import INSTANCE_PROMPT
@@ -45,11 +45,18 @@ def build_emoji_bundle(population: Path, out: Path, epochs: int = 200, cache_roo
         instance = encoder.token_states([INSTANCE_PROMPT], recipe.token_length)[0]
         root_weights = {n: unet.get_submodule(n).weight.detach() for n in names}
         fit, data = fit_anchored(cache, names, root_weights, instance, class_states, TrainConfig(epochs=epochs))
-        specs.append(TreeSpec(name, fit.expert, cache, names, recipe.prompt_template, zoo.tree["root_model"],
-                              INSTANCE_PROMPT, samples=_sample_ids(cache, 1), encodings=encode_all(fit.expert, data)))
+        free = AnchoredProbeX.training_free([root_weights[n] for n in names], instance)
+        targets = task_targets(cache, "align", class_states)
+        free_metrics = {s: evaluate_split(free, data, targets, s)["score"] for s in targets.evaluated_splits()}
+        # the trained expert has few models per class to learn from; keep whichever reads val better
+        expert, metrics, kind = ((fit.expert, fit.metrics, "trained") if fit.metrics["val"] > free_metrics["val"]
+                                 else (free, free_metrics, "training-free"))
+        specs.append(TreeSpec(name, expert, cache, names, recipe.prompt_template, zoo.tree["root_model"],
+                              INSTANCE_PROMPT, samples=_sample_ids(cache, 1), encodings=encode_all(expert, data)))
         caches.append(cache)
-        summary[name] = {"layers": names, "n_models": len(cache.models), "best_epoch": fit.best_epoch,
-                         **{f"top1_{k}": round(v, 4) for k, v in fit.metrics.items()}}
+        summary[name] = {"layers": names, "n_models": len(cache.models), "expert": kind,
+                         **{f"top1_{k}": round(v, 4) for k, v in metrics.items()},
+                         "trained_val": round(fit.metrics["val"], 4), "training_free_val": round(free_metrics["val"], 4)}
         print(json.dumps({name: summary[name]}), flush=True)
     router, routing_layer = _separating_router(specs, caches, all_layers)
     examples = [Path(c.index["zoo"]) / m["source"] for c in caches for m in _example_models(c, n_examples)]
