@@ -9,7 +9,6 @@ the downloaded link) and the generated card file are deleted. Shipped examples a
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ import gradio as gr
 
 from probex.errors import ProbexError
 from probex.plots import concept_bars
-from probex.service import MAX_UPLOAD_BYTES, open_studio
+from probex.service import MAX_UPLOAD_BYTES, RequestFiles, open_studio
 
 try:  # on a ZeroGPU Space, generation runs inside a GPU allocation; elsewhere the decorator is a no-op
     import spaces
@@ -32,6 +31,8 @@ STUDIO, NOTICE = open_studio()
 NEIGHBOURS_DRAWN = 4      # nearest models shown with live samples
 UPLOAD_SAMPLES = 4        # images of "what does your LoRA draw"
 CONCURRENCY = int(os.environ.get("PROBEX_CONCURRENCY", "2"))  # requests running at once; the rest wait in the queue
+# uploads, downloads and card files are deleted this long after the last request using them is done
+FILES = RequestFiles(grace_s=float(os.environ.get("PROBEX_UPLOAD_GRACE_S", "60")))
 
 
 @dataclass
@@ -56,21 +57,24 @@ def user_error(err: ProbexError) -> gr.Error:
 
 # ----------------------------------------------------------------------------------------------- identify
 def identify(path: str, owned: list[str], top_k: int):
-    """Read, route, encode → summary, concept bars, neighbour table, map, card. Deletes ``owned`` on failure."""
+    """Read, route, encode → summary, concept bars, neighbour table, map, card. ``owned``: this request's files,
+    released for deletion when the request is done (or now, if it fails)."""
     studio = need_studio()
+    FILES.hold(*owned)
     try:
         analysis = studio.analyse(path)
         result = studio.predict(analysis, top_k=int(top_k))
         card_dir = tempfile.mkdtemp(prefix="probex-card-")
+        FILES.hold(card_dir)
         owned = [*owned, card_dir]
         card_path = Path(card_dir) / "README.md"
         card_path.write_text(studio.model_card(analysis, top_k=int(top_k)))
         figure = studio.map_figure(analysis)
     except ProbexError as err:
-        discard(owned)
+        FILES.release(*owned)
         raise user_error(err) from None
     except Exception:
-        discard(owned)
+        FILES.release(*owned)
         raise
     request = Request(analysis, path, studio.drawable_neighbors(analysis, NEIGHBOURS_DRAWN), owned)
     bars = concept_bars(result["classes"], "Top concepts (zero-shot over the tree's classes)")
@@ -128,20 +132,11 @@ def draw_samples(request: Request | None, progress=gr.Progress()):
 
 
 def forget_upload(request: Request | None):
-    """The request is over: delete what it owned (upload, download, card file) and clear the upload box."""
+    """The request is over: release what it owned (upload, download, card file) for deletion; clear the upload box."""
     if request is not None:
-        discard(request.owned)
+        FILES.release(*request.owned)
         request.owned, request.lora = [], None
     return request, None
-
-
-def discard(paths: list[str]) -> None:
-    for p in paths:
-        path = Path(p)
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------- follow-ups
@@ -194,11 +189,10 @@ def api_predict(file: gr.FileData, top_k: int = 5) -> dict:
     """Tree, router confidence, top-k concepts and nearest known models of a .safetensors LoRA."""
     path = file["path"] if isinstance(file, dict) else file.path
     try:
-        return need_studio().predict(path, top_k=int(top_k))
+        with FILES.holding(path):  # deleted once no request uses it (identical uploads share one path)
+            return need_studio().predict(path, top_k=int(top_k))
     except ProbexError as err:
         raise gr.Error(str(err)) from None
-    finally:
-        Path(path).unlink(missing_ok=True)  # an upload is never kept after its request
 
 
 def api_search(text: str, top_k: int = 5) -> dict:

@@ -75,7 +75,8 @@ def render_card(facts: CardFacts) -> str:
 
 > Draft card written by ProbeX Studio from the weights alone. Check it and edit before publishing.
 
-- **Base model (Model Tree):** `{facts.base_model}` (tree `{facts.tree}`, router confidence {facts.router_confidence:.2f})
+- **Base model (Model Tree):** `{facts.base_model}` (tree `{facts.tree}`, router confidence \
+{facts.router_confidence:.2f})
 - **File:** {facts.description}
 - **Most likely concept:** {top} ({confidence_words(gap)})
 

@@ -38,7 +38,8 @@ def running_app(bundle: Path, workdir: Path, env: dict | None = None, timeout: f
     port = free_port()
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "PROBEX_BUNDLE": str(bundle), "HF_HUB_OFFLINE": "1",
                 "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
-                "GRADIO_TEMP_DIR": str(workdir / "gradio"), "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})}
+                "GRADIO_TEMP_DIR": str(workdir / "gradio"), "GRADIO_ANALYTICS_ENABLED": "False",
+                "PROBEX_UPLOAD_GRACE_S": "3", **(env or {})}
     log = workdir / "app.log"
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=full_env, stdout=out,
@@ -122,9 +123,32 @@ def test_a_bad_upload_is_an_error_and_the_app_keeps_serving(client, app, tmp_pat
     assert client.predict(handle_file(str(path)), 5, api_name="/predict")["tree"] == "tree-b"
 
 
+def uploads_left(app: RunningApp, wait_s: float = 20) -> list[Path]:
+    """Uploads still on the server after the deletion grace time (3 s in these tests) and a margin."""
+    deadline = time.monotonic() + wait_s
+    while (left := list(app.temp_dir.rglob("*.safetensors"))) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    return left
+
+
 def test_uploads_are_not_kept_after_the_request(client, app, built):
     from gradio_client import handle_file
 
     client.predict(handle_file(str(zoo_file(built["zoos"]["tree-a"], "test", "fish"))), 3, api_name="/predict")
-    left = list(app.temp_dir.rglob("*.safetensors"))
-    assert left == [], left
+    assert uploads_left(app) == []
+
+
+def test_concurrent_identical_uploads_all_succeed(app, built):
+    """Gradio stores identical uploads at ONE path: deleting it after one request must not break the others."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client, handle_file
+
+    path = str(zoo_file(built["zoos"]["tree-b"], "test", "apple"))
+
+    def call(_):
+        return Client(app.url, verbose=False).predict(handle_file(path), 3, api_name="/predict")["tree"]
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(call, range(16))) == ["tree-b"] * 16
+    assert uploads_left(app) == []

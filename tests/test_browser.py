@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_app import running_app
+from test_app import running_app, uploads_left
 from test_service import build_test_bundle, zoo_file
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -74,7 +74,7 @@ def test_upload_shows_concepts_neighbours_and_map(page, app, tmp_path):
     assert "your LoRA" in page.locator("#map").inner_text()
     screenshot(page, tmp_path, "map")
     # the upload is gone from the server once its request (results, samples) is done
-    assert not list(running.temp_dir.rglob("*.safetensors"))
+    assert uploads_left(running) == []
 
 
 def test_a_bad_file_shows_a_message_and_the_page_keeps_working(page, tmp_path, app):
