@@ -396,3 +396,36 @@ def test_request_files_are_deleted_only_when_no_request_holds_them(tmp_path):
     files.hold(upload)
     files.release(upload)
     assert files.sweep() == [upload] and not upload.exists() and not upload.parent.exists()
+
+
+def test_root_anchored_multi_layer_experts_work_through_every_verb(built):
+    """The shipped emoji bundle uses root-anchored experts: several layers in, token states on the text side."""
+    from diffusers import UNet2DConditionModel
+
+    from probex.anchored import AnchoredProbeX
+    from probex.service import Studio
+    from probex.train import prompt
+
+    studio = Studio.load(built["bundle"])  # its own instance: the tree is rebuilt in memory below
+    tree = studio.bundle.trees["tree-a"]
+    unet = UNet2DConditionModel.from_pretrained(built["root"] / "unet")
+    names = [n for n in json.loads((built["base"] / "done.json").read_text())["layers"] if n.endswith("attn2.to_v")]
+    instance = studio.text.token_states(["an emoji of sks"], 16)[0]
+    tree.expert = AnchoredProbeX.training_free([unet.get_submodule(n).weight.detach() for n in names], instance,
+                                               r_t=64)
+    tree.layer = names
+    zoo = built["zoos"]["tree-a"]
+    tree.gallery.encodings = torch.stack([studio.analyse(zoo / m / "pytorch_lora_weights.safetensors").encoding
+                                          for m in tree.gallery.ids])
+    prompts = [prompt(tree.prompt_template, n) for n in tree.gallery.classes_vocabulary]
+    tree.gallery.text_emb = tree.expert.text_input(studio.text, prompts).flatten(1)  # as bundles store it
+    studio._text_features.clear()
+
+    path = zoo_file(zoo, "test", "fish")
+    result = studio.predict(path, top_k=3)
+    assert result["tree"] == "tree-a" and result["layer"] == ", ".join(names) and len(result["classes"]) == 3
+    assert result["neighbors"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert [s["name"] for s in studio.zero_shot(path, ["fish", "a boat"])] != []
+    assert any(m["tree"] == "tree-a" for m in studio.search("fish", top_k=10)["models"])
+    assert studio.map_figure(path, query="fish").data
+    assert "attn2.to_v" in studio.model_card(path)
