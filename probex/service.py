@@ -77,13 +77,15 @@ class Studio:
         from probex.bundle import Bundle
         from probex.profiles import get_profile, resolve_bundle_dir
 
-        profile = get_profile()
-        if bundle_dir is None:
-            directory = resolve_bundle_dir(profile)
-        else:
-            from dataclasses import replace
+        from dataclasses import replace
 
-            directory = resolve_bundle_dir(replace(profile, bundle=str(bundle_dir)))
+        profile = get_profile()
+        if bundle_dir is not None:
+            profile = replace(profile, bundle=str(bundle_dir))
+        if is_missing_local_dir(profile.bundle):  # else "checkpoints/emoji-mini" would be looked up on the Hub
+            raise ProbexError(f"no bundle at {profile.bundle}: the folder does not exist (build one with "
+                              "`python -m probex train`, or point --bundle / PROBEX_BUNDLE at one)")
+        directory = resolve_bundle_dir(profile)
         return cls(Bundle.load(directory), directory, profile)
 
     @property
@@ -548,6 +550,19 @@ def clean_labels(labels: list[str] | str) -> list[str]:
         if len(label) > MAX_TEXT_CHARS:
             raise InputError(f"a label is {len(label)} characters; keep each under {MAX_TEXT_CHARS}")
     return cleaned
+
+
+def is_missing_local_dir(ref: str) -> bool:
+    """A bundle reference that names a folder here (absolute, ./…, or under an existing folder of the working dir
+    or the project) which does not exist — as opposed to a Hub repo id."""
+    from probex.profiles import PROJECT_ROOT
+
+    path = Path(ref).expanduser()
+    if path.is_dir() or (PROJECT_ROOT / ref).is_dir():
+        return False
+    first = Path(ref).parts[0] if Path(ref).parts else ""
+    return (path.is_absolute() or ref.startswith((".", "~")) or Path(first).is_dir()
+            or (PROJECT_ROOT / first).is_dir())
 
 
 def is_remote(ref: str | Path) -> bool:

@@ -152,3 +152,14 @@ def test_concurrent_identical_uploads_all_succeed(app, built):
     with ThreadPoolExecutor(8) as pool:
         assert list(pool.map(call, range(16))) == ["tree-b"] * 16
     assert uploads_left(app) == []
+
+
+def test_the_app_starts_without_a_bundle_and_says_so(tmp_path):
+    with running_app(tmp_path / "no-bundle", tmp_path / "app") as app:
+        config = httpx.get(app.url + "config", timeout=10).text
+        assert "No model bundle is loaded" in config and "no-bundle" in config
+        from gradio_client import Client
+
+        with pytest.raises(Exception, match="no-bundle"):
+            Client(app.url, verbose=False).predict("tiger", 3, api_name="/search")
+        assert app.process.poll() is None

@@ -353,6 +353,9 @@ def test_open_studio_without_a_bundle_says_why(tmp_path, monkeypatch):
     monkeypatch.setenv("PROBEX_BUNDLE", str(tmp_path / "nothing-here"))
     studio, notice = open_studio()
     assert studio is None and "nothing-here" in notice and "\n" not in notice
+    monkeypatch.setenv("PROBEX_BUNDLE", "checkpoints/not-built-yet")  # a project folder, not a Hub repo id
+    studio, notice = open_studio()
+    assert studio is None and notice.startswith("no bundle at checkpoints/not-built-yet: the folder does not exist")
 
 
 def test_a_corrupted_bundle_is_named_at_start_up(built, tmp_path):
