@@ -13,11 +13,15 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import gradio as gr
+# per-request library chatter (diffusers notes on every LoRA load, weight-loading bars) would bury the server log
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from probex.errors import ProbexError
-from probex.plots import concept_bars
-from probex.service import MAX_UPLOAD_BYTES, RequestFiles, open_studio
+import gradio as gr  # noqa: E402  (after the logging settings, which libraries read at import)
+
+from probex.errors import ProbexError  # noqa: E402
+from probex.plots import concept_bars  # noqa: E402
+from probex.service import MAX_UPLOAD_BYTES, RequestFiles, open_studio  # noqa: E402
 
 try:  # on a ZeroGPU Space, generation runs inside a GPU allocation; elsewhere the decorator is a no-op
     import spaces

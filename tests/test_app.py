@@ -163,3 +163,46 @@ def test_the_app_starts_without_a_bundle_and_says_so(tmp_path):
         with pytest.raises(Exception, match="no-bundle"):
             Client(app.url, verbose=False).predict("tiger", 3, api_name="/search")
         assert app.process.poll() is None
+
+
+@pytest.fixture(scope="module")
+def app_module(built):
+    """app.py imported in this process (its handlers called directly, no server)."""
+    import importlib
+    import sys
+
+    os.environ["PROBEX_BUNDLE"] = str(built["bundle"])
+    try:
+        sys.path.insert(0, str(REPO))
+        return importlib.import_module("app")
+    finally:
+        del os.environ["PROBEX_BUNDLE"]
+
+
+def test_a_link_is_fetched_identified_and_deleted_afterwards(app_module, built, tmp_path, monkeypatch):
+    import shutil
+
+    import gradio as gr
+
+    import probex.fetch as fetch
+
+    def fake_fetch(ref, *, max_bytes, timeout):  # stands in for the network: fetch.py has its own tests
+        directory = tmp_path / "fetched"
+        directory.mkdir()
+        shutil.copy(zoo_file(built["zoos"]["tree-b"], "test", "rocket"), directory / "lora.safetensors")
+        return fetch.Fetched(directory / "lora.safetensors", directory)
+
+    with pytest.raises(gr.Error, match="neither an https:// link nor a Hub repo id"):
+        app_module.identify_link("not a link at all", 5)
+    monkeypatch.setattr(fetch, "fetch_to_temp", fake_fetch)
+    outputs = app_module.identify_link("someone/rocket-lora", 5)
+    summary, request = outputs[0], outputs[6]
+    assert "rocket" in summary and "tree-b" in summary
+    own, neighbours = app_module.draw_samples(request, progress=lambda *a, **k: None)
+    assert len(own) == app_module.UPLOAD_SAMPLES and neighbours
+    card = Path(outputs[4])
+    assert card.read_text().startswith("---")
+    app_module.forget_upload(request)
+    app_module.FILES.grace_s = 0
+    app_module.FILES.sweep()
+    assert not (tmp_path / "fetched").exists() and not card.exists()
