@@ -164,8 +164,8 @@ def format_scores(scores: list[dict]) -> str:
 
 
 def format_models(models: list[dict]) -> str:
-    return "\n".join(f"  {i:>2}. {m['id']:<28} {m['class']:<24} {m.get('split', ''):<13} {m['score']:.3f}"
-                     for i, m in enumerate(models, 1))
+    return "\n".join(f"  {i:>2}. {m['score']:.3f}  {m['class']:<24} {m['id']:<28} {m.get('split', ''):<13} "
+                     f"{m.get('tree', '')}".rstrip() for i, m in enumerate(models, 1))
 
 
 # ----------------------------------------------------------------------------------------------- parser
