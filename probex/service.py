@@ -74,6 +74,7 @@ class Studio:
     @classmethod
     def load(cls, bundle_dir: str | Path | None = None) -> "Studio":
         """The bundle in ``bundle_dir`` (a dir or Hub repo id), else the shipped one of ``PROBEX_PROFILE``."""
+        import probex.anchored  # noqa: F401 — registers AnchoredProbeX, the shipped emoji bundle's expert class
         from probex.bundle import Bundle
         from probex.profiles import get_profile, resolve_bundle_dir
 
