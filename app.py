@@ -215,7 +215,21 @@ def summary_markdown(result: dict) -> str:
     return (f"### Most likely concept: **{top['name']}**\n"
             f"Tree **{result['tree']}** (base model `{result['base_model']}`), the router is {sure} "
             f"(confidence {confidence:.2f}).  \n"
-            f"`{result['file']}` · {result['description']} · expert layer `{result['layer']}`")
+            f"`{result['file']}` · {result['description']} · {layers_read(result['layer'])}")
+
+
+def layers_read(layer: str) -> str:
+    """One layer by name; several as a count and what they share ("7 layers …attn2.to_v")."""
+    names = [n.strip() for n in layer.split(",")]
+    if len(names) == 1:
+        return f"expert layer `{names[0]}`"
+    parts = [n.split(".") for n in names]
+    common = []
+    for column in zip(*(reversed(p) for p in parts)):
+        if len(set(column)) > 1:
+            break
+        common.insert(0, column[0])
+    return f"expert reads {len(names)} layers" + (f" `…{'.'.join(common)}`" if common else "")
 
 
 def neighbour_rows(models: list[dict]) -> list[list]:

@@ -91,7 +91,7 @@ def weight_text_map(xy: np.ndarray, ids: list[str], classes: list[str], splits: 
         title=dict(text=title, x=0.0, xanchor="left"), font=FONT, template="plotly_white", height=560,
         margin=dict(l=10, r=10, t=50, b=10), hovermode="closest",
         legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
-        xaxis=dict(visible=False), yaxis=dict(visible=False, scaleanchor="x"))
+        xaxis=dict(visible=False), yaxis=dict(visible=False))  # UMAP axes carry no units: fill the width
     return fig
 
 
