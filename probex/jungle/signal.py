@@ -36,7 +36,8 @@ def x0_error(unet, scheduler, latents, states, t: int, noise) -> torch.Tensor:
 
 
 @torch.no_grad()
-def text_usage(root_dir: Path, timesteps=(100, 300, 500, 600, 700, 900), n: int = 512, seed: int = EVAL_SEED):
+def text_usage(root_dir: Path, timesteps=(100, 300, 500, 600, 700, 800, 900, 950), n: int = 512,
+               seed: int = EVAL_SEED):
     """Gate 1: loss with shuffled captions / loss with matching captions, per timestep, on held-out views."""
     from ..text import load_text_encoder
 
@@ -59,7 +60,8 @@ def text_usage(root_dir: Path, timesteps=(100, 300, 500, 600, 700, 900), n: int 
         target = scheduler.get_velocity(latents, noise, tt)
         match = (unet(noisy, tt, encoder_hidden_states=states).sample - target).pow(2).mean().item()
         shuf = (unet(noisy, tt, encoder_hidden_states=shuffled).sample - target).pow(2).mean().item()
-        out.append({"t": t, "matching": match, "shuffled": shuf, "ratio": shuf / match})
+        ab = float(scheduler.alphas_cumprod[t])
+        out.append({"t": t, "snr": ab / (1 - ab), "matching": match, "shuffled": shuf, "ratio": shuf / match})
     return out
 
 
