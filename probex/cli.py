@@ -40,18 +40,25 @@ def open_studio(args):
     return Studio.load(args.bundle)
 
 
+def read_file(ref: str):
+    """The user's file (a path, link or Hub id), read and checked BEFORE the bundle and text encoder load, so a bad
+    file is answered in the time it takes to import torch, not to start the whole studio."""
+    from probex.service import local_file, read_upload
+
+    with local_file(ref) as path:
+        return read_upload(path)
+
+
 def run_predict(args) -> int:
-    studio = open_studio(args)
-    with studio.local_file(args.file) as path:
-        result = studio.predict(path, top_k=args.top_k)
+    weights = read_file(args.file)
+    result = open_studio(args).predict(weights, top_k=args.top_k)
     print(json.dumps(result, indent=1) if args.json else format_prediction(result))
     return 0
 
 
 def run_zero_shot(args) -> int:
-    studio = open_studio(args)
-    with studio.local_file(args.file) as path:
-        scores = studio.zero_shot(path, args.labels)
+    weights = read_file(args.file)
+    scores = open_studio(args).zero_shot(weights, args.labels)
     print(json.dumps(scores, indent=1) if args.json else format_scores(scores))
     return 0
 
@@ -63,9 +70,8 @@ def run_search(args) -> int:
 
 
 def run_route(args) -> int:
-    studio = open_studio(args)
-    with studio.local_file(args.file) as path:
-        result = studio.route(path)
+    weights = read_file(args.file)
+    result = open_studio(args).route(weights)
     if args.json:
         print(json.dumps(result, indent=1))
     else:
@@ -75,9 +81,8 @@ def run_route(args) -> int:
 
 
 def run_card(args) -> int:
-    studio = open_studio(args)
-    with studio.local_file(args.file) as path:
-        card = studio.model_card(path)
+    weights = read_file(args.file)
+    card = open_studio(args).model_card(weights)
     if args.out:
         Path(args.out).write_text(card)
         print(f"model card written to {args.out}")
@@ -93,7 +98,9 @@ def run_samples(args) -> int:
     if studio.is_known_model(args.model, args.tree):
         images = studio.samples(args.model, n=args.n, seed=args.seed, tree=args.tree)
     else:
-        with studio.local_file(args.model) as path:
+        from probex.service import local_file
+
+        with local_file(args.model) as path:
             images = studio.samples(path, n=args.n, seed=args.seed)
     stem = args.model.replace("/", "_").removesuffix(".safetensors")
     for i, image in enumerate(images):

@@ -106,22 +106,10 @@ class Studio:
         return [{"label": example_label(p), "path": p} for p in paths]
 
     # --------------------------------------------------------------------------------------------- input
-    @contextmanager
-    def local_file(self, ref: str | Path):
-        """A local path for a path, an https URL or a Hub repo id; downloads are deleted when the block ends."""
-        from probex.fetch import fetch_to_temp
-
-        if not is_remote(ref):
-            yield Path(ref)  # read_weights names a missing file in its error
-            return
-        fetched = fetch_to_temp(str(ref), max_bytes=MAX_UPLOAD_BYTES, timeout=FETCH_TIMEOUT_S)
-        try:
-            yield fetched.path
-        finally:
-            fetched.cleanup()
-
-    def read(self, path: str | Path) -> ModelWeights:
-        weights = read_weights(path, max_bytes=MAX_UPLOAD_BYTES)
+    def read(self, source: str | Path | ModelWeights) -> ModelWeights:
+        """The file's weights (size-capped, safetensors only); a full checkpoint is refused unless a tree takes it.
+        Weights already read (``read_weights``) are checked the same way."""
+        weights = source if isinstance(source, ModelWeights) else read_weights(source, max_bytes=MAX_UPLOAD_BYTES)
         if weights.kind == "full" and not any(g.kind == "full" for g in self.router().groups):
             raise InputError(f"{weights.source}: this is a full checkpoint ({describe(weights)}), not a LoRA; "
                              "upload the LoRA file (a few MB of lora_A/lora_B or lora_down/lora_up weights)")
@@ -133,7 +121,7 @@ class Studio:
         return self.bundle.router
 
     # ---------------------------------------------------------------------------------------- the pipeline
-    def analyse(self, source: str | Path | Analysis) -> Analysis:
+    def analyse(self, source: str | Path | ModelWeights | Analysis) -> Analysis:
         """Read → route → encode the tree's layer. An Analysis passes through unchanged."""
         if isinstance(source, Analysis):
             return source
@@ -191,14 +179,14 @@ class Studio:
         return t.expert.text_features(t.expert.text_input(self.text, prompts))
 
     # ------------------------------------------------------------------------------------------- verbs
-    def route(self, source: str | Path) -> dict:
+    def route(self, source: str | Path | ModelWeights) -> dict:
         weights = self.read(source)
         r = self.router().route(weights)
         return {"tree": r.tree, "router": {"distance": r.distance, "confidence": r.confidence, "layer": r.layer,
                                            "exact_signature": r.exact_signature}}
 
     @torch.no_grad()
-    def predict(self, source: str | Path | Analysis, top_k: int = 5) -> dict:
+    def predict(self, source: str | Path | ModelWeights | Analysis, top_k: int = 5) -> dict:
         a = self.analyse(source)
         return {"tree": a.tree, "layer": a.layer,
                 "router": {"distance": a.distance, "confidence": a.confidence},
@@ -219,7 +207,7 @@ class Studio:
         return top_scores(names, scores, top_k)
 
     @torch.no_grad()
-    def zero_shot(self, source: str | Path | Analysis, labels: list[str]) -> list[dict]:
+    def zero_shot(self, source: str | Path | ModelWeights | Analysis, labels: list[str]) -> list[dict]:
         """Cosine scores over exactly the user's labels, best first (true zero-shot: any text)."""
         labels = clean_labels(labels)
         a = self.analyse(source)
@@ -294,7 +282,7 @@ class Studio:
         return max(self.bundle.trees, key=lambda name: len(self.bundle.trees[name].gallery.ids))
 
     # --------------------------------------------------------------------------------------------- card
-    def model_card(self, source: str | Path | Analysis, top_k: int = 5) -> str:
+    def model_card(self, source: str | Path | ModelWeights | Analysis, top_k: int = 5) -> str:
         from probex.card import CardFacts, render_card
 
         a = self.analyse(source)
@@ -463,6 +451,26 @@ def delete_path(path: Path) -> None:
         path.parent.rmdir()  # only succeeds when empty
     except OSError:
         pass
+
+
+@contextmanager
+def local_file(ref: str | Path):
+    """A local path for a path, an https URL or a Hub repo id; downloads are deleted when the block ends."""
+    from probex.fetch import fetch_to_temp
+
+    if not is_remote(ref):
+        yield Path(ref)  # read_weights names a missing file in its error
+        return
+    fetched = fetch_to_temp(str(ref), max_bytes=MAX_UPLOAD_BYTES, timeout=FETCH_TIMEOUT_S)
+    try:
+        yield fetched.path
+    finally:
+        fetched.cleanup()
+
+
+def read_upload(path: str | Path) -> ModelWeights:
+    """The file checked and read as every verb reads it, without a bundle: callers fail fast on bad files."""
+    return read_weights(path, max_bytes=MAX_UPLOAD_BYTES)
 
 
 def open_studio(bundle_dir: str | Path | None = None) -> tuple[Studio | None, str]:

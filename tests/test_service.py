@@ -15,6 +15,7 @@ from huggingface_hub import ModelCard
 from PIL import Image
 
 from probex.errors import InputError, NoExpertError, ProbexError
+from probex.service import local_file
 from probex.weights import LoraFactors, read_weights, save_lora
 
 CLASS_NAMES = ["tiger", "lion", "apple", "rocket", "house", "car", "banana", "fish", "snail", "tulip", "owl", "pizza"]
@@ -329,20 +330,20 @@ def test_downloads_are_deleted_after_use_even_on_failure(studio, tmp_path, monke
         return fetch.Fetched(directory / "lora.safetensors", directory)
 
     monkeypatch.setattr(fetch, "fetch_to_temp", fake_fetch)
-    with studio.local_file("https://example.org/lora.safetensors") as path:
+    with local_file("https://example.org/lora.safetensors") as path:
         assert path.exists()
     with pytest.raises(InputError):
-        with studio.local_file("someone/some-lora") as path:
+        with local_file("someone/some-lora") as path:
             studio.predict(path)
     assert len(made) == 2 and not any(d.exists() for d in made)
 
 
 def test_local_paths_are_not_mistaken_for_hub_ids(studio, built):
     path = zoo_file(built["zoos"]["tree-b"], "test", "lion")
-    with studio.local_file(str(path)) as local:
+    with local_file(str(path)) as local:
         assert local == path
     with pytest.raises(InputError, match="no such file"):
-        with studio.local_file(str(path.parent / "missing.safetensors")) as local:
+        with local_file(str(path.parent / "missing.safetensors")) as local:
             studio.predict(local)
 
 
