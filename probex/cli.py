@@ -37,7 +37,7 @@ class OneLineParser(argparse.ArgumentParser):
 def open_studio(args):
     from probex.service import Studio
 
-    return Studio.load(args.bundle)
+    return Studio.load(args.bundle, warm=False)  # the text encoder loads only if the verb needs it
 
 
 def read_file(ref: str):

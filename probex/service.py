@@ -57,23 +57,35 @@ class Studio:
     """A loaded bundle and the verbs on it. Thread-safe for concurrent requests: the experts and text encoder only
     read; each tree's image pipeline is guarded by its own lock (diffusers swaps LoRAs in and out of one model)."""
 
-    def __init__(self, bundle, bundle_dir: Path, profile):
-        from probex.text import load_text_encoder
-
+    def __init__(self, bundle, bundle_dir: Path, profile, warm: bool = True):
         self.bundle, self.bundle_dir, self.profile = bundle, Path(bundle_dir), profile
-        self.text = load_text_encoder(bundle.text_encoder) if bundle.text_encoder else None
+        self._text = None
         self._text_features: dict[str, torch.Tensor] = {}  # tree → class text in the representation space
+        self._text_lock = threading.Lock()
         self._pipelines: dict[str, object] = {}
         self._pipeline_locks: dict[str, threading.Lock] = {name: threading.Lock() for name in bundle.trees}
         self._pipelines_lock = threading.Lock()
         self._sample_cache: OrderedDict[tuple, list] = OrderedDict()
-        for name in bundle.trees:
-            self.class_features(name)  # computed once here, so the first request is as fast as the rest
+        if warm:  # the app: text encoder and class texts ready before the first request, not during it
+            _ = self.text
+            for name in bundle.trees:
+                self.class_features(name)
+
+    @property
+    def text(self):
+        """The bundle's text encoder, loaded on first use (the CLI answers a bad file without it)."""
+        from probex.text import load_text_encoder
+
+        with self._text_lock:
+            if self._text is None and self.bundle.text_encoder:
+                self._text = load_text_encoder(self.bundle.text_encoder)
+        return self._text
 
     # ------------------------------------------------------------------------------------------- loading
     @classmethod
-    def load(cls, bundle_dir: str | Path | None = None) -> "Studio":
-        """The bundle in ``bundle_dir`` (a dir or Hub repo id), else the shipped one of ``PROBEX_PROFILE``."""
+    def load(cls, bundle_dir: str | Path | None = None, *, warm: bool = True) -> "Studio":
+        """The bundle in ``bundle_dir`` (a dir or Hub repo id), else the shipped one of ``PROBEX_PROFILE``.
+        ``warm=False`` defers the text encoder to its first use (one-shot CLI calls)."""
         import probex.anchored  # noqa: F401 — registers AnchoredProbeX, the shipped emoji bundle's expert class
         from probex.bundle import Bundle
         from probex.profiles import get_profile, resolve_bundle_dir
@@ -87,7 +99,7 @@ class Studio:
             raise ProbexError(f"no bundle at {profile.bundle}: the folder does not exist (build one with "
                               "`python -m probex train`, or point --bundle / PROBEX_BUNDLE at one)")
         directory = resolve_bundle_dir(profile)
-        return cls(Bundle.load(directory), directory, profile)
+        return cls(Bundle.load(directory), directory, profile, warm)
 
     @property
     def trees(self) -> list[str]:
@@ -111,8 +123,9 @@ class Studio:
         Weights already read (``read_weights``) are checked the same way."""
         weights = source if isinstance(source, ModelWeights) else read_weights(source, max_bytes=MAX_UPLOAD_BYTES)
         if weights.kind == "full" and not any(g.kind == "full" for g in self.router().groups):
-            raise InputError(f"{weights.source}: this is a full checkpoint ({describe(weights)}), not a LoRA; "
-                             "upload the LoRA file (a few MB of lora_A/lora_B or lora_down/lora_up weights)")
+            what = describe(weights).removeprefix("full checkpoint, ")
+            raise InputError(f"{weights.source}: this is a full checkpoint ({what}), not a LoRA; upload the LoRA "
+                             "file (a few MB of lora_A/lora_B or lora_down/lora_up weights)")
         return weights
 
     def router(self):
