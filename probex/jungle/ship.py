@@ -30,7 +30,7 @@ EXPERT_LAYERS = "attn2.to_v"  # chosen on the pilot's val split (bench/jungle_si
 
 
 def build_emoji_bundle(population: Path, out: Path, epochs: int = 200, cache_root: Path = Path("cache"),
-                       n_examples: int = 4) -> dict:
+                       n_examples: int = 3) -> dict:
     encoder = load_text_encoder("minilm")
     specs, caches, summary = [], [], {}
     for tree_dir in sorted(p for p in Path(population).iterdir() if (p / "tree.json").exists()):
@@ -59,12 +59,20 @@ def build_emoji_bundle(population: Path, out: Path, epochs: int = 200, cache_roo
                          "trained_val": round(fit.metrics["val"], 4), "training_free_val": round(free_metrics["val"], 4)}
         print(json.dumps({name: summary[name]}), flush=True)
     router, routing_layer = _separating_router(specs, caches, all_layers)
-    examples = [Path(c.index["zoo"]) / m["source"] for c in caches for m in _example_models(c, n_examples)]
+    examples = [Path(c.index["zoo"]) / m["source"] for c in caches for m in _examples(c, n_examples)]
     build_bundle(out, specs, "minilm", router, "emoji-mini", examples, encoder=encoder,
                  info={"trees": summary, "routing_layer": routing_layer,
                        "expert": f"root-anchored ProbeX on the {EXPERT_LAYERS} layers (probex/anchored.py)",
                        "built_by": "python -m probex.jungle ship"})
     return {"bundle": str(out), "routing_layer": routing_layer, "trees": summary}
+
+
+def _examples(cache, n: int) -> list[dict]:
+    """n held-out-class and n in-distribution test LoRAs of distinct classes: what a visitor can try."""
+    held = _example_models(cache, n)
+    seen = {m["class_id"] for m in held}
+    test = [m for m in cache.models if m["split"] == "test" and m["class_id"] not in seen]
+    return held + list({m["class_id"]: m for m in test}.values())[:n]
 
 
 def _separating_router(specs, caches, layers):
