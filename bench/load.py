@@ -6,7 +6,8 @@ Each of ``--clients`` threads has its own client and calls `/predict` until ``--
 ``--max-seconds`` pass. Every ``--bad-every``-th call uploads a broken file on purpose: it must come back as an error
 answer (counted apart), and the app must keep serving. Reported: calls sent / answered, unexpected failures, latency
 p50 / p95 (queueing included: the app runs a bounded number of requests at once), the server's resident memory
-(VmRSS) after a warm-up and after the run, and whether the server process is still alive.
+(VmRSS) after a warm-up, after the run and after a second identical run (growth that levels off is caches; growth
+that repeats is a leak), whether the server is still alive, and whether uploads were deleted.
 """
 from __future__ import annotations
 
@@ -98,6 +99,9 @@ def main() -> None:
             before = rss_mb(pid)
             result = run_load(app.url, files, broken, args.clients, args.requests, args.max_seconds, args.bad_every)
             after = rss_mb(pid)
+            # a second run tells growth that levels off (caches, allocator pools) from a per-request leak
+            again = run_load(app.url, files, broken, args.clients, args.requests, args.max_seconds, args.bad_every)
+            after_again = rss_mb(pid)
             alive = app.process.poll() is None
             time.sleep(80)  # one grace time, one sweep interval (15 s) and a margin
             left = len(list(app.temp_dir.rglob("*.safetensors")))
@@ -109,7 +113,9 @@ def main() -> None:
     for line in result["errors"]:
         print(f"  e.g. {line}")
     print(f"latency p50 {result['p50_ms']:.0f} ms, p95 {result['p95_ms']:.0f} ms (queueing included)")
-    print(f"server RSS {before:.0f} MB after warm-up → {after:.0f} MB after the run ({after - before:+.0f} MB)")
+    print(f"server RSS {before:.0f} MB after warm-up → {after:.0f} MB after the run ({after - before:+.0f} MB) → "
+          f"{after_again:.0f} MB after a second run of {again['answered']} calls ({after_again - after:+.0f} MB; "
+          f"{again['unexpected']} unexpected failures)")
     print(f"server alive after the run: {alive}; uploads left on disk 80 s later: {left}")
 
 
