@@ -11,6 +11,7 @@ separates the trees exactly as they were built.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -60,6 +61,8 @@ def build_emoji_bundle(population: Path, out: Path, epochs: int = 200, cache_roo
         print(json.dumps({name: summary[name]}), flush=True)
     router, routing_layer = _separating_router(specs, caches, all_layers)
     examples = [Path(c.index["zoo"]) / m["source"] for c in caches for m in _examples(c, n_examples)]
+    if Path(out).exists():
+        shutil.rmtree(out)  # a rebuilt bundle must not keep files of the previous one
     build_bundle(out, specs, "minilm", router, "emoji-mini", examples, encoder=encoder,
                  info={"trees": summary, "routing_layer": routing_layer,
                        "expert": f"root-anchored ProbeX on the {EXPERT_LAYERS} layers (probex/anchored.py)",
