@@ -82,7 +82,7 @@ def identify(path: str, owned: list[str], top_k: int):
         raise
     request = Request(analysis, path, studio.drawable_neighbors(analysis, NEIGHBOURS_DRAWN), owned)
     bars = concept_bars(result["classes"], "Top concepts (zero-shot over the tree's classes)")
-    return (summary_markdown(result), gr.update(value=bars, visible=True), neighbour_rows(result["neighbors"]),
+    return (summary_markdown(result), gr.update(value=bars, visible=True), model_rows(result["neighbors"], False),
             figure, str(card_path), card_path.read_text(), request, gr.update(visible=True))
 
 
@@ -162,7 +162,7 @@ def run_search(text: str, top_k: int, request: Request | None):
                                    tree=result["models"][0]["tree"] if result["models"] else None)
     except ProbexError as err:
         raise user_error(err) from None
-    return neighbour_rows(result["models"]), figure, result["models"]
+    return model_rows(result["models"], True), figure, result["models"]
 
 
 @on_gpu
@@ -232,8 +232,10 @@ def layers_read(layer: str) -> str:
     return f"expert reads {len(names)} layers" + (f" `…{'.'.join(common)}`" if common else "")
 
 
-def neighbour_rows(models: list[dict]) -> list[list]:
-    return [[m["class"], round(m["score"], 3), m["id"], m.get("split", ""), m.get("tree", "")] for m in models]
+def model_rows(models: list[dict], with_tree: bool) -> list[list]:
+    """Table rows; the tree column only where results can come from several trees (search)."""
+    return [[m["class"], round(m["score"], 3), m["id"], m.get("split", "")] + ([m.get("tree", "")] if with_tree else [])
+            for m in models]
 
 
 def banner_markdown() -> str:
@@ -266,7 +268,7 @@ CSS = """
 footer {opacity: 0.7}
 """
 
-NEIGHBOUR_HEADERS = ["class", "similarity", "model id", "split", "tree"]
+MODEL_HEADERS = ["class", "similarity", "model id", "split"]
 START_HINT = ("👈 **Drop a LoRA**, paste a Hub id or link, or **click an example** — the tree, the concepts and the "
               "nearest known models appear here in a moment.")
 
@@ -305,7 +307,7 @@ def build_demo() -> gr.Blocks:
                             neighbour_gallery = gr.Gallery(show_label=False, columns=4, height=230, format="png",
                                                            object_fit="contain", elem_id="neighbour-gallery",
                                                            elem_classes=["pixel"])
-                            neighbours = gr.Dataframe(headers=NEIGHBOUR_HEADERS, interactive=False, wrap=True,
+                            neighbours = gr.Dataframe(headers=MODEL_HEADERS, interactive=False, wrap=True,
                                                       elem_id="neighbours")
                         with gr.Column(scale=2):
                             gr.Markdown("#### What does your LoRA draw?")
@@ -328,9 +330,10 @@ def build_demo() -> gr.Blocks:
                     search_k = gr.Slider(1, 20, value=5, step=1, label="results", scale=1)
                     search_btn = gr.Button("Search", variant="primary", scale=1)
                 gr.Markdown("The query is also placed on the **Map** tab.")
-                search_gallery = gr.Gallery(label="best matches, drawn live", columns=6, height=200, format="png",
-                                            object_fit="contain", elem_classes=["pixel"], elem_id="search-gallery")
-                search_table = gr.Dataframe(headers=NEIGHBOUR_HEADERS, interactive=False, wrap=True,
+                search_gallery = gr.Gallery(label="best matches, drawn live", columns=6, height=220, format="png",
+                                            object_fit="contain", fit_columns=False, elem_classes=["pixel"],
+                                            elem_id="search-gallery")
+                search_table = gr.Dataframe(headers=[*MODEL_HEADERS, "tree"], interactive=False, wrap=True,
                                             elem_id="search-table")
                 search_models = gr.State([])
             with gr.Tab("Map", id="map"):
