@@ -186,6 +186,10 @@ def gate_router(tree_dirs: list[Path]) -> dict:
     from probex.weights import read_weights
 
     print("\n== Router: the two roots' LoRAs ==")
+    tree_dirs = [t for t in tree_dirs if t.is_dir()]
+    if len(tree_dirs) < 2:
+        print(f"only {len(tree_dirs)} root's population is built: nothing to separate (not measured)")
+        return {"measured": False}
     models, truth = [], []
     for tree in tree_dirs:
         for f in sorted(tree.glob("*/model_idx_*/pytorch_lora_weights.safetensors")):

@@ -45,19 +45,24 @@ def build_emoji_bundle(population: Path, out: Path, epochs: int = 200, cache_roo
         class_states = encoder.token_states([caption(recipe, c["name"]) for c in cache.classes], recipe.token_length)
         instance = encoder.token_states([INSTANCE_PROMPT], recipe.token_length)[0]
         root_weights = {n: unet.get_submodule(n).weight.detach() for n in names}
-        fit, data = fit_anchored(cache, names, root_weights, instance, class_states, TrainConfig(epochs=epochs))
+        candidates = {}
+        for relu in (True, False):
+            fit, data = fit_anchored(cache, names, root_weights, instance, class_states, TrainConfig(epochs=epochs),
+                                     relu=relu)
+            candidates["trained" if relu else "trained linear"] = (fit.expert, fit.metrics)
         free = AnchoredProbeX.training_free([root_weights[n] for n in names], instance)
         targets = task_targets(cache, "align", class_states)
-        free_metrics = {s: evaluate_split(free, data, targets, s)["score"] for s in targets.evaluated_splits()}
-        # the trained expert has few models per class to learn from; keep whichever reads val better
-        expert, metrics, kind = ((fit.expert, fit.metrics, "trained") if fit.metrics["val"] > free_metrics["val"]
-                                 else (free, free_metrics, "training-free"))
+        candidates["training-free"] = (free, {s: evaluate_split(free, data, targets, s)["score"]
+                                              for s in targets.evaluated_splits()})
+        # few models per class to learn from: keep whichever reads the val split best
+        kind = max(candidates, key=lambda k: candidates[k][1]["val"])
+        expert, metrics = candidates[kind]
         specs.append(TreeSpec(name, expert, cache, names, recipe.prompt_template, zoo.tree["root_model"],
                               INSTANCE_PROMPT, samples=_sample_ids(cache, 1), encodings=encode_all(expert, data)))
         caches.append(cache)
         summary[name] = {"layers": names, "n_models": len(cache.models), "expert": kind,
                          **{f"top1_{k}": round(v, 4) for k, v in metrics.items()},
-                         "trained_val": round(fit.metrics["val"], 4), "training_free_val": round(free_metrics["val"], 4)}
+                         "val_of_candidates": {k: round(m["val"], 4) for k, (_, m) in candidates.items()}}
         print(json.dumps({name: summary[name]}), flush=True)
     router, routing_layer = _separating_router(specs, caches, all_layers)
     examples = [Path(c.index["zoo"]) / m["source"] for c in caches for m in _examples(c, n_examples)]
