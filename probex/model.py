@@ -122,6 +122,8 @@ class Expert(nn.Module):
         except (OSError, ValueError, SafetensorError) as exc:  # missing file, bad JSON, bad safetensors header
             raise ProbexError(f"cannot load expert from {directory}: {exc}") from None
         kind = config.pop("class", cls.__name__)
+        import probex.anchored  # noqa: F401  (registers AnchoredProbeX, which lives beside the method it extends)
+
         expert_cls = EXPERTS.get(kind)
         if expert_cls is None or not issubclass(expert_cls, cls):
             raise ProbexError(f"{directory}/config.json describes a {kind}, not a {cls.__name__}")
