@@ -18,7 +18,6 @@ two clusters lands between them.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -33,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from probex.errors import ProbexError
 from probex.model import Expert, load_expert
+from probex.zoo import sha256_file
 from probex.train import (DEFAULT_PROMPT, PAPER, LayerData, TrainConfig, class_text_embeddings, encode_all, prompt,
                           sweep_layers)
 
@@ -224,14 +224,6 @@ def _read_bundle_json(directory: Path) -> dict:
     if meta.get("version") != VERSION:
         raise ProbexError(f"bundle {directory.name}: version {meta.get('version')} is not supported (this is {VERSION})")
     return meta
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verify_manifest(directory: Path, manifest: dict[str, str]) -> None:

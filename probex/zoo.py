@@ -287,7 +287,7 @@ def _extract(zoo: Zoo, layers: list[str], shapes: dict, kind: str):
                 found = "missing" if w is None else "×".join(map(str, layer_shape(w)))
                 raise InputError(f"{record.source}: layer {name} is {found}, expected {'×'.join(map(str, shapes[name]))}")
             collected[name].append(w)
-        hashes.append(_sha256(zoo.root / record.source))
+        hashes.append(sha256_file(zoo.root / record.source))
     return {name: _stack(ws) for name, ws in collected.items()}, hashes
 
 
@@ -304,7 +304,7 @@ def _stack(weights: list) -> dict[str, torch.Tensor]:
             "rank": torch.tensor(ranks, dtype=torch.int32)}
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
