@@ -355,7 +355,8 @@ def root_state(out: Path, population: Population, config: BuildConfig, others: l
     path = out / "root.safetensors"
     if path.exists():
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, {**f.metadata(), "reused": True}
+            kept = {k: v for k, v in f.metadata().items() if k != "pretrain_classes"}  # the list is in the file
+            return {k: f.get_tensor(k) for k in f.keys()}, {**kept, "reused": True}
     classes = others[slice(*population.pretrain)]
     start = time.perf_counter()
     bank = image_bank(classes, config.pretrain_per_class, seed=population.seed)
