@@ -27,7 +27,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from .atlas import load_atlas
-from .root import RootRecipe, augment, diffusion_loss, load_root, sample_timesteps, to_latent
+from .root import RootRecipe, augment, diffusion_loss, load_root, make_scheduler, sample_timesteps, to_latent
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 INSTANCE_PROMPT = "an emoji of sks"
@@ -123,7 +123,7 @@ def train_batch(unet, recipe: RootRecipe, jobs: list[LoraJob], rgba_by_class: di
         if job.init_seed != jobs[0].init_seed:
             for name, a in _initial_a(unet, rank, job.init_seed).items():
                 wrappers[name].a[i].data.copy_(a)
-    scheduler = _scheduler(recipe)
+    scheduler = make_scheduler(recipe)
     groups = [{"params": [p for w in wrappers.values() for p in (w.a[i], w.b[i])], "lr": job.lr}
               for i, job in enumerate(jobs)]
     optimizer = torch.optim.Adam(groups)
@@ -147,7 +147,6 @@ def train_batch(unet, recipe: RootRecipe, jobs: list[LoraJob], rgba_by_class: di
 
 
 _A_CACHE: dict = {}
-_SCHEDULERS: dict = {}
 
 
 def _initial_a(unet, rank, init_seed):
@@ -157,12 +156,6 @@ def _initial_a(unet, rank, init_seed):
     return _A_CACHE[key]
 
 
-def _scheduler(recipe):
-    from .root import make_scheduler
-
-    if recipe.name not in _SCHEDULERS:
-        _SCHEDULERS[recipe.name] = make_scheduler(recipe)
-    return _SCHEDULERS[recipe.name]
 
 
 def sample_jobs(root: str, classes: list[dict], per_class: dict[str, int], seed: int, start_index: int = 0,

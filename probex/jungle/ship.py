@@ -14,7 +14,6 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
 
 from ..anchored import AnchoredProbeX, fit_anchored
 from ..bundle import TreeSpec, _example_models, _fit_router, _sample_ids, build_bundle

@@ -19,10 +19,6 @@ from .root import augment, caption, load_root, to_latent
 EVAL_SEED = 10_000_019  # never used for training views
 
 
-def _views(rgba: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    return augment(rgba, torch.Generator().manual_seed(seed)) if n is None else augment(rgba[:n], torch.Generator().manual_seed(seed))
-
-
 def x0_error(unet, scheduler, latents, states, t: int, noise) -> torch.Tensor:
     """Per-sample MSE between the clean latent and the model's estimate of it at timestep t."""
     tt = torch.full((len(latents),), t, dtype=torch.long)
