@@ -1,7 +1,7 @@
 """Build the Mini Model Jungle, resumably.
 
-    python -m probex.jungle root --name emoji-root-a --seed 0 [--minutes M] [--steps N]
-    python -m probex.jungle build pilot [--zoo zoo] [--roots emoji-root-a] [--shard 0/2]
+    python -m probex.jungle root --name emoji-root-1 --seed 0 [--minutes M] [--steps N]
+    python -m probex.jungle build pilot [--zoo zoo] [--roots emoji-root-1] [--shard 0/2]
     python -m probex.jungle ship pilot [--out checkpoints/emoji-mini]
 """
 from __future__ import annotations

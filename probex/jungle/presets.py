@@ -22,10 +22,10 @@ HOLDOUT_CLASSES = 30
 PRESETS = {
     # the pilot that gates the recipe (issue: roots and LoRA recipe)
     "pilot": {
-        "emoji-root-a": {"train_classes": 100, "holdout_classes": 30, "seed": 11,
+        "emoji-root-1": {"train_classes": 100, "holdout_classes": 30, "seed": 11,
                          "per_class": {"train": 3, "val": 1, "test": 1},
                          "per_holdout": {"val_holdout": 2, "test_holdout": 2}},
-        "emoji-root-b": {"train_classes": 20, "holdout_classes": 0, "seed": 12,
+        "emoji-root-2": {"train_classes": 20, "holdout_classes": 0, "seed": 12,
                          "per_class": {"train": 1, "val": 1, "test": 1}, "per_holdout": {}},
     },
 }

@@ -22,12 +22,14 @@ import torch.nn.functional as F
 
 from .atlas import load_atlas
 
+SHARD_SIZE = "8MB"  # committed files stay ≤ 10 MB: diffusers writes and reads sharded weights natively
+
 
 @dataclass
 class RootRecipe:
     """Everything needed to rebuild, train and use a root. Stored as ``recipe.json`` beside the weights."""
 
-    name: str = "emoji-root-a"
+    name: str = "emoji-root-1"
     seed: int = 0
     text_encoder: str = "all-MiniLM-L6-v2"
     prompt_template: str = "an emoji of {name}"
@@ -230,7 +232,7 @@ def pretrain_root(out_dir: Path, recipe: RootRecipe, *, minutes: float | None = 
         if step % checkpoint_every == 0:
             save_file(_state_tensors(unet, optimizer, step, generator), str(ckpt))
     save_file(_state_tensors(unet, optimizer, step, generator), str(ckpt))
-    unet.save_pretrained(out_dir / "unet")
+    unet.save_pretrained(out_dir / "unet", max_shard_size=SHARD_SIZE)
     scheduler.save_pretrained(out_dir / "scheduler")
     return out_dir
 
