@@ -11,7 +11,9 @@ Both sides of that relation live in the same space, the layer's output space, on
 A class never seen in training still lands in the right place: its text goes through the root's fixed W and the
 same encoder as every LoRA. With V = I, M = I, no σ this is a training-free score; training fits V and M.
 
-Several layers (e.g. every attn2 to_k / to_v) are read at once: their responses are concatenated along d_W.
+Several layers (e.g. every attn2 to_k / to_v) are read at once: their responses are concatenated along d_W, each
+scaled to unit norm first (``layer_norm``): the layers' scales differ by orders of magnitude, and concatenated raw the
+largest would decide alone.
 """
 from __future__ import annotations
 
@@ -24,40 +26,49 @@ from .model import Expert, _per_model
 
 class AnchoredProbeX(Expert):
     def __init__(self, d_ws: list[int], d_h: int, n_tokens: int, r_v: int = 64, r_t: int = 128, relu: bool = True,
-                 temperature: float | None = 0.1, text_dim: int | None = None):
+                 temperature: float | None = 0.1, text_dim: int | None = None, layer_norm: bool = False,
+                 projection_seed: int | None = None):
         super().__init__(r_t, "align", None, text_dim or d_h, temperature)
         del self.text_head  # the text side is the root's own weights, see text_features
         self.d_ws, self.d_h, self.n_tokens, self.r_v, self.r_t, self.relu = list(d_ws), d_h, n_tokens, r_v, r_t, relu
+        self.layer_norm, self.projection_seed = layer_norm, projection_seed
         d_w = sum(d_ws)
         self.register_buffer("probes", torch.zeros(n_tokens, d_h))   # H_s: instance-prompt token states
         self.register_buffer("root", torch.zeros(d_w, d_h))          # W: the root's weights, stacked layers
-        self.V = nn.Parameter(torch.empty(d_w, r_v).uniform_(-1, 1) / d_w**0.5)
-        self.M = nn.Linear(r_v * n_tokens, r_t)
+        if projection_seed is None:  # trained: V and the per-probe encoders M are learned
+            self.V = nn.Parameter(torch.empty(d_w, r_v).uniform_(-1, 1) / d_w**0.5)
+            self.M = nn.Linear(r_v * n_tokens, r_t)
+        else:  # training-free: V = I and M a Gaussian projection, rebuilt from its seed (never stored: it is large)
+            g = torch.Generator().manual_seed(projection_seed)
+            self.register_buffer("projection", torch.randn(r_t, d_w * n_tokens, generator=g) / r_t**0.5,
+                                 persistent=False)
 
     @classmethod
-    def from_root(cls, root_weights: list[Tensor], instance_states: Tensor, **kw) -> "AnchoredProbeX":
+    def from_root(cls, root_weights: list[Tensor], instance_states: Tensor, layer_norm: bool = True,
+                  **kw) -> "AnchoredProbeX":
         """root_weights: the root's (d_w_l, d_h) matrices of the read layers; instance_states: (n_tokens, d_h)."""
-        model = cls([w.shape[0] for w in root_weights], instance_states.shape[1], instance_states.shape[0], **kw)
+        model = cls([w.shape[0] for w in root_weights], instance_states.shape[1], instance_states.shape[0],
+                    layer_norm=layer_norm, **kw)
         model.root.copy_(torch.cat(root_weights))
         model.probes.copy_(instance_states)
         return model
 
     @classmethod
-    def training_free(cls, root_weights: list[Tensor], instance_states: Tensor, r_t: int = 512,
+    def training_free(cls, root_weights: list[Tensor], instance_states: Tensor, r_t: int = 1024,
                       seed: int = 0) -> "AnchoredProbeX":
         """No learning: V = I, no σ, M a fixed Gaussian projection to r_t dims. Cosines between encodings then equal,
         up to the projection's small distortion (Johnson–Lindenstrauss), the cosine between ΔW·H_sᵀ and W·(H_c − H_s)ᵀ
-        over all read layers and tokens — ``training_free_scores`` in a compact, storable form."""
+        over all read layers and tokens, each layer scaled to unit norm first — ``training_free_scores`` in a compact,
+        storable form (only the root's weights and the seed are stored)."""
         d_w = sum(w.shape[0] for w in root_weights)
-        model = cls.from_root(root_weights, instance_states, r_v=d_w, r_t=r_t, relu=False, temperature=None)
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            model.V.copy_(torch.eye(d_w))
-            model.M.weight.copy_(torch.randn(r_t, d_w * instance_states.shape[0], generator=g) / r_t**0.5)
-            model.M.bias.zero_()
-        return model.eval()
+        return cls.from_root(root_weights, instance_states, r_v=d_w, r_t=r_t, relu=False, temperature=None,
+                             projection_seed=seed).eval()
 
     def _encode_responses(self, z: Tensor) -> Tensor:  # (N, d_w, n_tokens) → (N, r_t)
+        if self.layer_norm:  # every layer gets one vote: their scales differ by orders of magnitude
+            z = torch.cat([F.normalize(p.flatten(1), dim=-1).view_as(p) for p in z.split(self.d_ws, dim=1)], 1)
+        if self.projection_seed is not None:
+            return z.flatten(1) @ self.projection.T
         z = self.V.T @ z
         return self.M((torch.relu(z) if self.relu else z).flatten(1))
 
@@ -88,7 +99,8 @@ class AnchoredProbeX(Expert):
 
     def config(self) -> dict:
         return dict(d_ws=self.d_ws, d_h=self.d_h, n_tokens=self.n_tokens, r_v=self.r_v, r_t=self.r_t, relu=self.relu,
-                    temperature=self.temperature, text_dim=self.d_h)
+                    temperature=self.temperature, text_dim=self.d_h, layer_norm=self.layer_norm,
+                    projection_seed=self.projection_seed)
 
 
 def training_free_scores(responses: Tensor, text_responses: Tensor) -> Tensor:

@@ -147,6 +147,26 @@ def test_anchored_factor_path_equals_dense_and_reads_a_planted_concept():
     assert scores.argmax(1).tolist() == labels
     compact = AnchoredProbeX.training_free(root_w, h_s, r_t=256)
     assert compact(factors, h_c).argmax(1).tolist() == labels  # the storable form ranks the same way
+    # each layer has one vote: scaling one layer's LoRA changes nothing
+    louder = [(factors[0][0] * 100, factors[0][1], factors[0][2]), factors[1]]
+    assert torch.allclose(compact.encode(louder), compact.encode(factors), rtol=1e-4, atol=1e-4)
+
+
+def test_training_free_expert_stores_its_seed_not_its_projection(tmp_path):
+    from safetensors.torch import load_file
+
+    from probex.model import load_expert
+
+    torch.manual_seed(0)
+    root_w, h_s = [torch.randn(16, 24), torch.randn(8, 24)], torch.randn(5, 24)
+    compact = AnchoredProbeX.training_free(root_w, h_s, r_t=512, seed=3)
+    compact.save_pretrained(tmp_path / "expert")
+    assert "projection" not in load_file(str(tmp_path / "expert" / "model.safetensors"))
+    loaded = load_expert(tmp_path / "expert")
+    x = [torch.randn(4, 16, 24), torch.randn(4, 8, 24)]
+    assert torch.equal(loaded.encode(x), compact.encode(x))
+    other = AnchoredProbeX.training_free(root_w, h_s, r_t=512, seed=4)
+    assert not torch.allclose(other.encode(x), compact.encode(x))
 
 
 def test_recipe_reproduces_with_plain_diffusers_and_peft(tmp_path):
