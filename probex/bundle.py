@@ -64,6 +64,21 @@ class Gallery:
         weights = 1.0 / (1.0 - sim).clamp_min(1e-6)
         return (weights[..., None] * self.umap[idx]).sum(1) / weights.sum(1, keepdim=True)
 
+    def class_anchors(self, text_features: torch.Tensor) -> torch.Tensor:
+        """(C, r_T) unit vectors, one per vocabulary class, that concepts are scored against: the mean encoding of
+        the class's known train-split models where it has any, else its text feature (held-out classes, free text).
+        Both estimate where the class's LoRAs lie; on the emoji pilot the class mean reads in-distribution far
+        better than text does (bench/jungle_signal.py). Multilabel trees keep their text features."""
+        known = [i for i, s in enumerate(self.splits) if s == "train" and isinstance(self.classes[i], str)]
+        if not known:
+            return text_features
+        row = {name: c for c, name in enumerate(self.classes_vocabulary)}
+        y = torch.tensor([row[self.classes[i]] for i in known])
+        from probex.train import class_means
+
+        means, has = class_means(self.encodings[known], y, len(self.classes_vocabulary))
+        return torch.where(has[:, None], means, text_features)
+
     def nearest(self, encoding: torch.Tensor, k: int = 5) -> list[tuple[int, float]]:
         """(gallery index, cosine) of the k known models closest to one encoding."""
         cos = F.normalize(self.encodings, dim=-1) @ F.normalize(encoding.float(), dim=-1)

@@ -165,10 +165,10 @@ class Studio:
 
     @torch.no_grad()
     def class_features(self, tree: str) -> torch.Tensor:
-        """(C, r_T) unit vectors of the tree's class vocabulary (align experts), cached per tree."""
+        """(C, r_T) unit vectors of the tree's class vocabulary (align experts; Gallery.class_anchors), cached per tree."""
         if tree not in self._text_features:
             t = self.bundle.trees[tree]
-            self._text_features[tree] = (t.expert.text_features(self.stored_text_input(tree))
+            self._text_features[tree] = (t.gallery.class_anchors(t.expert.text_features(self.stored_text_input(tree)))
                                          if t.expert.head_kind == "align" else None)
         return self._text_features[tree]
 
@@ -208,7 +208,8 @@ class Studio:
 
     @torch.no_grad()
     def concepts(self, a: Analysis, top_k: int) -> list[dict]:
-        """Top-k of the tree's class vocabulary: cosine to the class text (align), else the head's probabilities."""
+        """Top-k of the tree's class vocabulary: cosine to each class's anchor — the mean of its known models, else its
+        text (align) — or the classifier head's probabilities."""
         t = self.bundle.trees[a.tree]
         names = t.gallery.classes_vocabulary
         features = self.class_features(a.tree)

@@ -195,6 +195,21 @@ def train_epoch(expert: Expert, data: LayerData, targets: Targets, opt: torch.op
     return total / len(idx)
 
 
+def class_means(encodings: torch.Tensor, y: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit mean of each class's unit encodings (C, r_T), and which classes have any models (C,) bool."""
+    e = F.normalize(encodings.float(), dim=-1)
+    sums = torch.zeros(n_classes, e.shape[1]).index_add_(0, y, e)
+    return F.normalize(sums, dim=-1), torch.bincount(y, minlength=n_classes) > 0
+
+
+def nearest_mean_top1(encodings: torch.Tensor, targets: Targets, split: str) -> float:
+    """In-distribution top-1 of the nearest class mean: each class is the mean encoding of its train-split models."""
+    train = targets.split["train"]
+    means, _ = class_means(encodings[train], targets.y[train], len(targets.classes))
+    idx = targets.split[split]
+    return float(((F.normalize(encodings[idx].float(), dim=-1) @ means.T).argmax(1) == targets.y[idx]).float().mean())
+
+
 @dataclass
 class FitResult:
     expert: Expert

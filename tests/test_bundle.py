@@ -160,3 +160,31 @@ def test_train_bundle_for_a_discriminative_tree(tmp_path):
     assert bundle.router.groups[0].kind == "full"
     report = evaluate_bundle(tmp_path / "bundle", zoo.root)
     assert report["router_accuracy"] == 1.0 and report["per_label_accuracy_test"] > 0.85
+
+
+def test_class_anchors_are_known_model_means_and_text_for_the_rest():
+    """Classes with train-split models are anchored at their models' mean encoding; a class with none keeps its
+    text feature, and models of other splits (val, test) never leak into an anchor."""
+    enc = torch.tensor([[1.0, 0, 0], [0.8, 0.6, 0], [0, 1.0, 0], [0, 0, 5.0], [0, 0, 1.0]])
+    gallery = Gallery(["train/a", "train/b", "train/c", "test/d", "val_holdout/e"], ["cat", "cat", "dog", "dog", "owl"],
+                      ["train", "train", "train", "test", "val_holdout"], ["cat", "dog", "owl"], enc,
+                      torch.zeros(5, 2), torch.zeros(3, 4))
+    text = torch.nn.functional.normalize(torch.tensor([[1.0, 1, 1], [1, -1, 0], [0, 1, -1]]), dim=-1)
+    anchors = gallery.class_anchors(text)
+    assert torch.allclose(anchors[0], torch.nn.functional.normalize(torch.tensor([1.8, 0.6, 0]), dim=0))
+    assert torch.allclose(anchors[1], torch.tensor([0.0, 1, 0]))     # the test model (0, 0, 5) is not used
+    assert torch.allclose(anchors[2], text[2])                          # no train models: the text stays
+
+
+def test_nearest_mean_reads_clustered_encodings_and_not_shuffled_ones():
+    from probex.train import Targets, nearest_mean_top1
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(10, 32, generator=g)
+    y = torch.arange(10).repeat(4)
+    enc = centres[y] + 0.3 * torch.randn(40, 32, generator=g)
+    split = {"train": torch.arange(0, 30), "test": torch.arange(30, 40)}
+    targets = Targets("multiclass", y, split, [str(i) for i in range(10)])
+    assert nearest_mean_top1(enc, targets, "test") == 1.0
+    shuffled = Targets("multiclass", torch.cat([y[torch.randperm(30, generator=g)], y[30:]]), split, targets.classes)
+    assert nearest_mean_top1(enc, shuffled, "test") < 0.5

@@ -2,8 +2,10 @@
 
     python -m probex.jungle ship pilot [--zoo zoo] [--out checkpoints/emoji-mini]
 
-Per tree (one folder per root under ``<zoo>/emoji-<preset>/``): cache the layers the expert reads, train a
-root-anchored ProbeX on the root's cross-attention value layers (epoch chosen on val), encode every known model for
+Per tree (one folder per root under ``<zoo>/emoji-<preset>/``): cache the LoRA layers; on the root's cross-attention
+value layers, and on its key + value layers, fit a linear root-anchored ProbeX (epoch chosen on val) and build the
+training-free one; keep the candidate whose encodings read the val splits best — known classes by the nearest mean of
+their train models (what the app does, Gallery.class_anchors), held-out classes by text; encode every known model for
 the gallery, ship one LoRA per class to draw samples from and a few test / held-out-class LoRAs as examples. The router
 is fitted on all trees together; its routing layer is the first layer, in sorted order, on which the clustering
 separates the trees exactly as they were built.
@@ -19,14 +21,14 @@ from ..anchored import AnchoredProbeX, fit_anchored
 from ..bundle import TreeSpec, _example_models, _fit_router, _sample_ids, build_bundle
 from ..errors import ProbexError
 from ..text import load_text_encoder
-from ..train import TrainConfig, encode_all, evaluate_split, task_targets
+from ..train import TrainConfig, encode_all, evaluate_split, nearest_mean_top1, task_targets
 from ..weights import read_weights
 from ..zoo import Zoo, build_cache
 from .lora import INSTANCE_PROMPT
 from .root import caption, load_root
 
 PROJECT = Path(__file__).resolve().parents[2]
-EXPERT_LAYERS = "attn2.to_v"  # chosen on the pilot's val split (bench/jungle_signal.py)
+EXPERT_LAYERS = {"v": ("attn2.to_v",), "k+v": ("attn2.to_k", "attn2.to_v")}  # cross-attention: the caption enters here
 
 
 def build_emoji_bundle(population: Path, out: Path, epochs: int = 200, cache_root: Path = Path("cache"),
@@ -39,29 +41,35 @@ def build_emoji_bundle(population: Path, out: Path, epochs: int = 200, cache_roo
         root_dir = PROJECT / zoo.tree["root_model"]
         unet, _, recipe = load_root(root_dir)
         all_layers = sorted(read_weights(zoo.root / zoo.models[0].source).layers)
-        names = [n for n in all_layers if n.endswith(EXPERT_LAYERS)]
         cache = build_cache(zoo, Path(cache_root) / name, layers="all")
         class_states = encoder.token_states([caption(recipe, c["name"]) for c in cache.classes], recipe.token_length)
         instance = encoder.token_states([INSTANCE_PROMPT], recipe.token_length)[0]
-        root_weights = {n: unet.get_submodule(n).weight.detach() for n in names}
-        candidates = {}
-        for relu in (True, False):
-            fit, data = fit_anchored(cache, names, root_weights, instance, class_states, TrainConfig(epochs=epochs),
-                                     relu=relu)
-            candidates["trained" if relu else "trained linear"] = (fit.expert, fit.metrics)
-        free = AnchoredProbeX.training_free([root_weights[n] for n in names], instance)
         targets = task_targets(cache, "align", class_states)
-        candidates["training-free"] = (free, {s: evaluate_split(free, data, targets, s)["score"]
-                                              for s in targets.evaluated_splits()})
-        # few models per class to learn from: keep whichever reads the val split best
-        kind = max(candidates, key=lambda k: candidates[k][1]["val"])
-        expert, metrics = candidates[kind]
+        candidates = {}
+        for layer_set, suffixes in EXPERT_LAYERS.items():
+            names = [n for n in all_layers if n.endswith(suffixes)]
+            root_weights = {n: unet.get_submodule(n).weight.detach() for n in names}
+            fit, data = fit_anchored(cache, names, root_weights, instance, class_states, TrainConfig(epochs=epochs),
+                                     relu=False)
+            free = AnchoredProbeX.training_free([root_weights[n] for n in names], instance)
+            free_metrics = {s: evaluate_split(free, data, targets, s)["score"] for s in targets.evaluated_splits()}
+            for kind, expert, metrics in ((f"trained linear, {layer_set}", fit.expert, fit.metrics),
+                                          (f"training-free, {layer_set}", free, free_metrics)):
+                # The app scores known classes against the mean of their known models (Gallery.class_anchors) and
+                # held-out ones against their text: keep the candidate that reads both val splits best.
+                encodings = encode_all(expert, data)
+                metrics.update({f"{s}_nearest_mean": nearest_mean_top1(encodings, targets, s) for s in ("val", "test")})
+                read = [metrics["val_nearest_mean"]] + ([metrics["val_holdout"]] if "val_holdout" in metrics else [])
+                metrics["selection"] = sum(read) / len(read)
+                candidates[kind] = (expert, metrics, encodings, names)
+        kind = max(candidates, key=lambda k: candidates[k][1]["selection"])
+        expert, metrics, encodings, names = candidates[kind]
         specs.append(TreeSpec(name, expert, cache, names, recipe.prompt_template, zoo.tree["root_model"],
-                              INSTANCE_PROMPT, samples=_sample_ids(cache, 1), encodings=encode_all(expert, data)))
+                              INSTANCE_PROMPT, samples=_sample_ids(cache, 1), encodings=encodings))
         caches.append(cache)
         summary[name] = {"layers": names, "n_models": len(cache.models), "expert": kind,
                          **{f"top1_{k}": round(v, 4) for k, v in metrics.items()},
-                         "val_of_candidates": {k: round(m["val"], 4) for k, (_, m) in candidates.items()}}
+                         "selection_of_candidates": {k: round(c[1]["selection"], 4) for k, c in candidates.items()}}
         print(json.dumps({name: summary[name]}), flush=True)
     router, routing_layer = _separating_router(specs, caches, all_layers)
     examples = [Path(c.index["zoo"]) / m["source"] for c in caches for m in _examples(c, n_examples)]
@@ -69,7 +77,7 @@ def build_emoji_bundle(population: Path, out: Path, epochs: int = 200, cache_roo
         shutil.rmtree(out)  # a rebuilt bundle must not keep files of the previous one
     build_bundle(out, specs, "minilm", router, "emoji-mini", examples, encoder=encoder,
                  info={"trees": summary, "routing_layer": routing_layer,
-                       "expert": f"root-anchored ProbeX on the {EXPERT_LAYERS} layers (probex/anchored.py)",
+                       "expert": "root-anchored ProbeX on cross-attention layers (probex/anchored.py)",
                        "built_by": "python -m probex.jungle ship"})
     return {"bundle": str(out), "routing_layer": routing_layer, "trees": summary}
 
