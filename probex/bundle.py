@@ -361,7 +361,7 @@ def train_bundle(zoo, out_dir: str | Path, layers=None, config: TrainConfig = PA
     cache_root = Path(cache_dir) if cache_dir else Path("cache")
     specs, caches, summary = [], [], {}
     for z in zoos:
-        name = z.tree.get("name") or z.root.resolve().name
+        name = z.name
         all_layers = sorted(read_weights(z.root / z.models[0].source).layers)
         routing = routing_layer or all_layers[0]   # the router's default: the first layer in sorted order
         cache = build_cache(z, cache_root / _folder_name(name, set()), layers=[*select_layers(all_layers, layers), routing])

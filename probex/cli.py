@@ -134,7 +134,7 @@ def run_eval(args) -> int:
 
     studio = open_studio(args)
     zoo = Zoo.scan(args.zoo)
-    name = zoo.tree.get("name") or zoo.root.resolve().name
+    name = zoo.name
     tree = studio.bundle.trees.get(name) or (studio.bundle.trees.get(studio.trees[0]) if len(studio.trees) == 1
                                              else None)
     if tree is None:

@@ -106,6 +106,11 @@ class Zoo:
         return cls(root, models, tree)
 
     @property
+    def name(self) -> str:
+        """The tree's name: tree.json's "name", else the zoo folder's."""
+        return self.tree.get("name") or self.root.resolve().name
+
+    @property
     def task(self) -> str:
         """"multilabel" when the models carry label lists (discriminative), else "multiclass" (one class each)."""
         return "multilabel" if any(m.labels is not None for m in self.models) else "multiclass"

@@ -191,3 +191,29 @@ def test_recipe_reproduces_with_plain_diffusers_and_peft(tmp_path):
     weights = read_weights(tmp_path / "mine" / "pytorch_lora_weights.safetensors")
     assert weights.kind == "lora" and set(weights.layers) == set(recipe_a)
     assert all(weights.layers[n].scale == 1.0 for n in recipe_a)
+
+
+def test_ship_builds_a_bundle_the_studio_reads(tmp_path_factory, tmp_path):
+    """`python -m probex.jungle ship`'s builder on two small trees: it picks one of the four candidate experts on val,
+    finds a routing layer that separates the trees, and the Studio names test models' classes from their weights."""
+    import json
+
+    from test_service import build_test_bundle, zoo_file
+
+    from probex.jungle.ship import build_emoji_bundle
+    from probex.service import Studio
+
+    built = build_test_bundle(tmp_path_factory.getbasetemp() / "studio")
+    shipped = build_emoji_bundle(built["base"] / "zoo", tmp_path / "bundle", epochs=5, cache_root=tmp_path / "cache",
+                                 n_examples=1)
+    assert set(shipped["trees"]) == set(built["zoos"])
+    for summary in shipped["trees"].values():
+        assert len(summary["selection_of_candidates"]) == 4
+        assert summary["expert"] in summary["selection_of_candidates"]
+        assert summary["selection_of_candidates"][summary["expert"]] == max(summary["selection_of_candidates"].values())
+    studio = Studio.load(tmp_path / "bundle")
+    meta = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
+    assert meta["info"]["routing_layer"] == shipped["routing_layer"] and len(studio.bundle.examples) >= 2
+    for tree, cls in (("tree-a", "banana"), ("tree-b", "rocket")):
+        result = studio.predict(zoo_file(built["zoos"][tree], "test", cls), top_k=3)
+        assert result["tree"] == tree and cls in [c["name"] for c in result["classes"]]

@@ -55,7 +55,7 @@ def write_tree_info(zoo_dir: Path, root: str, jobs: list[LoraJob]):
     """``tree.json``: what a reader needs to know about this population besides the files."""
     from .lora import INSTANCE_PROMPT
 
-    info = {"tree": root, "root_model": f"checkpoints/roots/{root}", "task": "generative",
+    info = {"name": root, "root_model": f"checkpoints/roots/{root}", "task": "generative",
             "text_encoder": "minilm", "prompt_template": "an emoji of {name}", "instance_prompt": INSTANCE_PROMPT,
             "models": len(jobs), "classes": sorted({j.class_name for j in jobs})}
     zoo_dir.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ def build_emoji_bundle(population: Path, out: Path, epochs: int = 200, cache_roo
     specs, caches, summary = [], [], {}
     for tree_dir in sorted(p for p in Path(population).iterdir() if (p / "tree.json").exists()):
         zoo = Zoo.scan(tree_dir)
-        name = zoo.tree["tree"]
+        name = zoo.name
         root_dir = PROJECT / zoo.tree["root_model"]
         unet, _, recipe = load_root(root_dir)
         all_layers = sorted(read_weights(zoo.root / zoo.models[0].source).layers)
