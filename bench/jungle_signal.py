@@ -228,7 +228,8 @@ def main(argv=None):
     out, zoo = Path(args.out), Path(args.zoo)
     out.mkdir(parents=True, exist_ok=True)
     gates = set(args.gates.split(","))
-    report, started = {}, time.time()
+    previous = out / "report.json"  # gates run separately add to one report
+    report, started = (json.loads(previous.read_text()) if previous.exists() else {}), time.time()
     roots = list(PRESETS["pilot"])  # the first root's tree is the big one (gates 2 and 3); all go to the router
     if "1" in gates:
         report["gate1"] = gate1(out, [r for r in roots if (ROOTS / r / "unet").is_dir()])
