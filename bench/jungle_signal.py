@@ -187,37 +187,50 @@ def gate3(out: Path, tree_dir: Path, root: str, epochs: int, layers: str) -> dic
 
 
 def gate_router(tree_dirs: list[Path]) -> dict:
-    """Do the two roots' LoRAs separate? Cluster all of them on one layer, compare with the true root."""
-    from probex.router import Router
+    """Do the roots' LoRAs separate? Per layer: (1) the paper's way, unsupervised — single-linkage clustering into as
+    many trees as there are roots, scored by the best one-to-one match of clusters to roots; (2) routing — tree centres
+    from each population's train split, every other model (val, test, held-out classes) sent to the nearest centre."""
+    from probex.router import distance, find_trees, mean_layer
     from probex.weights import read_weights
 
-    print("\n== Router: the two roots' LoRAs ==")
+    print("\n== Router: the roots' LoRAs ==")
     tree_dirs = [t for t in tree_dirs if t.is_dir()]
     if len(tree_dirs) < 2:
         print(f"only {len(tree_dirs)} root's population is built: nothing to separate (not measured)")
         return {"measured": False}
-    models, truth = [], []
-    for tree in tree_dirs:
+    models, truth, train = [], [], []
+    for k, tree in enumerate(tree_dirs):
         for f in sorted(tree.glob("*/model_idx_*/pytorch_lora_weights.safetensors")):
             models.append(read_weights(f))
-            truth.append(tree.name)
-    router = Router().fit(models)
-    predicted = router.labels_
-    # clusters are unnamed: score the best one-to-one match of clusters to roots
-    pairs = {}
-    for p, t in zip(predicted, truth):
-        pairs.setdefault(p, []).append(t)
-    correct = sum(max(v.count(t) for t in set(v)) for v in pairs.values())
-    acc = correct / len(models)
-    print(f"{len(models)} LoRAs, {len(set(truth))} roots → {len(pairs)} clusters; accuracy {acc:.3f}")
-    return {"clusters": len(pairs), "accuracy": acc}
+            truth.append(k)
+            train.append(f.parent.parent.name == "train")
+    truth, train = np.array(truth), np.array(train)
+    rows = []
+    for layer in sorted(models[0].layers):
+        items = [m.layers[layer] for m in models]
+        found, _, _ = find_trees(items, n_trees=len(tree_dirs))
+        clustered = sum(np.bincount(truth[found == c]).max() for c in set(found.tolist())) / len(items)
+        centres = [mean_layer([it for it, t, tr in zip(items, truth, train) if t == k and tr])
+                   for k in range(len(tree_dirs))]
+        held = np.flatnonzero(~train)
+        routed = np.array([np.argmin([distance(items[i], c) for c in centres]) for i in held])
+        rows.append({"layer": layer, "clustering": float(clustered), "routing": float(np.mean(routed == truth[held]))})
+    best_cluster = max(rows, key=lambda r: r["clustering"])
+    best_route = max(rows, key=lambda r: r["routing"])
+    perfect = [r["layer"] for r in rows if r["routing"] == 1.0]
+    print(f"{len(models)} LoRAs of {len(tree_dirs)} roots ({', '.join(t.name for t in tree_dirs)}), {len(rows)} layers")
+    print(f"clustering (unsupervised): best layer {best_cluster['layer']} {best_cluster['clustering']:.3f}; median "
+          f"over layers {np.median([r['clustering'] for r in rows]):.3f}")
+    print(f"nearest tree centre ({int((~train).sum())} non-train models): best layer {best_route['layer']} "
+          f"{best_route['routing']:.3f}; {len(perfect)} of {len(rows)} layers route every model right")
+    return {"layers": rows, "best_clustering": best_cluster, "best_routing": best_route, "perfect_layers": perfect}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", default=str(ROOT / "zoo" / "emoji-pilot"))
     parser.add_argument("--out", default=str(ROOT / "runs" / "jungle_signal"))
-    parser.add_argument("--gates", default="1,2,3")
+    parser.add_argument("--gates", default="1,2,3,router")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=200, help="ProbeX epochs (the release uses 200)")
     parser.add_argument("--layers", default=r"attn2\.to_[kv]$",
@@ -237,7 +250,7 @@ def main(argv=None):
         report["gate2"] = gate2(out, zoo / roots[0], roots[0])
     if "3" in gates:
         report["gate3"] = gate3(out, zoo / roots[0], roots[0], args.epochs, args.layers)
-    if "router" in gates or "3" in gates:
+    if "router" in gates:
         report["router"] = gate_router([zoo / r for r in roots])
     (out / "report.json").write_text(json.dumps(report, indent=1, default=float))
     print(f"\n{time.time() - started:.0f} s; report: {out / 'report.json'}")

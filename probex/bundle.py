@@ -385,7 +385,11 @@ def train_bundle(zoo, out_dir: str | Path, layers=None, config: TrainConfig = PA
 
 
 def _fit_router(specs: list[TreeSpec], caches: list):
-    """Trees per architecture from the routing layer of every known model; each discovered tree must be one zoo."""
+    """Trees per architecture from the routing layer of every known model; each tree must be one zoo.
+
+    Trees are first found by clustering, as the paper does. Where clustering cannot tell same-architecture zoos apart
+    (LoRAs of two roots that differ only in their pretraining seed, for example), each zoo is taken as a tree and the
+    router is kept only if routing every known model to the nearest tree centre gives back its own zoo."""
     from probex.router import Router
     from probex.weights import LoraFactors
 
@@ -405,16 +409,27 @@ def _fit_router(specs: list[TreeSpec], caches: list):
             else:
                 items += list(t["weight"])
             owner += [i] * len(cache.models)
-        first = specs[members[0]]
-        found = router.add_group(first.signature, first.cache.kind, caches[members[0]][1], items, n_trees=len(members))
+        first, layer = specs[members[0]], caches[members[0]][1]
+        found = router.add_group(first.signature, first.cache.kind, layer, items, n_trees=len(members))
         names = {}
         for i in members:
             votes = [f for f, o in zip(found, owner) if o == i]
             majority = max(set(votes), key=votes.count)
             if majority in names or votes.count(majority) != len(votes):
-                raise ProbexError(f"the router could not separate tree {specs[i].name} from the other populations "
-                                  f"of its architecture on layer {caches[i][1]}")
+                names = None
+                break
             names[majority] = specs[i].name
+        if names is None:  # clustering mixes the zoos: take them as given, keep them only if routing separates them
+            router.groups.pop()
+            index = {i: k for k, i in enumerate(members)}
+            found = router.add_group(first.signature, first.cache.kind, layer, items,
+                                     members=[index[o] for o in owner])
+            routed = [router.route_item(router.groups[-1], item).tree for item in items]
+            if routed != found:
+                wrong = next(specs[o].name for o, r, f in zip(owner, routed, found) if r != f)
+                raise ProbexError(f"the router could not separate tree {wrong} from the other populations "
+                                  f"of its architecture on layer {layer}")
+            names = {found[owner.index(i)]: specs[i].name for i in members}
         router.rename(names)
     return router
 

@@ -222,9 +222,16 @@ class Router:
         return self
 
     def add_group(self, signature: Signature, kind: str, layer: str, items: list[Item], *,
-                  n_trees: int | None = None, gap_ratio: float = GAP_RATIO) -> list[str]:
-        """Find the trees of one architecture from its routing-layer items; returns each item's tree name."""
-        labels, heights, g = find_trees(items, n_trees=n_trees, gap_ratio=gap_ratio)
+                  n_trees: int | None = None, gap_ratio: float = GAP_RATIO,
+                  members: list[int] | None = None) -> list[str]:
+        """Find the trees of one architecture from its routing-layer items; returns each item's tree name.
+
+        ``members``: each item's tree (0..k−1) when it is known — a population built from one root — instead of
+        found by clustering; the trees' centres are then their members' means all the same."""
+        if members is None:
+            labels, heights, g = find_trees(items, n_trees=n_trees, gap_ratio=gap_ratio)
+        else:
+            labels, heights, g = np.asarray(members), np.zeros(0), gram(items)
         base = self.unique_base(signature, kind)
         trees = []
         for k in range(labels.max() + 1):
@@ -249,7 +256,10 @@ class Router:
     # ------------------------------------------------------------------------------------------- routing
     def route(self, weights: ModelWeights) -> Route:
         group, exact = self.matching_group(weights)
-        item = weights.layers[group.layer]
+        return self.route_item(group, weights.layers[group.layer], exact)
+
+    def route_item(self, group: Group, item: Item, exact: bool = True) -> Route:
+        """Route one routing-layer item within its architecture's group: the nearest tree centre."""
         dists = np.array([distance(item, t.centre) for t in group.trees])
         order = np.argsort(dists)
         nearest, d1 = group.trees[order[0]], float(dists[order[0]])

@@ -264,3 +264,28 @@ def test_malformed_state_is_a_clear_error():
         Router.from_state(tensors, state)
     with pytest.raises(InputError, match="router state"):
         Router.from_state({}, {"format": "something else"})
+
+
+def test_known_trees_need_no_clustering_and_route_to_their_own_centres():
+    """LoRA populations that share their A matrices (one peft seed) and differ in B around their root's own offset:
+    single linkage chains across the two when the within-tree spread is wide, but given the membership the centres
+    are the members' means and every member routes home."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(4, 30, generator=g)
+    offsets = [torch.randn(40, 4, generator=g), torch.randn(40, 4, generator=g)]
+    items, members = [], []
+    for k in (0, 1):
+        for _ in range(15):
+            items.append(LoraFactors(offsets[k] * 0.5 + torch.randn(40, 4, generator=g), a, 1.0))
+            members.append(k)
+    found, _, _ = find_trees(items, n_trees=2)
+    assert sorted(np.bincount(found).tolist()) != [15, 15]   # clustering alone does not recover them
+    sig = Signature.of({"down_blocks.0.attn2.to_v": items[0]})
+    router = Router()
+    names = router.add_group(sig, "lora", "down_blocks.0.attn2.to_v", items, members=members)
+    group = router.groups[0]
+    assert names == [group.trees[k].name for k in members] and [t.size for t in group.trees] == [15, 15]
+    for k, tree in enumerate(group.trees):
+        mean = torch.stack([dense64(x) for x, m in zip(items, members) if m == k]).mean(0)
+        assert torch.allclose(dense64(tree.centre), mean, atol=1e-6)
+    assert [router.route_item(group, x).tree for x in items] == names

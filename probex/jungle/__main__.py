@@ -2,7 +2,7 @@
 
     python -m probex.jungle root --name emoji-root-1 --seed 0 [--minutes M] [--steps N]
     python -m probex.jungle build pilot [--zoo zoo] [--roots emoji-root-1] [--shard 0/2]
-    python -m probex.jungle ship pilot [--out checkpoints/emoji-mini]
+    python -m probex.jungle ship pilot [--roots emoji-root-1] [--out checkpoints/emoji-mini]
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ def main(argv=None):
     ship.add_argument("--zoo", default="zoo")
     ship.add_argument("--out", default=str(ROOTS_DIR.parent / "emoji-mini"))
     ship.add_argument("--epochs", type=int, default=200)
+    ship.add_argument("--roots", nargs="*", help="only these trees")
     ship.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -74,7 +75,8 @@ def main(argv=None):
     elif args.cmd == "ship":
         from .ship import build_emoji_bundle
 
-        print(json.dumps(build_emoji_bundle(Path(args.zoo) / f"emoji-{args.preset}", Path(args.out), args.epochs)))
+        print(json.dumps(build_emoji_bundle(Path(args.zoo) / f"emoji-{args.preset}", Path(args.out), args.epochs,
+                                            roots=args.roots)))
 
 
 if __name__ == "__main__":

@@ -32,10 +32,12 @@ EXPERT_LAYERS = {"v": ("attn2.to_v",), "k+v": ("attn2.to_k", "attn2.to_v")}  # c
 
 
 def build_emoji_bundle(population: Path, out: Path, epochs: int = 200, cache_root: Path = Path("cache"),
-                       n_examples: int = 3) -> dict:
+                       n_examples: int = 3, roots: list[str] | None = None) -> dict:
+    """``roots``: ship only these trees of the population (default: all)."""
     encoder = load_text_encoder("minilm")
     specs, caches, summary = [], [], {}
-    for tree_dir in sorted(p for p in Path(population).iterdir() if (p / "tree.json").exists()):
+    for tree_dir in sorted(p for p in Path(population).iterdir() if (p / "tree.json").exists()
+                           and (not roots or p.name in roots)):
         zoo = Zoo.scan(tree_dir)
         name = zoo.name
         root_dir = PROJECT / zoo.tree["root_model"]
