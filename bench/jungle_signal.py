@@ -155,7 +155,7 @@ def gate3(out: Path, tree_dir: Path, root: str, epochs: int, layers: str) -> dic
                 free_metrics[split] = float((scores.argmax(1) == anchored_targets.y[idx]).float().mean())
         record(f"root-anchored training-free ({label})", free_metrics, f"{len(names)} attn2 layers")
         compact = AnchoredProbeX.training_free(root_w, instance)
-        candidates = [("training-free, 512-d", compact, evaluate_splits(compact, data, anchored_targets))]
+        candidates = [(f"training-free, {compact.r_t}-d", compact, evaluate_splits(compact, data, anchored_targets))]
         for relu in (True, False):
             torch.manual_seed(0)
             model = AnchoredProbeX.from_root(root_w, instance, relu=relu)
@@ -215,6 +215,17 @@ def gate_router(tree_dirs: list[Path]) -> dict:
         held = np.flatnonzero(~train)
         routed = np.array([np.argmin([distance(items[i], c) for c in centres]) for i in held])
         rows.append({"layer": layer, "clustering": float(clustered), "routing": float(np.mean(routed == truth[held]))})
+    # (3) root-aware, unsupervised: a LoRA's value change is shaped by the gradients its OWN root sends back through
+    # to_out.0, so that root's to_out.0 amplifies it more than another root's does. Score each root by
+    # Σ_layers log(‖Ŵ_out·ΔW_v‖ / ‖ΔW_v‖), Ŵ_out the root's to_out.0 weight at unit Frobenius norm.
+    roots = [load_root(ROOTS / t.name)[0] for t in tree_dirs]
+    score = torch.zeros(len(models), len(roots), dtype=torch.float64)
+    for layer in (n for n in sorted(models[0].layers) if n.endswith("to_v")):
+        delta = torch.stack([m.layers[layer].scale * m.layers[layer].up @ m.layers[layer].down for m in models]).double()
+        for k, unet in enumerate(roots):
+            w_out = unet.get_submodule(layer.replace("to_v", "to_out.0")).weight.detach().double()
+            score[:, k] += ((w_out / w_out.norm()) @ delta).flatten(1).norm(dim=1).log() - delta.flatten(1).norm(dim=1).log()
+    root_aware = float((score.argmax(1).numpy() == truth).mean())
     best_cluster = max(rows, key=lambda r: r["clustering"])
     best_route = max(rows, key=lambda r: r["routing"])
     perfect = [r["layer"] for r in rows if r["routing"] == 1.0]
@@ -223,7 +234,9 @@ def gate_router(tree_dirs: list[Path]) -> dict:
           f"over layers {np.median([r['clustering'] for r in rows]):.3f}")
     print(f"nearest tree centre ({int((~train).sum())} non-train models): best layer {best_route['layer']} "
           f"{best_route['routing']:.3f}; {len(perfect)} of {len(rows)} layers route every model right")
-    return {"layers": rows, "best_clustering": best_cluster, "best_routing": best_route, "perfect_layers": perfect}
+    print(f"root-aware (unsupervised, every to_v layer, all {len(models)} models): {root_aware:.3f}")
+    return {"layers": rows, "best_clustering": best_cluster, "best_routing": best_route, "perfect_layers": perfect,
+            "root_aware": root_aware}
 
 
 def main(argv=None):
