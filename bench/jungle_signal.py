@@ -215,17 +215,19 @@ def gate_router(tree_dirs: list[Path]) -> dict:
         held = np.flatnonzero(~train)
         routed = np.array([np.argmin([distance(items[i], c) for c in centres]) for i in held])
         rows.append({"layer": layer, "clustering": float(clustered), "routing": float(np.mean(routed == truth[held]))})
-    # (3) root-aware, unsupervised: a LoRA's value change is shaped by the gradients its OWN root sends back through
-    # to_out.0, so that root's to_out.0 amplifies it more than another root's does. Score each root by
-    # Σ_layers log(‖Ŵ_out·ΔW_v‖ / ‖ΔW_v‖), Ŵ_out the root's to_out.0 weight at unit Frobenius norm.
-    roots = [load_root(ROOTS / t.name)[0] for t in tree_dirs]
-    score = torch.zeros(len(models), len(roots), dtype=torch.float64)
-    for layer in (n for n in sorted(models[0].layers) if n.endswith("to_v")):
-        delta = torch.stack([m.layers[layer].scale * m.layers[layer].up @ m.layers[layer].down for m in models]).double()
-        for k, unet in enumerate(roots):
-            w_out = unet.get_submodule(layer.replace("to_v", "to_out.0")).weight.detach().double()
-            score[:, k] += ((w_out / w_out.norm()) @ delta).flatten(1).norm(dim=1).log() - delta.flatten(1).norm(dim=1).log()
-    root_aware = float((score.argmax(1).numpy() == truth).mean())
+    # (3) the roots' listeners (probex.router.Tree): a LoRA's value change is shaped by gradients its own root sends
+    # back through to_out.0, so its own root's to_out.0 amplifies it most — no centres, no training; what ship uses
+    from probex.jungle.ship import root_listeners
+    from probex.router import Router
+
+    router, first = Router(), sorted(models[0].layers)[0]
+    router.add_group(models[0].signature, "lora", first, [m.layers[first] for m in models], members=truth.tolist())
+    group = router.groups[0]
+    for k, tree in enumerate(tree_dirs):
+        group.trees[k].listeners = root_listeners(load_root(ROOTS / tree.name)[0])
+    names = [t.name for t in group.trees]
+    heard = np.array([names.index(router.route_layers(group, m.layers).tree) for m in models])
+    root_aware = float(np.mean(heard == truth))
     best_cluster = max(rows, key=lambda r: r["clustering"])
     best_route = max(rows, key=lambda r: r["routing"])
     perfect = [r["layer"] for r in rows if r["routing"] == 1.0]
@@ -234,7 +236,7 @@ def gate_router(tree_dirs: list[Path]) -> dict:
           f"over layers {np.median([r['clustering'] for r in rows]):.3f}")
     print(f"nearest tree centre ({int((~train).sum())} non-train models): best layer {best_route['layer']} "
           f"{best_route['routing']:.3f}; {len(perfect)} of {len(rows)} layers route every model right")
-    print(f"root-aware (unsupervised, every to_v layer, all {len(models)} models): {root_aware:.3f}")
+    print(f"roots' listeners (no training, every to_v layer, all {len(models)} models): {root_aware:.3f}")
     return {"layers": rows, "best_clustering": best_cluster, "best_routing": best_route, "perfect_layers": perfect,
             "root_aware": root_aware}
 

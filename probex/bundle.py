@@ -196,10 +196,12 @@ def _folder_name(name: str, taken: set) -> str:
 
 
 def _example_name(source: Path) -> str:
-    """Zoo files all share one name (pytorch_lora_weights.safetensors): name the copy after the model's folders."""
+    """Zoo files all share one name (pytorch_lora_weights.safetensors): name the copy after the model's folders,
+    tree included (two trees both have a test/model_idx_0014)."""
     from probex.zoo import WEIGHT_FILES
 
-    stem = f"{source.parent.parent.name}__{source.parent.name}" if source.name in WEIGHT_FILES else source.stem
+    folders = source.parent.parent.parent.name, source.parent.parent.name, source.parent.name
+    stem = "__".join(folders) if source.name in WEIGHT_FILES else source.stem
     return re.sub(r"[^A-Za-z0-9._-]+", "_", stem) + ".safetensors"
 
 
@@ -384,14 +386,14 @@ def train_bundle(zoo, out_dir: str | Path, layers=None, config: TrainConfig = PA
     return {"bundle": str(out_dir), "profile": prof.name, "trees": summary}
 
 
-def _fit_router(specs: list[TreeSpec], caches: list):
+def _fit_router(specs: list[TreeSpec], caches: list, listeners: dict[str, dict] | None = None):
     """Trees per architecture from the routing layer of every known model; each tree must be one zoo.
 
     Trees are first found by clustering, as the paper does. Where clustering cannot tell same-architecture zoos apart
-    (LoRAs of two roots that differ only in their pretraining seed, for example), each zoo is taken as a tree and the
-    router is kept only if routing every known model to the nearest tree centre gives back its own zoo."""
+    (LoRAs of two roots that differ only in their pretraining seed, for example), each zoo is taken as a tree, with its
+    root's ``listeners`` when given (tree name → {LoRA layer: matrix}, see probex.router.Tree), and the router is kept
+    only if every known model routes back to its own zoo."""
     from probex.router import Router
-    from probex.weights import LoraFactors
 
     router = Router()
     by_digest: dict[str, list[int]] = {}
@@ -399,17 +401,9 @@ def _fit_router(specs: list[TreeSpec], caches: list):
         spec.signature = spec.signature or _first_signature(spec.cache)
         by_digest.setdefault(spec.signature.digest, []).append(i)
     for members in by_digest.values():
-        items, owner = [], []
-        for i in members:
-            cache, layer = caches[i]
-            t = cache.load(layer)
-            if "up" in t:
-                items += [LoraFactors(u[:, :r], d[:r], float(s)) for u, d, s, r in
-                          zip(t["up"], t["down"], t["scale"], t["rank"].tolist())]
-            else:
-                items += list(t["weight"])
-            owner += [i] * len(cache.models)
         first, layer = specs[members[0]], caches[members[0]][1]
+        items = [item for i in members for item in _cached_items(caches[i][0], layer)]
+        owner = [i for i in members for _ in caches[i][0].models]
         found = router.add_group(first.signature, first.cache.kind, layer, items, n_trees=len(members))
         names = {}
         for i in members:
@@ -424,7 +418,13 @@ def _fit_router(specs: list[TreeSpec], caches: list):
             index = {i: k for k, i in enumerate(members)}
             found = router.add_group(first.signature, first.cache.kind, layer, items,
                                      members=[index[o] for o in owner])
-            routed = [router.route_item(router.groups[-1], item).tree for item in items]
+            group = router.groups[-1]
+            heard = sorted({n for i in members for n in (listeners or {}).get(specs[i].name, {})})
+            for i in members:
+                group.trees[index[i]].listeners = dict((listeners or {}).get(specs[i].name, {}))
+            per_layer = {n: [x for i in members for x in _cached_items(caches[i][0], n)] for n in {layer, *heard}}
+            routed = [router.route_layers(group, {n: xs[j] for n, xs in per_layer.items()}).tree
+                      for j in range(len(items))]
             if routed != found:
                 wrong = next(specs[o].name for o, r, f in zip(owner, routed, found) if r != f)
                 raise ProbexError(f"the router could not separate tree {wrong} from the other populations "
@@ -432,6 +432,17 @@ def _fit_router(specs: list[TreeSpec], caches: list):
             names = {found[owner.index(i)]: specs[i].name for i in members}
         router.rename(names)
     return router
+
+
+def _cached_items(cache, layer: str) -> list:
+    """One cached layer of every model of a cache, as the router takes it (LoRA factors or dense weights)."""
+    from probex.weights import LoraFactors
+
+    t = cache.load(layer)
+    if "up" in t:
+        return [LoraFactors(u[:, :r], d[:r], float(s)) for u, d, s, r in
+                zip(t["up"], t["down"], t["scale"], t["rank"].tolist())]
+    return list(t["weight"])
 
 
 def _sample_ids(cache, per_class: int) -> list[str]:

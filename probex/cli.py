@@ -75,7 +75,8 @@ def run_route(args) -> int:
     if args.json:
         print(json.dumps(result, indent=1))
     else:
-        print(f"tree {result['tree']}  (router confidence {result['router']['confidence']:.2f}, "
+        how = "by its root's listeners" if result["router"]["method"] == "root" else "nearest tree centre"
+        print(f"tree {result['tree']}  ({how}; router confidence {result['router']['confidence']:.2f}, "
               f"distance {result['router']['distance']:.4g}, routing layer {result['router']['layer']})")
     return 0
 

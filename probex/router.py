@@ -16,6 +16,7 @@ smaller one: dense (d_out × d_in), or factors concatenated, up = [s_1B_1, …, 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,6 +43,7 @@ class Route:
     confidence: float  # ≥ 2 trees: 1 − d_nearest / d_second (0 = halfway, 1 = on the centre); 1 tree: min(1, radius/d)
     layer: str
     exact_signature: bool  # False: routed on a compatible routing layer although the module set differs
+    method: str = "centre"  # "centre": nearest tree centre; "root": the tree whose root listens loudest (see Tree)
 
 
 @dataclass
@@ -50,6 +52,10 @@ class Tree:
     centre: Item
     radius: float  # largest member distance to the centre when the tree was found
     size: int
+    # LoRA layer → the tree root's matrix that reads that layer's output, at unit Frobenius norm (to_v → to_out.0).
+    # A LoRA is trained by gradients its own root sends back through that matrix, so its update is amplified more by
+    # its own root's listener than by another root's — what tells apart trees whose roots differ only in their seed.
+    listeners: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -188,6 +194,22 @@ def member_radius(g: np.ndarray, members: np.ndarray) -> float:
     return float(np.sqrt(np.maximum(sq, 0.0)).max())
 
 
+def listener_scores(group: Group, layers: dict[str, Item]) -> np.ndarray | None:
+    """Per tree: Σ over listened layers of log(‖L·ΔW‖ / ‖ΔW‖), L the tree root's listener (see Tree). None when a
+    tree has no listeners or the model lacks one of their layers."""
+    names = list(group.trees[0].listeners)
+    if not names or any(set(t.listeners) != set(names) for t in group.trees) or any(n not in layers for n in names):
+        return None
+    scores = np.zeros(len(group.trees))
+    for name in names:
+        x = layers[name]
+        delta = (x.scale * x.up.double() @ x.down.double()) if isinstance(x, LoraFactors) else x.double()
+        norm = float(delta.norm())
+        for k, t in enumerate(group.trees):
+            scores[k] += math.log(max(float((t.listeners[name].double() @ delta).norm()), 1e-30) / max(norm, 1e-30))
+    return scores
+
+
 # ------------------------------------------------------------------------------------------------ router
 class Router:
     """Per architecture: trees found on one layer, routing to the nearest tree centre."""
@@ -256,7 +278,19 @@ class Router:
     # ------------------------------------------------------------------------------------------- routing
     def route(self, weights: ModelWeights) -> Route:
         group, exact = self.matching_group(weights)
-        return self.route_item(group, weights.layers[group.layer], exact)
+        return self.route_layers(group, weights.layers, exact)
+
+    def route_layers(self, group: Group, layers: dict[str, Item], exact: bool = True) -> Route:
+        """Route one model (its layers by name) within its architecture's group: by the roots' listeners when every
+        tree has them and the model has their layers, else to the nearest tree centre."""
+        scores = listener_scores(group, layers)
+        if scores is None:
+            return self.route_item(group, layers[group.layer], exact)
+        order = np.argsort(-scores)
+        best = group.trees[order[0]]
+        margin = float(scores[order[0]] - scores[order[1]]) if len(order) > 1 else float("inf")
+        return Route(best.name, distance(layers[group.layer], best.centre), 1.0 - math.exp(-margin), group.layer,
+                     exact, "root")
 
     def route_item(self, group: Group, item: Item, exact: bool = True) -> Route:
         """Route one routing-layer item within its architecture's group: the nearest tree centre."""
@@ -323,8 +357,11 @@ class Router:
                     tensors[f"{key}.up"], tensors[f"{key}.down"] = t.centre.up.contiguous(), t.centre.down.contiguous()
                 else:
                     tensors[f"{key}.centre"] = t.centre.contiguous()
+                for li, listener in enumerate(t.listeners.values()):
+                    tensors[f"{key}.listeners.{li}"] = listener.contiguous()
                 trees.append({"name": t.name, "size": t.size, "radius": t.radius,
-                              "centre": "factors" if isinstance(t.centre, LoraFactors) else "dense"})
+                              "centre": "factors" if isinstance(t.centre, LoraFactors) else "dense",
+                              "listeners": list(t.listeners)})
             groups.append({"digest": g.digest, "family": g.family, "kind": g.kind, "layer": g.layer,
                            "shape": list(g.shape), "heights": g.heights, "trees": trees})
         return tensors, {"format": "probex-router", "version": 1, "groups": groups}
@@ -341,7 +378,9 @@ class Router:
                     key = f"groups.{gi}.trees.{ti}"
                     centre = (LoraFactors(tensors[f"{key}.up"].float(), tensors[f"{key}.down"].float(), 1.0)
                               if t["centre"] == "factors" else tensors[f"{key}.centre"].float())
-                    trees.append(Tree(t["name"], centre, float(t["radius"]), int(t["size"])))
+                    listeners = {name: tensors[f"{key}.listeners.{li}"].float()
+                                 for li, name in enumerate(t.get("listeners", []))}
+                    trees.append(Tree(t["name"], centre, float(t["radius"]), int(t["size"]), listeners))
                 groups.append(Group(g["digest"], g["family"], g["kind"], g["layer"], tuple(g["shape"]), trees,
                                     [float(h) for h in g["heights"]]))
         except (KeyError, TypeError, ValueError) as err:

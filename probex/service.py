@@ -196,7 +196,7 @@ class Studio:
         weights = self.read(source)
         r = self.router().route(weights)
         return {"tree": r.tree, "router": {"distance": r.distance, "confidence": r.confidence, "layer": r.layer,
-                                           "exact_signature": r.exact_signature}}
+                                           "exact_signature": r.exact_signature, "method": r.method}}
 
     @torch.no_grad()
     def predict(self, source: str | Path | ModelWeights | Analysis, top_k: int = 5) -> dict:

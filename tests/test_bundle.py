@@ -188,3 +188,11 @@ def test_nearest_mean_reads_clustered_encodings_and_not_shuffled_ones():
     assert nearest_mean_top1(enc, targets, "test") == 1.0
     shuffled = Targets("multiclass", torch.cat([y[torch.randperm(30, generator=g)], y[30:]]), split, targets.classes)
     assert nearest_mean_top1(enc, shuffled, "test") < 0.5
+
+
+def test_examples_of_two_trees_with_the_same_model_id_both_ship(tmp_path):
+    from probex.bundle import _example_name
+
+    a = tmp_path / "tree-a" / "test" / "model_idx_0014" / "pytorch_lora_weights.safetensors"
+    b = tmp_path / "tree-b" / "test" / "model_idx_0014" / "pytorch_lora_weights.safetensors"
+    assert _example_name(a) != _example_name(b) and _example_name(a) == "tree-a__test__model_idx_0014.safetensors"

@@ -289,3 +289,35 @@ def test_known_trees_need_no_clustering_and_route_to_their_own_centres():
         mean = torch.stack([dense64(x) for x, m in zip(items, members) if m == k]).mean(0)
         assert torch.allclose(dense64(tree.centre), mean, atol=1e-6)
     assert [router.route_item(group, x).tree for x in items] == names
+
+
+def test_roots_listeners_route_loras_their_centres_cannot_and_survive_a_round_trip():
+    """Two trees with the same centre: only their roots' listeners tell them apart. A LoRA shaped by its root's
+    listener (ΔW = Lᵀ·X, as a gradient through L makes it) is amplified most by that listener."""
+    g = torch.Generator().manual_seed(5)
+    def orthogonal():
+        return torch.linalg.qr(torch.randn(24, 24, generator=g))[0]
+
+    listeners = [orthogonal() @ torch.diag(torch.linspace(3, 0.1, 24)) @ orthogonal().T for _ in (0, 1)]
+    listeners = [m / m.norm() for m in listeners]
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_v"
+    a = torch.randn(4, 24, generator=g)
+    models, members = [], []
+    for k in (0, 1):
+        for _ in range(6):
+            up = listeners[k].T @ torch.randn(24, 4, generator=g)
+            models.append({name: LoraFactors(up, a, 1.0)})
+            members.append(k)
+    router = Router()
+    names = router.add_group(Signature.of(models[0]), "lora", name, [m[name] for m in models], members=members)
+    group = router.groups[0]
+    for k, tree in enumerate(group.trees):
+        tree.listeners = {name: listeners[k]}
+    routes = [router.route_layers(group, m) for m in models]
+    assert [r.tree for r in routes] == names and {r.method for r in routes} == {"root"}
+    assert all(0 < r.confidence <= 1 for r in routes)
+    back = Router.from_state(*router.to_state())
+    assert [back.route_layers(back.groups[0], m).tree for m in models] == names
+    for tree in back.groups[0].trees:   # without listeners the same router falls back to the centres
+        tree.listeners = {}
+    assert back.route_layers(back.groups[0], models[0]).method == "centre"

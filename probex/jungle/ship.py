@@ -35,13 +35,14 @@ def build_emoji_bundle(population: Path, out: Path, epochs: int = 200, cache_roo
                        n_examples: int = 3, roots: list[str] | None = None) -> dict:
     """``roots``: ship only these trees of the population (default: all)."""
     encoder = load_text_encoder("minilm")
-    specs, caches, summary = [], [], {}
+    specs, caches, summary, listeners = [], [], {}, {}
     for tree_dir in sorted(p for p in Path(population).iterdir() if (p / "tree.json").exists()
                            and (not roots or p.name in roots)):
         zoo = Zoo.scan(tree_dir)
         name = zoo.name
         root_dir = PROJECT / zoo.tree["root_model"]
         unet, _, recipe = load_root(root_dir)
+        listeners[name] = root_listeners(unet)
         all_layers = sorted(read_weights(zoo.root / zoo.models[0].source).layers)
         cache = build_cache(zoo, Path(cache_root) / name, layers="all")
         class_states = encoder.token_states([caption(recipe, c["name"]) for c in cache.classes], recipe.token_length)
@@ -73,7 +74,7 @@ def build_emoji_bundle(population: Path, out: Path, epochs: int = 200, cache_roo
                          **{f"top1_{k}": round(v, 4) for k, v in metrics.items()},
                          "selection_of_candidates": {k: round(c[1]["selection"], 4) for k, c in candidates.items()}}
         print(json.dumps({name: summary[name]}), flush=True)
-    router, routing_layer = _separating_router(specs, caches, all_layers)
+    router, routing_layer = _separating_router(specs, caches, all_layers, listeners)
     examples = [Path(c.index["zoo"]) / m["source"] for c in caches for m in _examples(c, n_examples)]
     if Path(out).exists():
         shutil.rmtree(out)  # a rebuilt bundle must not keep files of the previous one
@@ -92,10 +93,16 @@ def _examples(cache, n: int) -> list[dict]:
     return held + list({m["class_id"]: m for m in test}.values())[:n]
 
 
-def _separating_router(specs, caches, layers):
+def root_listeners(unet) -> dict:
+    """Every value projection's listener: the same attention's to_out.0 weight, at unit Frobenius norm."""
+    return {name: (w / w.norm()) for name, module in unet.named_modules() if name.endswith(".to_v")
+            for w in [unet.get_submodule(name[:-len("to_v")] + "to_out.0").weight.detach()]}
+
+
+def _separating_router(specs, caches, layers, listeners=None):
     for layer in layers:
         try:
-            return _fit_router(specs, [(c, layer) for c in caches]), layer
+            return _fit_router(specs, [(c, layer) for c in caches], listeners), layer
         except ProbexError:
             continue
     raise ProbexError("no layer separates the trees: the router cannot tell these roots' LoRAs apart")
