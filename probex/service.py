@@ -535,9 +535,11 @@ def example_label(path: Path) -> str:
     except Exception:  # noqa: BLE001 — a label is cosmetic; the file is validated when it is used
         meta = {}
     name = meta.get("class_name") or path.stem
+    parts = path.stem.split("__")
+    tree = f" · tree {parts[0]}" if len(parts) == 3 else ""  # shipped examples are named tree__split__model
     if "holdout" in path.stem:
-        return f"{name} · held-out class (never seen in training)"
-    return f"{name} · test model"
+        return f"{name} · held-out class (never seen in training){tree}"
+    return f"{name} · test model{tree}"
 
 
 def first_line(err: Exception) -> str:

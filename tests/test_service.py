@@ -433,3 +433,16 @@ def test_root_anchored_multi_layer_experts_work_through_every_verb(built):
     assert any(m["tree"] == "tree-a" for m in studio.search("fish", top_k=10)["models"])
     assert studio.map_figure(path, query="fish").data
     assert "attn2.to_v" in studio.model_card(path)
+
+
+def test_example_labels_name_the_class_the_split_and_the_tree(tmp_path):
+    from safetensors.torch import save_file
+
+    from probex.service import example_label
+
+    for stem, expected in (("emoji-root-2__test__model_idx_0002", "yo-yo · test model · tree emoji-root-2"),
+                           ("t__test_holdout__model_idx_0500", "yo-yo · held-out class (never seen in training) · tree t"),
+                           ("my_lora", "yo-yo · test model")):
+        path = tmp_path / f"{stem}.safetensors"
+        save_file({"x": torch.zeros(1)}, str(path), metadata={"class_name": "yo-yo"})
+        assert example_label(path) == expected
