@@ -81,7 +81,7 @@ def identify(path: str, owned: list[str], top_k: int):
         FILES.release(*owned)
         raise
     request = Request(analysis, path, studio.drawable_neighbors(analysis, NEIGHBOURS_DRAWN), owned)
-    bars = concept_bars(result["classes"], "Top concepts (the tree's classes: known ones by their models' mean, the rest by text)")
+    bars = concept_bars(result["classes"], "Top concepts (known: models' mean · unseen: text)")
     return (summary_markdown(result), gr.update(value=bars, visible=True), model_rows(result["neighbors"], False),
             figure, str(card_path), card_path.read_text(), request, gr.update(visible=True))
 
