@@ -240,8 +240,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_zoo_parser(verbs) -> None:
+    """`probex zoo build --preset emoji-mini`: the offline profile's LoRA populations (probex/jungle/presets.py)."""
+    from probex.jungle.presets import PRESETS
+
+    parser = verbs.add_parser("zoo", help="build a LoRA population on the emoji roots (resumable)")
+    sub = parser.add_subparsers(dest="zoo_command", required=True)
+    build = sub.add_parser("build", help="train a preset's LoRAs in Model-J layout; existing files are skipped")
+    build.add_argument("--preset", default="emoji-mini", choices=sorted(PRESETS))
+    build.add_argument("--zoo", default="zoo", help="parent folder (LoRAs go to <zoo>/emoji-<preset>/<root>/)")
+    build.add_argument("--roots", nargs="*", help="only these roots' trees")
+    build.add_argument("--shard", default="0/1", help="i/n: every n-th job from i, to run n processes side by side")
+    build.add_argument("--threads", type=positive, default=1, help="torch threads of this process")
+    build.add_argument("--adapters-per-pass", type=positive, default=10)
+    build.add_argument("--device", default="cpu", help="cpu or cuda")
+    build.set_defaults(run=run_zoo_build)
+
+
+def run_zoo_build(args) -> int:
+    import torch
+
+    from probex.jungle.presets import build_preset
+    from probex.jungle.root import ROOTS_DIR
+
+    torch.set_num_threads(args.threads)
+    for record in build_preset(args.preset, Path(args.zoo), ROOTS_DIR, args.roots, args.shard,
+                               args.adapters_per_pass, args.device):
+        print(json.dumps(record))
+    return 0
+
+
 def mount_optional_parsers(verbs) -> None:
     """Subcommands other modules provide, mounted only when their module offers a parser builder."""
+    add_zoo_parser(verbs)
     try:
         from probex.modelj import add_modelj_parser
     except ImportError:

@@ -217,3 +217,39 @@ def test_ship_builds_a_bundle_the_studio_reads(tmp_path_factory, tmp_path):
     for tree, cls in (("tree-a", "banana"), ("tree-b", "rocket")):
         result = studio.predict(zoo_file(built["zoos"][tree], "test", cls), top_k=3)
         assert result["tree"] == tree and cls in [c["name"] for c in result["classes"]]
+
+
+def test_emoji_mini_preset_has_the_jungles_size_and_splits():
+    from collections import Counter
+
+    from probex.jungle.presets import preset_jobs
+
+    jobs = preset_jobs("emoji-mini")
+    a, b = jobs["emoji-root-1"], jobs["emoji-root-2"]
+    split_a = Counter(j.model_id.split("/")[0] for j in a)
+    assert split_a == {"train": 1050, "val": 150, "test": 300, "val_holdout": 90, "test_holdout": 90}
+    seen = {j.class_id for j in a if j.model_id.startswith(("train", "val/", "test/"))}
+    held = {j.class_id for j in a if "holdout" in j.model_id}
+    assert len(seen) == 150 and len(held) == 30 and not seen & held
+    assert len(b) == 200 and len({j.class_id for j in b}) == 40
+    assert len({j.model_id for j in a}) == len(a) and preset_jobs("emoji-mini") == jobs   # deterministic
+
+
+def test_population_build_is_resumable_and_records_itself(tmp_path, monkeypatch):
+    import json
+
+    from probex.jungle.lora import build_population
+    from probex.weights import read_weights
+
+    monkeypatch.setattr("probex.jungle.root.load_atlas", lambda: _two_class_atlas())
+    monkeypatch.setattr("probex.jungle.lora.load_atlas", lambda: _two_class_atlas())
+    root = pretrain_root(tmp_path / "root", RootRecipe(name="tiny", classes=["U+0001", "U+0002"], **TINY))
+    jobs = [_job(i, 5e-3, 2, i) for i in range(3)]
+    first = build_population(root, jobs[:2], tmp_path / "zoo", adapters_per_pass=2, seed=7)
+    again = build_population(root, jobs, tmp_path / "zoo", adapters_per_pass=2, seed=7)
+    assert (first["trained"], again["trained"], again["skipped"]) == (2, 1, 2)
+    records = [json.loads(line) for line in (tmp_path / "zoo" / "build_record.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and records[0]["job_seed"] == 7 and set(records[0]["versions"]) == {"torch", "diffusers",
+                                                                                               "peft"}
+    lora = read_weights(tmp_path / "zoo" / "train" / "model_idx_0002" / "pytorch_lora_weights.safetensors")
+    assert lora.kind == "lora" and lora.metadata["class_name"] == "red thing"

@@ -1,7 +1,7 @@
 """Build the Mini Model Jungle, resumably.
 
     python -m probex.jungle root --name emoji-root-1 --seed 0 [--minutes M] [--steps N]
-    python -m probex.jungle build pilot [--zoo zoo] [--roots emoji-root-1] [--shard 0/2]
+    python -m probex.jungle build pilot|emoji-mini [--zoo zoo] [--roots emoji-root-1] [--shard 0/2]
     python -m probex.jungle ship pilot [--roots emoji-root-1] [--out checkpoints/emoji-mini]
 """
 from __future__ import annotations
@@ -13,11 +13,9 @@ from pathlib import Path
 import torch
 
 from .atlas import load_atlas
-from .lora import build_population
-from .presets import preset_jobs, write_tree_info
-from .root import RootRecipe, pretrain_root
+from .presets import PRESETS, build_preset
+from .root import ROOTS_DIR, RootRecipe, pretrain_root
 
-ROOTS_DIR = Path(__file__).resolve().parents[2] / "checkpoints" / "roots"
 
 
 def main(argv=None):
@@ -34,7 +32,7 @@ def main(argv=None):
                       help="UNet block widths. (32,64) trains 2x faster but its first conv squeezes each 48-channel "
                            "4x4-pixel patch into 32 channels, and its samples keep per-pixel noise (measured)")
     build = sub.add_parser("build", help="train a preset's LoRA population (resumable)")
-    build.add_argument("preset", choices=["pilot"])
+    build.add_argument("preset", choices=sorted(PRESETS))
     build.add_argument("--zoo", default="zoo")
     build.add_argument("--roots", nargs="*", help="only these roots")
     build.add_argument("--threads", type=int, default=2)
@@ -42,7 +40,7 @@ def main(argv=None):
     build.add_argument("--device", default="cpu")
     build.add_argument("--shard", default="0/1", help="i/n: train every n-th job starting at i (parallel processes)")
     ship = sub.add_parser("ship", help="train the experts and write the emoji-mini bundle from a built preset")
-    ship.add_argument("preset", choices=["pilot"])
+    ship.add_argument("preset", choices=sorted(PRESETS))
     ship.add_argument("--zoo", default="zoo")
     ship.add_argument("--out", default=str(ROOTS_DIR.parent / "emoji-mini"))
     ship.add_argument("--epochs", type=int, default=200)
@@ -63,14 +61,8 @@ def main(argv=None):
         pretrain_root(out, recipe, minutes=args.minutes, device=args.device)
         print(json.dumps({"root": str(out), "steps": recipe.steps}))
     elif args.cmd == "build":
-        for root, jobs in preset_jobs(args.preset).items():
-            if args.roots and root not in args.roots:
-                continue
-            tree_dir = Path(args.zoo) / f"emoji-{args.preset}" / root
-            write_tree_info(tree_dir, root, jobs)
-            i, n = (int(v) for v in args.shard.split("/"))
-            jobs = jobs[i::n]
-            record = build_population(ROOTS_DIR / root, jobs, tree_dir, args.adapters_per_pass, args.device)
+        for record in build_preset(args.preset, Path(args.zoo), ROOTS_DIR, args.roots, args.shard,
+                                   args.adapters_per_pass, args.device):
             print(json.dumps(record))
     elif args.cmd == "ship":
         from .ship import build_emoji_bundle

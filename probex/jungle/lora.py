@@ -181,7 +181,7 @@ def sample_jobs(root: str, classes: list[dict], per_class: dict[str, int], seed:
 
 
 def build_population(root_dir: Path, jobs: list[LoraJob], zoo_dir: Path, adapters_per_pass: int = 10,
-                     device: str = "cpu") -> dict:
+                     device: str = "cpu", seed: int | None = None) -> dict:
     """Train every job whose file does not exist yet (resumable) into ``zoo_dir`` in Model-J layout."""
     from safetensors.torch import save_file
 
@@ -204,7 +204,12 @@ def build_population(root_dir: Path, jobs: list[LoraJob], zoo_dir: Path, adapter
             out = Path(zoo_dir) / job.model_id
             out.mkdir(parents=True, exist_ok=True)
             save_file(state, str(out / "pytorch_lora_weights.safetensors"), metadata=job.metadata(recipe))
-    record = {"root": recipe.name, "trained": len(todo), "seconds": round(time.time() - started, 1),
-              "adapters_per_pass": adapters_per_pass}
+    import diffusers
+    import peft
+
+    record = {"root": recipe.name, "trained": len(todo), "skipped": len(jobs) - len(todo),
+              "seconds": round(time.time() - started, 1), "adapters_per_pass": adapters_per_pass, "device": device,
+              "threads": torch.get_num_threads(), "job_seed": seed,
+              "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__}}
     (Path(zoo_dir) / "build_record.jsonl").open("a").write(json.dumps(record) + "\n")
     return record

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import InputError
 from .atlas import load_atlas
 from .lora import LoraJob, sample_jobs
 
@@ -27,6 +28,15 @@ PRESETS = {
                          "per_holdout": {"val_holdout": 2, "test_holdout": 2}},
         "emoji-root-2": {"train_classes": 20, "holdout_classes": 0, "seed": 12,
                          "per_class": {"train": 1, "val": 1, "test": 1}, "per_holdout": {}},
+    },
+    # the full jungle the shipped bundle is built from (issue: the Mini Model Jungle at scale): tree A 150 training
+    # classes × 10 LoRAs split 7/1/2 (70/10/20 by model) and 30 held-out classes × 6; tree B 40 classes × 5
+    "emoji-mini": {
+        "emoji-root-1": {"train_classes": 150, "holdout_classes": 30, "seed": 21,
+                         "per_class": {"train": 7, "val": 1, "test": 2},
+                         "per_holdout": {"val_holdout": 3, "test_holdout": 3}},
+        "emoji-root-2": {"train_classes": 40, "holdout_classes": 0, "seed": 22,
+                         "per_class": {"train": 3, "val": 1, "test": 1}, "per_holdout": {}},
     },
 }
 
@@ -60,3 +70,23 @@ def write_tree_info(zoo_dir: Path, root: str, jobs: list[LoraJob]):
             "models": len(jobs), "classes": sorted({j.class_name for j in jobs})}
     zoo_dir.mkdir(parents=True, exist_ok=True)
     (zoo_dir / "tree.json").write_text(json.dumps(info, indent=1))
+
+
+def build_preset(preset: str, zoo: Path, roots_dir: Path, roots: list[str] | None = None, shard: str = "0/1",
+                 adapters_per_pass: int = 10, device: str = "cpu") -> list[dict]:
+    """Train a preset's LoRAs into ``<zoo>/emoji-<preset>/<root>/`` (Model-J layout); resumable — files that exist
+    are skipped. ``shard`` "i/n" trains every n-th job from i, so n processes can share the work."""
+    from .lora import build_population
+
+    if preset not in PRESETS:
+        raise InputError(f"no preset {preset!r} (known: {', '.join(sorted(PRESETS))})")
+    i, n = (int(v) for v in shard.split("/"))
+    records = []
+    for root, jobs in preset_jobs(preset).items():
+        if roots and root not in roots:
+            continue
+        tree_dir = Path(zoo) / f"emoji-{preset}" / root
+        write_tree_info(tree_dir, root, jobs)
+        records.append(build_population(Path(roots_dir) / root, jobs[i::n], tree_dir, adapters_per_pass, device,
+                                        seed=PRESETS[preset][root]["seed"]))
+    return records

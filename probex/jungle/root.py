@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .atlas import load_atlas
 
+ROOTS_DIR = Path(__file__).resolve().parents[2] / "checkpoints" / "roots"  # the shipped roots
 SHARD_SIZE = "8MB"  # committed files stay ≤ 10 MB: diffusers writes and reads sharded weights natively
 
 
