@@ -1,7 +1,7 @@
 """The emoji jungle's three gates, measured on the pilot population and printed figure by figure.
 
-    python -m probex.jungle build pilot          # once (resumable): trains the pilot LoRAs into zoo/emoji-pilot
-    python bench/jungle_signal.py [--zoo zoo/emoji-pilot] [--out runs/jungle_signal]
+    python -m probex.jungle build pilot          # once (resumable): trains the pilot LoRAs into zoo/pilot
+    python bench/jungle_signal.py [--zoo zoo/pilot] [--out runs/jungle_signal]
 
 Gate 1  the root uses its text: loss with shuffled / matching captions per timestep (held-out views); sample grid.
 Gate 2  LoRAs fit their class: fixed-noise x0 error of LoRA+instance prompt vs root+instance prompt vs root+true
@@ -243,7 +243,7 @@ def gate_router(tree_dirs: list[Path]) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--zoo", default=str(ROOT / "zoo" / "emoji-pilot"))
+    parser.add_argument("--zoo", default=str(ROOT / "zoo" / "pilot"))
     parser.add_argument("--out", default=str(ROOT / "runs" / "jungle_signal"))
     parser.add_argument("--gates", default="1,2,3,router")
     parser.add_argument("--threads", type=int, default=2)

@@ -248,7 +248,7 @@ def add_zoo_parser(verbs) -> None:
     sub = parser.add_subparsers(dest="zoo_command", required=True)
     build = sub.add_parser("build", help="train a preset's LoRAs in Model-J layout; existing files are skipped")
     build.add_argument("--preset", default="emoji-mini", choices=sorted(PRESETS))
-    build.add_argument("--zoo", default="zoo", help="parent folder (LoRAs go to <zoo>/emoji-<preset>/<root>/)")
+    build.add_argument("--zoo", default="zoo", help="parent folder (LoRAs go to <zoo>/<preset>/<root>/)")
     build.add_argument("--roots", nargs="*", help="only these roots' trees")
     build.add_argument("--shard", default="0/1", help="i/n: every n-th job from i, to run n processes side by side")
     build.add_argument("--threads", type=positive, default=1, help="torch threads of this process")

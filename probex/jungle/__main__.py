@@ -67,7 +67,7 @@ def main(argv=None):
     elif args.cmd == "ship":
         from .ship import build_emoji_bundle
 
-        print(json.dumps(build_emoji_bundle(Path(args.zoo) / f"emoji-{args.preset}", Path(args.out), args.epochs,
+        print(json.dumps(build_emoji_bundle(Path(args.zoo) / args.preset, Path(args.out), args.epochs,
                                             roots=args.roots)))
 
 

@@ -74,7 +74,7 @@ def write_tree_info(zoo_dir: Path, root: str, jobs: list[LoraJob]):
 
 def build_preset(preset: str, zoo: Path, roots_dir: Path, roots: list[str] | None = None, shard: str = "0/1",
                  adapters_per_pass: int = 10, device: str = "cpu") -> list[dict]:
-    """Train a preset's LoRAs into ``<zoo>/emoji-<preset>/<root>/`` (Model-J layout); resumable — files that exist
+    """Train a preset's LoRAs into ``<zoo>/<preset>/<root>/`` (Model-J layout); resumable — files that exist
     are skipped. ``shard`` "i/n" trains every n-th job from i, so n processes can share the work."""
     from .lora import build_population
 
@@ -85,7 +85,7 @@ def build_preset(preset: str, zoo: Path, roots_dir: Path, roots: list[str] | Non
     for root, jobs in preset_jobs(preset).items():
         if roots and root not in roots:
             continue
-        tree_dir = Path(zoo) / f"emoji-{preset}" / root
+        tree_dir = Path(zoo) / preset / root
         write_tree_info(tree_dir, root, jobs)
         records.append(build_population(Path(roots_dir) / root, jobs[i::n], tree_dir, adapters_per_pass, device,
                                         seed=PRESETS[preset][root]["seed"]))

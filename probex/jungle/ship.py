@@ -2,7 +2,7 @@
 
     python -m probex.jungle ship pilot [--zoo zoo] [--out checkpoints/emoji-mini]
 
-Per tree (one folder per root under ``<zoo>/emoji-<preset>/``): cache the LoRA layers; on the root's cross-attention
+Per tree (one folder per root under ``<zoo>/<preset>/``): cache the LoRA layers; on the root's cross-attention
 value layers, and on its key + value layers, fit a linear root-anchored ProbeX (epoch chosen on val) and build the
 training-free one; keep the candidate whose encodings read the val splits best — known classes by the nearest mean of
 their train models (what the app does, Gallery.class_anchors), held-out classes by text; encode every known model for
