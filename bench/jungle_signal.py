@@ -87,8 +87,9 @@ def gate3(out: Path, tree_dir: Path, root: str, epochs: int, layers: str) -> dic
     from probex.anchored import AnchoredProbeX, LayerStack, anchored_layer_names, training_free_scores
     from probex.model import StatMLP, StatNNClassifier, weight_statistics
     from probex.text import load_text_encoder
-    from probex.train import (LayerData, TrainConfig, class_text_embeddings, encode_all, evaluate_split,
-                              nearest_mean_top1, sweep_layers, task_targets, train_expert)
+    from probex.jungle.ship import score_as_the_app_reads
+    from probex.train import (LayerData, TrainConfig, class_text_embeddings, evaluate_split, sweep_layers,
+                              task_targets, train_expert)
 
     def evaluate_splits(expert, data, targets):
         return {s: evaluate_split(expert, data, targets, s)["score"] for s in targets.evaluated_splits()}
@@ -165,13 +166,12 @@ def gate3(out: Path, tree_dir: Path, root: str, epochs: int, layers: str) -> dic
             record(f"  {kind} expert, text only ({label})", metrics, f"val {metrics['val']:.3f}",
                    sum(p.numel() for p in model.parameters() if p.requires_grad))
             # known classes anchored at the mean of their train models (what the app does): in-distribution only
-            encodings = encode_all(model, data)
-            near = {s: nearest_mean_top1(encodings, anchored_targets, s) for s in ("val", "test")}
-            record(f"  {kind} expert, class means ({label})", {"test": near["test"]}, f"val {near['val']:.3f}")
-            selection = (near["val"] + metrics["val_holdout"]) / 2
-            report[f"anchored {label} {kind}"] = {**metrics, **{f"{s}_nearest_mean": v for s, v in near.items()}}
-            if best is None or selection > best[0]:
-                best = (selection, f"{label}, {kind}", model, names)
+            score_as_the_app_reads(model, data, anchored_targets, metrics)
+            record(f"  {kind} expert, class means ({label})", {"test": metrics["test_nearest_mean"]},
+                   f"val {metrics['val_nearest_mean']:.3f}")
+            report[f"anchored {label} {kind}"] = metrics
+            if best is None or metrics["selection"] > best[0]:
+                best = (metrics["selection"], f"{label}, {kind}", model, names)
     print(f"chosen on val (mean of class-means val and val_holdout): root-anchored ({best[1]}), {best[0]:.3f}")
     report["chosen"] = {"layers": best[1], "names": best[3]}
     best[2].save_pretrained(out / "anchored-expert")

@@ -422,7 +422,8 @@ def _fit_router(specs: list[TreeSpec], caches: list, listeners: dict[str, dict] 
             heard = sorted({n for i in members for n in (listeners or {}).get(specs[i].name, {})})
             for i in members:
                 group.trees[index[i]].listeners = dict((listeners or {}).get(specs[i].name, {}))
-            per_layer = {n: [x for i in members for x in _cached_items(caches[i][0], n)] for n in {layer, *heard}}
+            per_layer = {layer: items, **{n: [x for i in members for x in _cached_items(caches[i][0], n)]
+                                          for n in heard if n != layer}}
             routed = [router.route_layers(group, {n: xs[j] for n, xs in per_layer.items()}).tree
                       for j in range(len(items))]
             if routed != found:

@@ -156,8 +156,6 @@ def _initial_a(unet, rank, init_seed):
     return _A_CACHE[key]
 
 
-
-
 def sample_jobs(root: str, classes: list[dict], per_class: dict[str, int], seed: int, start_index: int = 0,
                 init_seed_random_share: float = 0.0) -> list[LoraJob]:
     """Jobs for ``classes`` with per-model hyperparameters; ``per_class`` maps split → LoRAs per class.

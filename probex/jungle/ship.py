@@ -1,14 +1,15 @@
 """Build the embedded ``emoji-mini`` bundle (the app's default) from a built jungle population.
 
-    python -m probex.jungle ship pilot [--zoo zoo] [--out checkpoints/emoji-mini]
+    python -m probex.jungle ship pilot [--zoo zoo] [--roots emoji-root-1] [--out checkpoints/emoji-mini]
 
 Per tree (one folder per root under ``<zoo>/<preset>/``): cache the LoRA layers; on the root's cross-attention
 value layers, and on its key + value layers, fit a linear root-anchored ProbeX (epoch chosen on val) and build the
 training-free one; keep the candidate whose encodings read the val splits best — known classes by the nearest mean of
 their train models (what the app does, Gallery.class_anchors), held-out classes by text; encode every known model for
 the gallery, ship one LoRA per class to draw samples from and a few test / held-out-class LoRAs as examples. The router
-is fitted on all trees together; its routing layer is the first layer, in sorted order, on which the clustering
-separates the trees exactly as they were built.
+is fitted on all trees together, with each root's listeners (probex.router.Tree); its routing layer is the first
+layer, in sorted order, on which every known LoRA routes back to its own tree — by clustering where that separates
+the trees, else by the roots' listeners.
 """
 from __future__ import annotations
 
@@ -58,13 +59,7 @@ def build_emoji_bundle(population: Path, out: Path, epochs: int = 200, cache_roo
             free_metrics = {s: evaluate_split(free, data, targets, s)["score"] for s in targets.evaluated_splits()}
             for kind, expert, metrics in ((f"trained linear, {layer_set}", fit.expert, fit.metrics),
                                           (f"training-free, {layer_set}", free, free_metrics)):
-                # The app scores known classes against the mean of their known models (Gallery.class_anchors) and
-                # held-out ones against their text: keep the candidate that reads both val splits best.
-                encodings = encode_all(expert, data)
-                metrics.update({f"{s}_nearest_mean": nearest_mean_top1(encodings, targets, s) for s in ("val", "test")})
-                read = [metrics["val_nearest_mean"]] + ([metrics["val_holdout"]] if "val_holdout" in metrics else [])
-                metrics["selection"] = sum(read) / len(read)
-                candidates[kind] = (expert, metrics, encodings, names)
+                candidates[kind] = (expert, metrics, score_as_the_app_reads(expert, data, targets, metrics), names)
         kind = max(candidates, key=lambda k: candidates[k][1]["selection"])
         expert, metrics, encodings, names = candidates[kind]
         specs.append(TreeSpec(name, expert, cache, names, recipe.prompt_template, zoo.tree["root_model"],
@@ -83,6 +78,18 @@ def build_emoji_bundle(population: Path, out: Path, epochs: int = 200, cache_roo
                        "expert": "root-anchored ProbeX on cross-attention layers (probex/anchored.py)",
                        "built_by": "python -m probex.jungle ship"})
     return {"bundle": str(out), "routing_layer": routing_layer, "trees": summary}
+
+
+def score_as_the_app_reads(expert, data, targets, metrics: dict):
+    """The app scores known classes against the mean of their known models (Gallery.class_anchors) and held-out ones
+    against their text. Adds the class-mean top-1 on val and test to ``metrics`` (which holds the text top-1 per
+    split) and ``selection``: the mean of class-mean val and text val_holdout (where the tree has held-out classes),
+    what a candidate expert is chosen by. Returns the encodings of every model."""
+    encodings = encode_all(expert, data)
+    metrics.update({f"{s}_nearest_mean": nearest_mean_top1(encodings, targets, s) for s in ("val", "test")})
+    read = [metrics["val_nearest_mean"]] + ([metrics["val_holdout"]] if "val_holdout" in metrics else [])
+    metrics["selection"] = sum(read) / len(read)
+    return encodings
 
 
 def _examples(cache, n: int) -> list[dict]:
