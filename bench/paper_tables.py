@@ -1,7 +1,21 @@
 """Our analogues of the paper's tables, printed.
 
-    python -m probex.jungle.discriminative build --zoo zoo/discriminative     # once (resumable)
-    python bench/paper_tables.py [--zoo zoo/discriminative] [--cache cache/discriminative] [--json runs/tables.json]
+    python -m probex.jungle.discriminative build --zoo zoo/discriminative     # once each (resumable)
+    python -m probex zoo build --preset emoji-mini
+    python bench/paper_tables.py [--part all|generative|discriminative] [--json runs/tables.json]
+
+Generative (paper Tables 2–3) on the emoji jungle (zoo/emoji-mini, the population the shipped bundle was built from),
+on the tree with held-out classes (emoji-root-1: 150 training classes, 30 held-out): in-distribution top-1 on test
+(chance 1/150) and zero-shot top-1 on test_holdout (chance 1/30), each method's layer chosen on val:
+  ProbeX         ReLU; a classifier head for in-distribution and an align head (MiniLM text of "an emoji of {name}")
+                 for zero-shot, each swept over the cross-attention value layers (--layers), chosen on val
+  linear ProbeX  the same without the ReLU
+  dense          Eq. 1's dense expert with the same heads, on the layer ProbeX chose for each head
+  StatNN         gradient-boosted trees on 7 statistics of every layer (in-distribution) / an MLP align head on them
+  shipped        the bundle's expert as the app reads it (checkpoints/emoji-mini: root-anchored, cross-attention
+                 layers): known classes by the nearest class mean of train models' encodings, held-out ones by text
+plus kNN (k=5, train models as reference) and one-class ROC-AUC on the held-out classes (val_holdout models as each
+class's reference, test_holdout scored) for the align experts, and the bundle's router on every LoRA of every tree.
 
 Discriminative (paper Table 1 and Fig. 3a) on the jungle's discriminative populations: four Model Trees (small
 classifiers fine-tuned from one root each, every model on a random 10 of a 20-class pool) and a forest (the same
@@ -46,6 +60,8 @@ from probex.train import LayerData, TrainConfig, sweep_layers, task_targets, tra
 from probex.zoo import LayerCache, build_cache  # noqa: E402
 
 DISCRIMINATIVE = TrainConfig(epochs=200, lr=2e-3, r_u=16, r_v=16, r_t=128, patience=40)
+GENERATIVE = TrainConfig(epochs=100, patience=20)   # the pilot's gate 3 (bench/jungle_signal.py) setting, early stop
+GENERATIVE_LAYERS = r"attn2\.to_v$"  # the 7 cross-attention value layers: where the caption enters the root
 DENSE_RAM_GB = 0.25  # four float32 copies of the dense tensor (weights, gradient, Adam moments); see module doc
 
 
@@ -183,10 +199,134 @@ def print_discriminative(result: dict) -> None:
         print(f"dense expert over the {result['dense_ram_gb']:g} GB budget on: {skipped}")
 
 
+# ---- generative: Tables 2 and 3 --------------------------------------------------------------------------------------
+def generative_tables(zoo_root: str | Path = ROOT / "zoo" / "emoji-mini",
+                      bundle_dir: str | Path = ROOT / "checkpoints" / "emoji-mini",
+                      cache_root: str | Path = ROOT / "cache" / "emoji-mini", config: TrainConfig = GENERATIVE,
+                      layers: str = GENERATIVE_LAYERS, dense_ram_gb: float = DENSE_RAM_GB) -> dict:
+    import re
+
+    from probex.evaluate import evaluate_bundle, evaluate_expert
+    from probex.text import load_text_encoder
+    from probex.train import class_text_embeddings
+    from probex.zoo import Zoo
+
+    trees = sorted(p for p in Path(zoo_root).iterdir() if (p / "tree.json").is_file())
+    if not trees:
+        raise SystemExit(f"no built jungle under {zoo_root}: run `python -m probex zoo build --preset emoji-mini`")
+    zoos = [Zoo.scan(t) for t in trees]
+    main_zoo = max(zoos, key=lambda z: (sum(c["holdout"] for c in z.classes()), len(z.models)))
+    cache = build_cache(main_zoo, Path(cache_root) / main_zoo.name, layers="all")
+    sentence = class_text_embeddings(cache, load_text_encoder("minilm"))
+    swept = [n for n in cache.all_layers if re.search(layers, n)]
+    rows = {}
+    for relu in (True, False):
+        cfg = replace(config, relu=relu)
+        cls = sweep_layers(cache, swept, "multiclass", config=cfg, progress=False)
+        align = sweep_layers(cache, swept, "align", sentence, config=cfg, progress=False)
+        extra = evaluate_expert(align.best.expert, cache, align.best_layer, "align", sentence)
+        rows["probex" if relu else "linear"] = {
+            "in_dist": cls.best_row["test"], "zero_shot": align.best_row["test_holdout"],
+            "layers": [cls.best_layer, align.best_layer],
+            "params": [cls.best_row["n_params"], align.best_row["n_params"]],
+            "knn5": extra["knn5_test"], "occ_auc": extra["occ_auc5_holdout"],
+            "seconds": round(sum(r["seconds"] for r in cls.rows + align.rows), 1)}
+        print(f"  {'ProbeX' if relu else 'linear ProbeX'}: {rows['probex' if relu else 'linear']}", flush=True)
+    rows["dense"] = generative_dense(cache, sentence, rows["probex"]["layers"], config, dense_ram_gb)
+    rows["statnn"] = generative_statnn(cache, sentence, config)
+    shipped = {z.name: evaluate_bundle(bundle_dir, z.root, Path(cache_root) / z.name) for z in zoos}
+    rows["shipped"] = {"in_dist": shipped[main_zoo.name]["class_mean_top1_test"],
+                       "in_dist_text": shipped[main_zoo.name]["top1_test"],
+                       "zero_shot": shipped[main_zoo.name]["zero_shot_test_holdout"],
+                       "knn5": shipped[main_zoo.name]["knn5_test"],
+                       "occ_auc": shipped[main_zoo.name]["occ_auc5_holdout"], "layers": shipped[main_zoo.name]["layer"]}
+    n_seen = sum(not c["holdout"] for c in cache.classes)
+    return {"tree": main_zoo.name, "classes": {"training": n_seen, "held_out": len(cache.classes) - n_seen},
+            "models": {s: len(cache.split_indices(s)) for s in ("train", "val", "test", "val_holdout", "test_holdout")},
+            "config": asdict(config), "rows": rows,
+            "router": {name: {"accuracy": r["router_accuracy"], "models": sum(v for k, v in r.items()
+                                                                           if k.startswith("n_"))}
+                       for name, r in shipped.items()},
+            "shipped_per_tree": shipped}
+
+
+def generative_dense(cache: LayerCache, sentence, layers: list[str], config: TrainConfig, ram_gb: float) -> dict:
+    """The dense expert (Eq. 1) with a classifier head and with an align head, each on the layer ProbeX chose."""
+    row = {"layers": layers, "params": []}
+    for (task, key), layer in zip((("multiclass", "in_dist"), ("align", "zero_shot")), layers):
+        targets = task_targets(cache, task, sentence if task == "align" else None)
+        d_w, d_h = cache.index["layers"][layer]["shape"]
+        torch.manual_seed(config.seed)
+        try:
+            expert = DenseExpert(d_w, d_h, config.r_t, head=task, ram_budget_gb=ram_gb,
+                                 n_out=None if task == "align" else len(targets.classes),
+                                 text_dim=sentence.shape[1] if task == "align" else None)
+        except ProbexError:
+            row[key] = None
+            continue
+        fit = train_expert(expert, LayerData.from_cache(cache, layer), targets, config)
+        row[key] = fit.metrics["test_holdout" if task == "align" else "test"]
+        row["params"].append(sum(p.numel() for p in expert.parameters()))
+    print(f"  dense: {row}", flush=True)
+    return row
+
+
+def generative_statnn(cache: LayerCache, sentence, config: TrainConfig) -> dict:
+    """StatNN: gradient-boosted trees on every layer's 7 weight statistics (in-distribution); zero-shot needs a text
+    side, so an MLP align head on the same statistics (probex.model.StatMLP)."""
+    from probex.model import StatMLP
+
+    stats = torch.cat([weight_statistics(cache.inputs(n)) for n in cache.all_layers], 1)
+    targets = task_targets(cache, "multiclass")
+    train, test = targets.split["train"], targets.split["test"]
+    gbt = StatNNClassifier("multiclass", seed=config.seed).fit(stats[train].numpy(), targets.y[train].numpy())
+    in_dist = float((torch.from_numpy(gbt.predict(stats[test].numpy())) == targets.y[test]).float().mean())
+    align = task_targets(cache, "align", sentence)
+    torch.manual_seed(config.seed)
+    mlp = StatMLP(stats.shape[1], head="align", text_dim=sentence.shape[1]).fit_normaliser(stats[train])
+    fit = train_expert(mlp, LayerData(stats), align, config)
+    row = {"in_dist": in_dist, "zero_shot": fit.metrics["test_holdout"], "layers": f"all {len(cache.all_layers)}"}
+    print(f"  StatNN: {row}", flush=True)
+    return row
+
+
+GENERATIVE_METHODS = (("probex", "ProbeX (ReLU)"), ("linear", "linear ProbeX"), ("dense", "dense expert"),
+                      ("statnn", "StatNN"), ("shipped", "shipped expert (app)"))
+
+
+def print_generative(result: dict) -> None:
+    c, m = result["classes"], result["models"]
+    print(f"\n== Generative (paper Tables 2–3) on {result['tree']}: {c['training']} training classes "
+          f"(chance {1 / c['training']:.3f}), {c['held_out']} held-out (chance {1 / c['held_out']:.3f}); models "
+          + "/".join(str(m[s]) for s in m) + " (train/val/test/val_holdout/test_holdout) ==")
+    shown = lambda v: "     —" if v is None else f"{v:6.3f}"  # noqa: E731
+    print(f"{'method':<22} {'in-dist':>7} {'zero-shot':>9} {'kNN-5':>6} {'1-class AUC':>11}  layers / parameters")
+    for key, label in GENERATIVE_METHODS:
+        r = result["rows"][key]
+        layers = r["layers"] if isinstance(r["layers"], str) else (
+            f"{len(r['layers'])} layers" if key == "shipped" else " / ".join(r["layers"]))
+        params = f"  ({' / '.join(f'{p:,}' for p in r['params'])} par.)" if r.get("params") else ""
+        print(f"{label:<22} {shown(r.get('in_dist')):>7} {shown(r.get('zero_shot')):>9} {shown(r.get('knn5')):>6} "
+              f"{shown(r.get('occ_auc')):>11}  {layers}{params}")
+    s = result["rows"]["shipped"]
+    print(f"shipped expert, known classes by text instead of class means: {s['in_dist_text']:.3f}")
+    for name, r in result["router"].items():
+        print(f"router: {name}'s {r['models']} LoRAs routed to their tree: {r['accuracy']:.3f}")
+    best_in = max(r["in_dist"] for r in result["rows"].values() if r.get("in_dist") is not None)
+    best_zero = max(r["zero_shot"] for r in result["rows"].values() if r.get("zero_shot") is not None)
+    print(f"targets: in-distribution ≥ 0.95 → best {best_in:.3f}; zero-shot ≥ 0.70 → best {best_zero:.3f}; "
+          f"router 100 % → {min(r['accuracy'] for r in result['router'].values()):.1%}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--part", choices=("all", "generative", "discriminative"), default="all")
     parser.add_argument("--zoo", default=str(ROOT / "zoo" / "discriminative"))
     parser.add_argument("--cache", default=str(ROOT / "cache" / "discriminative"))
+    parser.add_argument("--jungle", default=str(ROOT / "zoo" / "emoji-mini"), help="the generative population")
+    parser.add_argument("--bundle", default=str(ROOT / "checkpoints" / "emoji-mini"), help="the shipped bundle")
+    parser.add_argument("--gen-epochs", type=int, default=GENERATIVE.epochs, help="generative experts' epochs")
+    parser.add_argument("--layers", default=GENERATIVE_LAYERS, help="generative sweep: layers matching this regex")
     parser.add_argument("--only", nargs="*", help="only these populations")
     parser.add_argument("--epochs", type=int, default=DISCRIMINATIVE.epochs)
     parser.add_argument("--lr", type=float, default=DISCRIMINATIVE.lr)
@@ -197,11 +337,19 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    config = replace(DISCRIMINATIVE, epochs=args.epochs, lr=args.lr, patience=args.patience)
-    result = discriminative_tables(args.zoo, args.cache, config, args.dense_ram_gb, args.only)
-    print_discriminative(result)
+    result = {}
+    if args.part in ("all", "generative"):
+        print("… generative", flush=True)
+        result["generative"] = generative_tables(args.jungle, args.bundle, Path(args.cache).parent / "emoji-mini",
+                                                 replace(GENERATIVE, epochs=args.gen_epochs), args.layers,
+                                                 args.dense_ram_gb)
+        print_generative(result["generative"])
+    if args.part in ("all", "discriminative"):
+        config = replace(DISCRIMINATIVE, epochs=args.epochs, lr=args.lr, patience=args.patience)
+        result["discriminative"] = discriminative_tables(args.zoo, args.cache, config, args.dense_ram_gb, args.only)
+        print_discriminative(result["discriminative"])
     result["seconds"] = round(time.perf_counter() - start, 1)
-    print(f"\ndiscriminative tables: {result['seconds']} s on {args.threads} thread(s)")
+    print(f"\npaper tables ({args.part}): {result['seconds']} s on {args.threads} thread(s)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -15,7 +15,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 from probex.errors import NoExpertError, ProbexError
-from probex.train import LayerData, encode_all, task_targets
+from probex.train import LayerData, encode_all, nearest_mean_top1, task_targets
 
 
 def _np(x) -> np.ndarray:
@@ -88,17 +88,29 @@ def router_accuracy(router, models, true_trees) -> float:
     return right / len(true_trees)
 
 
-def evaluate_expert(expert, cache, layer: str, task: str | None = None, text_embeddings: torch.Tensor | None = None,
-                    k: int = 5) -> dict:
-    """Every metric that fits the expert's task, on the cached layer's splits.
+def layer_data(cache, layer: str | list[str]):
+    """What an expert reads from a cache: one layer, or several together (root-anchored experts)."""
+    if isinstance(layer, str):
+        return LayerData.from_cache(cache, layer)
+    from probex.anchored import LayerStack
 
-    In-distribution: top-1 (or per-label accuracy) on val / test; kNN and retrieval of test models against the train
-    models' encodings. Align experts also: zero-shot top-1 on val_holdout / test_holdout, and one-class AUC on the
-    held-out classes (val_holdout models are each class's reference, test_holdout models are scored)."""
-    data = LayerData.from_cache(cache, layer)
+    return LayerStack.from_cache(cache, list(layer))
+
+
+def evaluate_expert(expert, cache, layer: str | list[str], task: str | None = None,
+                    text_embeddings: torch.Tensor | None = None, k: int = 5) -> dict:
+    """Every metric that fits the expert's task, on the cached layer's (or layers') splits.
+
+    In-distribution: top-1 (or per-label accuracy) on val / test; for single-label trees also the top-1 of the
+    nearest class mean of the train models' encodings (how the app reads known classes, Gallery.class_anchors), and kNN
+    and retrieval of test models against the train models' encodings. Align experts also: zero-shot top-1 on
+    val_holdout / test_holdout, and one-class AUC on the held-out classes (val_holdout models are each class's
+    reference, test_holdout models are scored)."""
+    data = layer_data(cache, layer)
     targets = task_targets(cache, task or expert.head_kind, text_embeddings)
     split = {s: idx for s, idx in targets.split.items() if len(idx)}
-    enc = {s: encode_all(expert, data, idx) for s, idx in split.items()}
+    every = encode_all(expert, data)
+    enc = {s: every[idx] for s, idx in split.items()}
     y = {s: targets.y[idx] for s, idx in split.items()}
     report = {"layer": layer, "task": targets.task, "n_models": {s: len(idx) for s, idx in split.items()}}
     for s in ("val", "test", "val_holdout", "test_holdout"):
@@ -108,6 +120,10 @@ def evaluate_expert(expert, cache, layer: str, task: str | None = None, text_emb
         name = "zero_shot" if s.endswith("holdout") else ("per_label_accuracy" if targets.task == "multilabel" else "top1")
         metric = per_label_accuracy if targets.task == "multilabel" else top1_accuracy
         report[f"{name}_{s}"] = metric(logits, y[s])
+    if targets.task != "multilabel" and "train" in split:
+        for s in ("val", "test"):
+            if s in split:
+                report[f"class_mean_top1_{s}"] = nearest_mean_top1(every, targets, s)
     if targets.task != "multilabel" and "train" in split and "test" in split:
         report[f"knn{k}_test"] = knn_accuracy(enc["train"], y["train"], enc["test"], y["test"], k)
         report[f"precision@{k}_test"] = precision_at_k(enc["train"], y["train"], enc["test"], y["test"], k)
@@ -128,7 +144,7 @@ def evaluate_bundle(bundle_dir, zoo_dir, cache_dir=None, k: int = 5) -> dict:
 
     from probex.bundle import Bundle
     from probex.text import load_text_encoder
-    from probex.train import class_text_embeddings
+    from probex.train import prompt
     from probex.weights import read_weights
     from probex.zoo import Zoo, build_cache
 
@@ -146,10 +162,11 @@ def evaluate_bundle(bundle_dir, zoo_dir, cache_dir=None, k: int = 5) -> dict:
         raise ProbexError(f"no model of {zoo.root.name} routes to a tree of this bundle")
     tree = bundle.trees[truth]
     with tempfile.TemporaryDirectory() as tmp:
-        cache = build_cache(zoo, cache_dir or tmp, layers=[tree.layer])
+        cache = build_cache(zoo, cache_dir or tmp, layers=[tree.layer] if isinstance(tree.layer, str) else tree.layer)
         text = None
         if tree.expert.head_kind == "align":
-            text = class_text_embeddings(cache, load_text_encoder(bundle.text_encoder), tree.prompt_template)
+            text = tree.expert.text_input(load_text_encoder(bundle.text_encoder),
+                                          [prompt(tree.prompt_template, c["name"]) for c in cache.classes])
         else:
             expected = tree.gallery.class_ids
             classes = [c["id"] for c in cache.classes if tree.expert.head_kind == "multilabel" or not c["holdout"]]

@@ -218,6 +218,27 @@ def test_ship_builds_a_bundle_the_studio_reads(tmp_path_factory, tmp_path):
         result = studio.predict(zoo_file(built["zoos"][tree], "test", cls), top_k=3)
         assert result["tree"] == tree and cls in [c["name"] for c in result["classes"]]
 
+    # bench/paper_tables.py's generative part reads the population and this bundle: every method has its row, the
+    # shipped row is evaluate_bundle's reading as the app reads (class means), and the router is checked on all trees
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from paper_tables import GENERATIVE_METHODS, generative_tables, print_generative
+
+    from probex.evaluate import evaluate_bundle
+    from probex.train import TrainConfig
+
+    tables = generative_tables(built["base"] / "zoo", tmp_path / "bundle", tmp_path / "cache",
+                               TrainConfig(epochs=3, r_u=8, r_v=8, r_t=16), layers=r"attn2\.to_v$")
+    print_generative(tables)
+    assert tables["tree"] == "tree-a" and tables["classes"] == {"training": 10, "held_out": 2}
+    assert {key for key, _ in GENERATIVE_METHODS} <= set(tables["rows"])
+    for key, _ in GENERATIVE_METHODS:
+        assert 0.0 <= tables["rows"][key]["in_dist"] <= 1.0 and 0.0 <= tables["rows"][key]["zero_shot"] <= 1.0
+    direct = evaluate_bundle(tmp_path / "bundle", built["zoos"]["tree-a"], tmp_path / "direct-cache")
+    assert tables["rows"]["shipped"]["in_dist"] == direct["class_mean_top1_test"] >= 0.5   # 10 classes: chance 0.1
+    assert {name: r["accuracy"] for name, r in tables["router"].items()} == {"tree-a": 1.0, "tree-b": 1.0}
+
 
 def test_emoji_mini_preset_has_the_jungles_size_and_splits():
     from collections import Counter
@@ -227,7 +248,10 @@ def test_emoji_mini_preset_has_the_jungles_size_and_splits():
     jobs = preset_jobs("emoji-mini")
     a, b = jobs["emoji-root-1"], jobs["emoji-root-2"]
     split_a = Counter(j.model_id.split("/")[0] for j in a)
-    assert split_a == {"train": 1050, "val": 150, "test": 300, "val_holdout": 90, "test_holdout": 90}
+    assert split_a == {"train": 630, "val": 90, "test": 180, "val_holdout": 90, "test_holdout": 90}   # 70/10/20
+    per_class = Counter((j.class_id, j.model_id.split("/")[0]) for j in a)
+    assert all(per_class[(c, "train")] >= 4 and per_class[(c, "test")] >= 1
+               for c in {j.class_id for j in a if j.model_id.startswith("train")})
     seen = {j.class_id for j in a if j.model_id.startswith(("train", "val/", "test/"))}
     held = {j.class_id for j in a if "holdout" in j.model_id}
     assert len(seen) == 150 and len(held) == 30 and not seen & held
