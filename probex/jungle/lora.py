@@ -156,17 +156,19 @@ def _initial_a(unet, rank, init_seed):
     return _A_CACHE[key]
 
 
-def sample_jobs(root: str, classes: list[dict], per_class: dict[str, int], seed: int, start_index: int = 0,
-                init_seed_random_share: float = 0.0) -> list[LoraJob]:
-    """Jobs for ``classes`` with per-model hyperparameters; ``per_class`` maps split → LoRAs per class.
+def sample_jobs(root: str, classes: list[dict], per_class: dict[str, int] | list[dict[str, int]], seed: int,
+                start_index: int = 0, init_seed_random_share: float = 0.0) -> list[LoraJob]:
+    """Jobs for ``classes`` with per-model hyperparameters; ``per_class`` maps split → LoRAs per class, or is a list
+    of such maps that classes take in turn (class i the (i mod len)-th: exact split shares with few LoRAs per class).
 
     Hyperparameter ranges: rank ∈ {4, 8}, lr log-uniform in [3e-3, 1e-2], steps ∈ {100, 125, 150},
     5–10 images.
     """
     rng = np.random.default_rng(seed)
     jobs, index = [], start_index
-    for c in classes:
-        for split, n in per_class.items():
+    patterns = per_class if isinstance(per_class, list) else [per_class]
+    for i, c in enumerate(classes):
+        for split, n in patterns[i % len(patterns)].items():
             for _ in range(n):
                 random_init = rng.random() < init_seed_random_share
                 jobs.append(LoraJob(
