@@ -213,12 +213,30 @@ def _ship(source: Path, target: Path) -> Path:
     return target
 
 
+def _ship_half(source: Path, target: Path) -> Path:
+    """Copy a LoRA file into the bundle with its floating-point tensors in fp16 (half the bytes; the sampler loads
+    them into the fp32 root as it would any LoRA), metadata kept. No-op when re-saving a bundle in place."""
+    if source.resolve() == target.resolve():
+        return target
+    from safetensors import safe_open
+
+    with safe_open(str(source), "pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: (t.half() if t.is_floating_point() else t).contiguous() for k, t in tensors.items()}, str(target),
+              metadata=metadata)
+    return target
+
+
 def _save_tree(tree: TreeBundle, folder: Path, root: Path) -> list[Path]:
+    """Gallery tensors are stored in fp16 (cosines move by < 1e-3) and read back as fp32; so are the sample LoRAs:
+    the shipped artifacts stay within their size budget."""
     tree.expert.save_pretrained(folder / "expert")
     g = tree.gallery
-    save_file({"encodings": g.encodings.float().contiguous(), "umap": g.umap.float().contiguous(),
-               "text_emb": g.text_emb.float().contiguous()}, str(folder / "gallery.safetensors"))
-    samples = {mid: _ship(Path(p), folder / "samples" / (re.sub(r"[^A-Za-z0-9._-]+", "__", mid) + ".safetensors"))
+    save_file({"encodings": g.encodings.half().contiguous(), "umap": g.umap.half().contiguous(),
+               "text_emb": g.text_emb.half().contiguous()}, str(folder / "gallery.safetensors"))
+    samples = {mid: _ship_half(Path(p), folder / "samples" / (re.sub(r"[^A-Za-z0-9._-]+", "__", mid) + ".safetensors"))
                for mid, p in g.sample_paths.items()}
     (folder / "gallery.json").write_text(json.dumps(
         {"ids": g.ids, "classes": g.classes, "splits": g.splits, "classes_vocabulary": g.classes_vocabulary,
@@ -264,8 +282,8 @@ def _load_gallery(directory: Path, folder: str) -> Gallery:
     t = _load_tensors(directory, f"{folder}/gallery.safetensors")
     try:
         j = json.loads((directory / folder / "gallery.json").read_text())
-        return Gallery(j["ids"], j["classes"], j["splits"], j["classes_vocabulary"], t["encodings"], t["umap"],
-                       t["text_emb"], j.get("class_ids", []),
+        return Gallery(j["ids"], j["classes"], j["splits"], j["classes_vocabulary"], t["encodings"].float(),
+                       t["umap"].float(), t["text_emb"].float(), j.get("class_ids", []),
                        {m: str(directory / p) for m, p in j.get("sample_paths", {}).items()}, j.get("layout", {}))
     except (OSError, ValueError, KeyError) as exc:
         raise ProbexError(f"bundle {directory.name}: {folder}/gallery is incomplete ({exc})") from None
@@ -447,14 +465,16 @@ def _cached_items(cache, layer: str) -> list:
 
 
 def _sample_ids(cache, per_class: int) -> list[str]:
-    """The first `per_class` train models of each class: their LoRA files ship for drawing samples."""
-    chosen, count = [], {}
+    """The `per_class` smallest train LoRA files of each class (lowest rank; first by id among equals): they ship for
+    drawing samples, and the smallest keep the bundle within its size budget."""
+    zoo_root = Path(cache.index["zoo"])
+    by_class = {}
     for m in cache.models:
-        key = m.get("class_id") or "|".join(m.get("labels", []))
-        if m["split"] == "train" and count.get(key, 0) < per_class:
-            chosen.append(m["id"])
-            count[key] = count.get(key, 0) + 1
-    return chosen
+        if m["split"] == "train":
+            by_class.setdefault(m.get("class_id") or "|".join(m.get("labels", [])), []).append(m)
+    chosen = {m["id"] for group in by_class.values()
+              for m in sorted(group, key=lambda m: (zoo_root / m["source"]).stat().st_size)[:per_class]}
+    return [m["id"] for m in cache.models if m["id"] in chosen]
 
 
 def _example_models(cache, n: int) -> list[dict]:
