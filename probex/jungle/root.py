@@ -5,8 +5,8 @@ cross-attending to 16 all-MiniLM-L6-v2 token states of the caption "an emoji of 
 v-prediction: under ε-prediction at mid/high noise the clean-image error enters the loss with a tiny weight, and a
 measured probe of this setup learned to ignore its caption (ARCHITECTURE.md, probe 1).
 
-Saved as plain diffusers folders (``unet/``, ``scheduler/``) plus ``recipe.json``, so diffusers loads a root
-without this package. Pretraining is resumable: ``train_state.safetensors`` holds model, optimiser and RNG state.
+Saved as plain diffusers folders (``unet/`` in fp16, ``scheduler/``) plus ``recipe.json``, so diffusers loads a
+root without this package. Pretraining is resumable: ``train_state.safetensors`` holds model, optimiser and RNG state.
 """
 from __future__ import annotations
 
@@ -233,9 +233,23 @@ def pretrain_root(out_dir: Path, recipe: RootRecipe, *, minutes: float | None = 
         if step % checkpoint_every == 0:
             save_file(_state_tensors(unet, optimizer, step, generator), str(ckpt))
     save_file(_state_tensors(unet, optimizer, step, generator), str(ckpt))
-    unet.save_pretrained(out_dir / "unet", max_shard_size=SHARD_SIZE)
+    save_unet(unet, out_dir / "unet")
     scheduler.save_pretrained(out_dir / "scheduler")
     return out_dir
+
+
+def save_unet(unet, unet_dir: Path) -> Path:
+    """The shipped form of a root's UNet: weights in fp16 (half the bytes: the shipped artifacts have a size budget),
+    in ≤ 8 MB shards; ``load_root`` reads them back as fp32, and training state stays fp32 in train_state. Rounding
+    to fp16 moves each weight by < 0.05 % of itself."""
+    import copy
+    import shutil
+
+    unet_dir = Path(unet_dir)
+    if unet_dir.exists():
+        shutil.rmtree(unet_dir)  # no stale shards of an earlier save
+    copy.deepcopy(unet).to("cpu", torch.float16).save_pretrained(unet_dir, max_shard_size=SHARD_SIZE)
+    return unet_dir
 
 
 def load_root(root_dir: Path, device: str = "cpu"):
@@ -244,6 +258,6 @@ def load_root(root_dir: Path, device: str = "cpu"):
 
     root_dir = Path(root_dir)
     recipe = RootRecipe.load(root_dir / "recipe.json")
-    unet = UNet2DConditionModel.from_pretrained(root_dir / "unet").to(device).eval()
+    unet = UNet2DConditionModel.from_pretrained(root_dir / "unet", torch_dtype=torch.float32).to(device).eval()
     scheduler = DDPMScheduler.from_pretrained(root_dir / "scheduler")
     return unet, scheduler, recipe
