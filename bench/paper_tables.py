@@ -202,7 +202,7 @@ def print_discriminative(result: dict) -> None:
 # ---- generative: Tables 2 and 3 --------------------------------------------------------------------------------------
 def generative_tables(zoo_root: str | Path = ROOT / "zoo" / "emoji-mini",
                       bundle_dir: str | Path = ROOT / "checkpoints" / "emoji-mini",
-                      cache_root: str | Path = ROOT / "cache" / "emoji-mini", config: TrainConfig = GENERATIVE,
+                      cache_root: str | Path = ROOT / "cache", config: TrainConfig = GENERATIVE,
                       layers: str = GENERATIVE_LAYERS, dense_ram_gb: float = DENSE_RAM_GB) -> dict:
     import re
 
@@ -340,7 +340,7 @@ def main(argv=None) -> None:
     result = {}
     if args.part in ("all", "generative"):
         print("… generative", flush=True)
-        result["generative"] = generative_tables(args.jungle, args.bundle, Path(args.cache).parent / "emoji-mini",
+        result["generative"] = generative_tables(args.jungle, args.bundle, Path(args.cache).parent,  # as ship caches
                                                  replace(GENERATIVE, epochs=args.gen_epochs), args.layers,
                                                  args.dense_ram_gb)
         print_generative(result["generative"])
