@@ -203,7 +203,10 @@ def print_discriminative(result: dict) -> None:
 def generative_tables(zoo_root: str | Path = ROOT / "zoo" / "emoji-mini",
                       bundle_dir: str | Path = ROOT / "checkpoints" / "emoji-mini",
                       cache_root: str | Path = ROOT / "cache", config: TrainConfig = GENERATIVE,
-                      layers: str = GENERATIVE_LAYERS, dense_ram_gb: float = DENSE_RAM_GB) -> dict:
+                      layers: str = GENERATIVE_LAYERS, dense_ram_gb: float = DENSE_RAM_GB,
+                      trained: bool = True, shipped: bool = True) -> dict:
+    """``trained``: the rows of the methods trained here; ``shipped``: the bundle's expert and router (its own part,
+    so the trained rows can be computed while the bundle is still being built)."""
     import re
 
     from probex.evaluate import evaluate_bundle, evaluate_expert
@@ -214,40 +217,51 @@ def generative_tables(zoo_root: str | Path = ROOT / "zoo" / "emoji-mini",
     trees = sorted(p for p in Path(zoo_root).iterdir() if (p / "tree.json").is_file())
     if not trees:
         raise SystemExit(f"no built jungle under {zoo_root}: run `python -m probex zoo build --preset emoji-mini`")
-    zoos = [Zoo.scan(t) for t in trees]
-    main_zoo = max(zoos, key=lambda z: (sum(c["holdout"] for c in z.classes()), len(z.models)))
-    cache = build_cache(main_zoo, Path(cache_root) / main_zoo.name, layers="all")
-    sentence = class_text_embeddings(cache, load_text_encoder("minilm"))
-    swept = [n for n in cache.all_layers if re.search(layers, n)]
-    rows = {}
-    for relu in (True, False):
-        cfg = replace(config, relu=relu)
-        cls = sweep_layers(cache, swept, "multiclass", config=cfg, progress=False)
-        align = sweep_layers(cache, swept, "align", sentence, config=cfg, progress=False)
-        extra = evaluate_expert(align.best.expert, cache, align.best_layer, "align", sentence)
-        rows["probex" if relu else "linear"] = {
-            "in_dist": cls.best_row["test"], "zero_shot": align.best_row["test_holdout"],
-            "layers": [cls.best_layer, align.best_layer],
-            "params": [cls.best_row["n_params"], align.best_row["n_params"]],
-            "knn5": extra["knn5_test"], "occ_auc": extra["occ_auc5_holdout"],
-            "seconds": round(sum(r["seconds"] for r in cls.rows + align.rows), 1)}
-        print(f"  {'ProbeX' if relu else 'linear ProbeX'}: {rows['probex' if relu else 'linear']}", flush=True)
-    rows["dense"] = generative_dense(cache, sentence, rows["probex"]["layers"], config, dense_ram_gb)
-    rows["statnn"] = generative_statnn(cache, sentence, config)
-    shipped = {z.name: evaluate_bundle(bundle_dir, z.root, Path(cache_root) / z.name) for z in zoos}
-    rows["shipped"] = {"in_dist": shipped[main_zoo.name]["class_mean_top1_test"],
-                       "in_dist_text": shipped[main_zoo.name]["top1_test"],
-                       "zero_shot": shipped[main_zoo.name]["zero_shot_test_holdout"],
-                       "knn5": shipped[main_zoo.name]["knn5_test"],
-                       "occ_auc": shipped[main_zoo.name]["occ_auc5_holdout"], "layers": shipped[main_zoo.name]["layer"]}
+    # the tree with the most classes (held-out ones included) is the one the tables are about
+    main_tree = max(trees, key=lambda t: len(json.loads((t / "tree.json").read_text()).get("classes", [])))
+    cache = build_cache(Zoo.scan(main_tree), Path(cache_root) / main_tree.name, layers="all")
     n_seen = sum(not c["holdout"] for c in cache.classes)
-    return {"tree": main_zoo.name, "classes": {"training": n_seen, "held_out": len(cache.classes) - n_seen},
-            "models": {s: len(cache.split_indices(s)) for s in ("train", "val", "test", "val_holdout", "test_holdout")},
-            "config": asdict(config), "rows": rows,
-            "router": {name: {"accuracy": r["router_accuracy"], "models": sum(v for k, v in r.items()
-                                                                           if k.startswith("n_"))}
-                       for name, r in shipped.items()},
-            "shipped_per_tree": shipped}
+    result = {"tree": cache.index["tree"].get("name", main_tree.name),
+              "classes": {"training": n_seen, "held_out": len(cache.classes) - n_seen},
+              "models": {s: len(cache.split_indices(s)) for s in ("train", "val", "test", "val_holdout", "test_holdout")},
+              "config": asdict(config), "rows": {}}
+    rows = result["rows"]
+    if trained:
+        sentence = class_text_embeddings(cache, load_text_encoder("minilm"))
+        swept = [n for n in cache.all_layers if re.search(layers, n)]
+        for relu in (True, False):
+            cfg = replace(config, relu=relu)
+            cls = sweep_layers(cache, swept, "multiclass", config=cfg, progress=False)
+            align = sweep_layers(cache, swept, "align", sentence, config=cfg, progress=False)
+            extra = evaluate_expert(align.best.expert, cache, align.best_layer, "align", sentence)
+            rows["probex" if relu else "linear"] = {
+                "in_dist": cls.best_row["test"], "zero_shot": align.best_row["test_holdout"],
+                "layers": [cls.best_layer, align.best_layer],
+                "params": [cls.best_row["n_params"], align.best_row["n_params"]],
+                "knn5": extra["knn5_test"], "occ_auc": extra["occ_auc5_holdout"],
+                "seconds": round(sum(r["seconds"] for r in cls.rows + align.rows), 1)}
+            print(f"  {'ProbeX' if relu else 'linear ProbeX'}: {rows['probex' if relu else 'linear']}", flush=True)
+        rows["dense"] = generative_dense(cache, sentence, rows["probex"]["layers"], config, dense_ram_gb)
+        rows["statnn"] = generative_statnn(cache, sentence, config)
+    if shipped:
+        result.update(shipped_rows(trees, main_tree.name, bundle_dir, cache_root))
+        rows["shipped"] = result.pop("shipped_row")
+    return result
+
+
+def shipped_rows(trees: list[Path], main_name: str, bundle_dir, cache_root) -> dict:
+    """The bundle's expert on every tree as `probex eval` reads it (known classes by class means), and its router."""
+    from probex.evaluate import evaluate_bundle
+
+    per_tree = {t.name: evaluate_bundle(bundle_dir, t, Path(cache_root) / t.name) for t in trees}
+    main = per_tree[main_name]
+    return {"shipped_row": {"in_dist": main["class_mean_top1_test"], "in_dist_text": main["top1_test"],
+                            "zero_shot": main["zero_shot_test_holdout"], "knn5": main["knn5_test"],
+                            "occ_auc": main["occ_auc5_holdout"], "layers": main["layer"]},
+            "router": {name: {"accuracy": r["router_accuracy"],
+                              "models": sum(v for k, v in r.items() if k.startswith("n_"))}
+                       for name, r in per_tree.items()},
+            "shipped_per_tree": per_tree}
 
 
 def generative_dense(cache: LayerCache, sentence, layers: list[str], config: TrainConfig, ram_gb: float) -> dict:
@@ -302,25 +316,31 @@ def print_generative(result: dict) -> None:
     shown = lambda v: "     —" if v is None else f"{v:6.3f}"  # noqa: E731
     print(f"{'method':<22} {'in-dist':>7} {'zero-shot':>9} {'kNN-5':>6} {'1-class AUC':>11}  layers / parameters")
     for key, label in GENERATIVE_METHODS:
+        if key not in result["rows"]:
+            continue
         r = result["rows"][key]
         layers = r["layers"] if isinstance(r["layers"], str) else (
             f"{len(r['layers'])} layers" if key == "shipped" else " / ".join(r["layers"]))
         params = f"  ({' / '.join(f'{p:,}' for p in r['params'])} par.)" if r.get("params") else ""
         print(f"{label:<22} {shown(r.get('in_dist')):>7} {shown(r.get('zero_shot')):>9} {shown(r.get('knn5')):>6} "
               f"{shown(r.get('occ_auc')):>11}  {layers}{params}")
-    s = result["rows"]["shipped"]
-    print(f"shipped expert, known classes by text instead of class means: {s['in_dist_text']:.3f}")
-    for name, r in result["router"].items():
+    if "shipped" in result["rows"]:
+        s = result["rows"]["shipped"]
+        print(f"shipped expert, known classes by text instead of class means: {s['in_dist_text']:.3f}")
+    for name, r in result.get("router", {}).items():
         print(f"router: {name}'s {r['models']} LoRAs routed to their tree: {r['accuracy']:.3f}")
     best_in = max(r["in_dist"] for r in result["rows"].values() if r.get("in_dist") is not None)
     best_zero = max(r["zero_shot"] for r in result["rows"].values() if r.get("zero_shot") is not None)
+    router = min((r["accuracy"] for r in result.get("router", {}).values()), default=None)
     print(f"targets: in-distribution ≥ 0.95 → best {best_in:.3f}; zero-shot ≥ 0.70 → best {best_zero:.3f}; "
-          f"router 100 % → {min(r['accuracy'] for r in result['router'].values()):.1%}")
+          f"router 100 % → {'not measured' if router is None else f'{router:.1%}'}")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--part", choices=("all", "generative", "discriminative"), default="all")
+    parser.add_argument("--part", choices=("all", "generative", "discriminative", "generative-trained", "shipped"),
+                        default="all", help="generative = generative-trained + shipped (the bundle's rows, which "
+                        "with --json are merged into the file's earlier generative results)")
     parser.add_argument("--zoo", default=str(ROOT / "zoo" / "discriminative"))
     parser.add_argument("--cache", default=str(ROOT / "cache" / "discriminative"))
     parser.add_argument("--jungle", default=str(ROOT / "zoo" / "emoji-mini"), help="the generative population")
@@ -337,12 +357,18 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    result = {}
-    if args.part in ("all", "generative"):
+    result = json.loads(Path(args.json).read_text()) if args.part == "shipped" and args.json and \
+        Path(args.json).exists() else {}
+    if args.part in ("all", "generative", "generative-trained", "shipped"):
         print("… generative", flush=True)
-        result["generative"] = generative_tables(args.jungle, args.bundle, Path(args.cache).parent,  # as ship caches
-                                                 replace(GENERATIVE, epochs=args.gen_epochs), args.layers,
-                                                 args.dense_ram_gb)
+        fresh = generative_tables(args.jungle, args.bundle, Path(args.cache).parent,  # where ship caches
+                                  replace(GENERATIVE, epochs=args.gen_epochs), args.layers, args.dense_ram_gb,
+                                  trained=args.part != "shipped", shipped=args.part != "generative-trained")
+        if "generative" in result:  # --part shipped: add the bundle's rows to the trained ones
+            result["generative"]["rows"].update(fresh.pop("rows"))
+            result["generative"].update({k: v for k, v in fresh.items() if k not in ("config",)})
+        else:
+            result["generative"] = fresh
         print_generative(result["generative"])
     if args.part in ("all", "discriminative"):
         config = replace(DISCRIMINATIVE, epochs=args.epochs, lr=args.lr, patience=args.patience)
