@@ -209,7 +209,7 @@ def generative_tables(zoo_root: str | Path = ROOT / "zoo" / "emoji-mini",
     so the trained rows can be computed while the bundle is still being built)."""
     import re
 
-    from probex.evaluate import evaluate_bundle, evaluate_expert
+    from probex.evaluate import evaluate_expert
     from probex.text import load_text_encoder
     from probex.train import class_text_embeddings
     from probex.zoo import Zoo

@@ -115,6 +115,11 @@ class TreeBundle:
     root_model: str | None = None   # diffusers model id or dir of the tree's root (for drawing samples)
     instance_prompt: str | None = None
 
+    @property
+    def layers(self) -> list[str]:
+        """The names of the layer(s) the expert reads, as a list either way."""
+        return [self.layer] if isinstance(self.layer, str) else list(self.layer)
+
 
 @dataclass
 class Bundle:

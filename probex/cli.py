@@ -141,8 +141,7 @@ def run_eval(args) -> int:
     if tree is None:
         raise ProbexError(f"the bundle has no tree named {name!r} (trees: {', '.join(studio.trees)}); "
                           "name the zoo's tree in its tree.json")
-    layers = [tree.layer] if isinstance(tree.layer, str) else list(tree.layer)
-    cache = build_cache(zoo, Path(args.cache) / name, layers=layers)
+    cache = build_cache(zoo, Path(args.cache) / name, layers=tree.layers)
     text = studio.stored_text_input(tree.name) if tree.expert.head_kind == "align" else None
     report = {"tree": tree.name, **evaluate_expert(tree.expert, cache, tree.layer, tree.task, text)}
     if args.json:

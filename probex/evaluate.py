@@ -162,7 +162,7 @@ def evaluate_bundle(bundle_dir, zoo_dir, cache_dir=None, k: int = 5) -> dict:
         raise ProbexError(f"no model of {zoo.root.name} routes to a tree of this bundle")
     tree = bundle.trees[truth]
     with tempfile.TemporaryDirectory() as tmp:
-        cache = build_cache(zoo, cache_dir or tmp, layers=[tree.layer] if isinstance(tree.layer, str) else tree.layer)
+        cache = build_cache(zoo, cache_dir or tmp, layers=tree.layers)
         text = None
         if tree.expert.head_kind == "align":
             text = tree.expert.text_input(load_text_encoder(bundle.text_encoder),

@@ -143,7 +143,7 @@ class Studio:
         tree = self.bundle.trees.get(route.tree)
         if tree is None:
             raise NoExpertError(f"{weights.source} routes to tree {route.tree}, which has no expert in this bundle")
-        names = [tree.layer] if isinstance(tree.layer, str) else list(tree.layer)
+        names = tree.layers
         missing = [n for n in names if n not in weights.layers]
         if missing:
             raise InputError(f"{weights.source}: has no {missing[0]} module, a layer the {route.tree} expert reads "
