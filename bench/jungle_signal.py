@@ -85,10 +85,9 @@ PROMPT = "an emoji of {}"
 
 def gate3(out: Path, tree_dir: Path, root: str, epochs: int, layers: str) -> dict:
     from probex.anchored import AnchoredProbeX, LayerStack, anchored_layer_names, training_free_scores
-    from probex.model import StatMLP, StatNNClassifier, weight_statistics
     from probex.text import load_text_encoder
     from probex.jungle.ship import score_as_the_app_reads
-    from probex.train import (LayerData, TrainConfig, class_text_embeddings, evaluate_split, sweep_layers,
+    from probex.train import (TrainConfig, class_text_embeddings, evaluate_split, sweep_layers,
                               task_targets, train_expert)
 
     def evaluate_splits(expert, data, targets):
@@ -124,17 +123,11 @@ def gate3(out: Path, tree_dir: Path, root: str, epochs: int, layers: str) -> dic
                                                      "test_holdout": align.best_row["test_holdout"]},
                f"{cls.best_row['index']} / {align.best_row['index']}", cls.best_row["n_params"])
 
-    # StatNN: 7 statistics of every LoRA'd layer's weight change, concatenated
-    stats = torch.cat([weight_statistics(cache.inputs(n)) for n in cache.all_layers], 1)
-    targets = task_targets(cache, "multiclass")
-    tr, te = targets.split["train"], targets.split["test"]
-    gbt = StatNNClassifier("multiclass").fit(stats[tr], targets.y[tr])
-    gbt_top1 = float((torch.from_numpy(gbt.predict(stats[te])) == targets.y[te]).float().mean())
-    align_targets = task_targets(cache, "align", sentence)
-    torch.manual_seed(0)
-    mlp = StatMLP(stats.shape[1], head="align", text_dim=sentence.shape[1]).fit_normaliser(stats[tr])
-    mlp_fit = train_expert(mlp, LayerData(stats), align_targets, TrainConfig(epochs=epochs))
-    record("StatNN (GBT / MLP align)", {"test": gbt_top1, "test_holdout": mlp_fit.metrics["test_holdout"]})
+    # StatNN: 7 statistics of every LoRA'd layer's weight change (GBT in-distribution, MLP align zero-shot)
+    from paper_tables import generative_statnn
+
+    statnn = generative_statnn(cache, sentence, TrainConfig(epochs=epochs))
+    record("StatNN (GBT / MLP align)", {"test": statnn["in_dist"], "test_holdout": statnn["zero_shot"]})
 
     # root-anchored expert over cross-attention layers: keys + values, or values only; the set is chosen on val
     unet, _, recipe = load_root(ROOTS / root)
