@@ -138,7 +138,6 @@ def evaluate_bundle(bundle_dir, zoo_dir, cache_dir=None, k: int = 5) -> dict:
     then `evaluate_expert` of that tree's expert on them. The true tree is the zoo's tree.json "name" when the
     bundle has it, else the tree most models route to. Flat {metric: value}, as `probex eval` prints it."""
     import tempfile
-    from pathlib import Path
 
     from tqdm.auto import tqdm
 
