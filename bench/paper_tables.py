@@ -327,6 +327,10 @@ def print_generative(result: dict) -> None:
     if "shipped" in result["rows"]:
         s = result["rows"]["shipped"]
         print(f"shipped expert, known classes by text instead of class means: {s['in_dist_text']:.3f}")
+    for name, r in result.get("shipped_per_tree", {}).items():
+        if name != result["tree"]:
+            print(f"shipped expert on {name}: " + ", ".join(f"{k} {r[k]:.3f}" for k in (
+                "class_mean_top1_test", "class_mean_top1_val", "knn5_test") if r.get(k) is not None))
     for name, r in result.get("router", {}).items():
         print(f"router: {name}'s {r['models']} LoRAs routed to their tree: {r['accuracy']:.3f}")
     best_in = max(r["in_dist"] for r in result["rows"].values() if r.get("in_dist") is not None)
