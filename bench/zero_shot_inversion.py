@@ -1,0 +1,113 @@
+"""Zero-shot reading of held-out classes: the shipped output-space score vs reading the LoRA back in text space.
+
+    python bench/zero_shot_inversion.py [--jungle zoo/emoji-mini] [--tree emoji-root-1] [--cache cache]
+
+The shipped expert (probex/anchored.py, training-free) compares, in each cross-attention value layer's OUTPUT space,
+ΔW·H_sᵀ (what the LoRA does to the instance prompt "an emoji of sks") with W·(H_c − H_s)ᵀ (what caption c asks of the
+root), each layer scaled to unit norm. The alternative measured here goes back to the TEXT space: it solves for the
+token-state change δ (d_text × n_tokens) that the LoRA's updates of all read layers imitate,
+    min_δ  Σ_l ‖W_l·δ − ΔW_l·H_sᵀ‖² / ‖W_l‖²  +  λ·‖δ‖²        (λ relative to the mean diagonal of Σ W_lᵀW_l/‖W_l‖²)
+and scores caption c by cos(δ, (H_c − H_s)ᵀ). λ → ∞ is the adjoint, δ ∝ Σ_l W_lᵀ·ΔW_l·H_sᵀ / ‖W_l‖². Training-free
+both; λ is chosen on val_holdout. Prints top-1 among the held-out classes (zero-shot) and, by text alone, among the
+known classes. Needs the built jungle (``python -m probex zoo build --preset emoji-mini``); not what the app ships.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+LAMBDAS = (0.01, 1.0, 10.0, 100.0, float("inf"))
+SPLITS = ("val_holdout", "test_holdout", "val", "test")
+
+
+def top1_by_text(scores: torch.Tensor, y: torch.Tensor, splits: list[str], held_out: torch.Tensor) -> dict:
+    """Top-1 per split: held-out splits among the held-out classes, the others among the known classes."""
+    out = {}
+    for s in SPLITS:
+        idx = torch.tensor([i for i, x in enumerate(splits) if x == s], dtype=torch.long)
+        if len(idx):
+            pool = held_out if s.endswith("holdout") else ~held_out
+            out[s] = float((scores[idx].masked_fill(~pool, -2).argmax(1) == y[idx]).float().mean())
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--jungle", default=str(ROOT / "zoo" / "emoji-mini"))
+    parser.add_argument("--tree", default="emoji-root-1")
+    parser.add_argument("--cache", default=str(ROOT / "cache"))
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+
+    from probex.jungle.lora import INSTANCE_PROMPT
+    from probex.jungle.root import caption, load_root
+    from probex.text import load_text_encoder
+    from probex.zoo import Zoo, build_cache
+
+    zoo = Zoo.scan(Path(args.jungle) / args.tree)
+    unet, _, recipe = load_root(ROOT / zoo.tree["root_model"])
+    names = [n for n in sorted(read_layer_names(zoo)) if n.endswith("attn2.to_v")]
+    cache = build_cache(zoo, Path(args.cache) / args.tree, layers="all")
+    encoder = load_text_encoder("minilm")
+    h_s = encoder.token_states([INSTANCE_PROMPT], recipe.token_length)[0]                       # (T, d)
+    h_c = encoder.token_states([caption(recipe, c["name"]) for c in cache.classes], recipe.token_length)
+    change = (h_c - h_s).transpose(1, 2)                                                         # (C, d, T)
+    row = {c["id"]: i for i, c in enumerate(cache.classes)}
+    y = torch.tensor([row[m["class_id"]] for m in cache.models])
+    splits = [m["split"] for m in cache.models]
+    held_out = torch.tensor([c["holdout"] for c in cache.classes])
+
+    weights = [unet.get_submodule(n).weight.detach().float() for n in names]
+    responses = []                                                                               # ΔW_l·H_sᵀ
+    for n in names:
+        up, down, scale = cache.inputs(n)
+        responses.append(up.float() @ (down.float() @ h_s.T) * scale.float()[:, None, None])
+
+    results = {}
+    # the shipped reading: output space, each layer to unit norm, exact cosines
+    lora_side = torch.cat([F.normalize(r.flatten(1), dim=-1) for r in responses], 1)
+    text_side = torch.cat([F.normalize((w @ change).flatten(1), dim=-1) for w in weights], 1)
+    results["output space (shipped)"] = top1_by_text(
+        F.normalize(lora_side, dim=-1) @ F.normalize(text_side, dim=-1).T, y, splits, held_out)
+    # text space: solve for δ
+    a = torch.cat([w / w.norm() for w in weights])                                              # (Σd_l, d)
+    b = torch.cat([r / w.norm() for r, w in zip(responses, weights)], 1)                        # (N, Σd_l, T)
+    gram = a.T @ a
+    for lam in LAMBDAS:
+        if lam == float("inf"):
+            delta = a.T @ b
+        else:
+            delta = torch.linalg.solve(gram + lam * gram.diagonal().mean() * torch.eye(len(gram)), a.T) @ b
+        scores = F.normalize(delta.flatten(1), dim=-1) @ F.normalize(change.flatten(1), dim=-1).T
+        results[f"text space, λ = {lam:g}"] = top1_by_text(scores, y, splits, held_out)
+
+    n_held, n_known = int(held_out.sum()), int((~held_out).sum())
+    print(f"\n{args.tree}: {len(names)} attn2.to_v layers; top-1 by text, held-out among {n_held} classes "
+          f"(chance {1 / n_held:.3f}), known among {n_known} (chance {1 / n_known:.3f})")
+    print(f"{'reading':<26}" + "".join(f"{s:>14}" for s in SPLITS))
+    for label, r in results.items():
+        print(f"{label:<26}" + "".join(f"{r.get(s, float('nan')):>14.3f}" for s in SPLITS))
+    best = max((k for k in results if k.startswith("text")), key=lambda k: results[k]["val_holdout"])
+    print(f"chosen on val_holdout: {best} → test_holdout {results[best]['test_holdout']:.3f} "
+          f"(shipped reading {results['output space (shipped)']['test_holdout']:.3f})")
+    print(f"{time.perf_counter() - start:.0f} s")
+
+
+def read_layer_names(zoo) -> list[str]:
+    from probex.weights import read_weights
+
+    return list(read_weights(zoo.root / zoo.models[0].source).layers)
+
+
+if __name__ == "__main__":
+    main()
