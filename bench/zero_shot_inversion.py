@@ -39,7 +39,7 @@ def top1_by_text(scores: torch.Tensor, y: torch.Tensor, splits: list[str], held_
     return out
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--jungle", default=str(ROOT / "zoo" / "emoji-mini"))
     parser.add_argument("--tree", default="emoji-root-1")
@@ -101,6 +101,7 @@ def main(argv=None) -> None:
     print(f"chosen on val_holdout: {best} → test_holdout {results[best]['test_holdout']:.3f} "
           f"(shipped reading {results['output space (shipped)']['test_holdout']:.3f})")
     print(f"{time.perf_counter() - start:.0f} s")
+    return results
 
 
 def read_layer_names(zoo) -> list[str]:

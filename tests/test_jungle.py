@@ -239,6 +239,15 @@ def test_ship_builds_a_bundle_the_studio_reads(tmp_path_factory, tmp_path):
     assert tables["rows"]["shipped"]["in_dist"] == direct["class_mean_top1_test"] >= 0.5   # 10 classes: chance 0.1
     assert {name: r["accuracy"] for name, r in tables["router"].items()} == {"tree-a": 1.0, "tree-b": 1.0}
 
+    # bench/zero_shot_inversion.py reads the same population: the shipped output-space reading and the text-space one
+    from zero_shot_inversion import LAMBDAS
+    from zero_shot_inversion import main as inversion
+
+    readings = inversion(["--jungle", str(built["base"] / "zoo"), "--tree", "tree-a", "--cache", str(tmp_path / "cache")])
+    assert len(readings) == 1 + len(LAMBDAS)
+    for r in readings.values():
+        assert set(r) == {"val_holdout", "test_holdout", "val", "test"} and all(0.0 <= v <= 1.0 for v in r.values())
+
 
 def test_emoji_mini_preset_has_the_jungles_size_and_splits():
     from collections import Counter
