@@ -49,6 +49,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
 
+    from probex.anchored import AnchoredProbeX
     from probex.jungle.lora import INSTANCE_PROMPT
     from probex.jungle.root import caption, load_root
     from probex.text import load_text_encoder
@@ -56,8 +57,8 @@ def main(argv=None) -> dict:
 
     zoo = Zoo.scan(Path(args.jungle) / args.tree)
     unet, _, recipe = load_root(ROOT / zoo.tree["root_model"])
-    names = [n for n in sorted(read_layer_names(zoo)) if n.endswith("attn2.to_v")]
     cache = build_cache(zoo, Path(args.cache) / args.tree, layers="all")
+    names = [n for n in cache.all_layers if n.endswith("attn2.to_v")]
     encoder = load_text_encoder("minilm")
     h_s = encoder.token_states([INSTANCE_PROMPT], recipe.token_length)[0]                       # (T, d)
     h_c = encoder.token_states([caption(recipe, c["name"]) for c in cache.classes], recipe.token_length)
@@ -67,16 +68,16 @@ def main(argv=None) -> dict:
     splits = [m["split"] for m in cache.models]
     held_out = torch.tensor([c["holdout"] for c in cache.classes])
 
-    weights = [unet.get_submodule(n).weight.detach().float() for n in names]
-    responses = []                                                                               # ΔW_l·H_sᵀ
-    for n in names:
-        up, down, scale = cache.inputs(n)
-        responses.append(up.float() @ (down.float() @ h_s.T) * scale.float()[:, None, None])
+    weights = [unet.get_submodule(n).weight.detach() for n in names]
+    anchored = AnchoredProbeX.from_root(weights, h_s)  # its responses: ΔW_l·H_sᵀ and W_l·(H_c − H_s)ᵀ, layers stacked
+    with torch.no_grad():
+        responses = anchored.responses([cache.inputs(n) for n in names]).split(anchored.d_ws, dim=1)
+        asked = anchored.text_responses(h_c).split(anchored.d_ws, dim=1)
 
     results = {}
     # the shipped reading: output space, each layer to unit norm, exact cosines
     lora_side = torch.cat([F.normalize(r.flatten(1), dim=-1) for r in responses], 1)
-    text_side = torch.cat([F.normalize((w @ change).flatten(1), dim=-1) for w in weights], 1)
+    text_side = torch.cat([F.normalize(t.flatten(1), dim=-1) for t in asked], 1)
     results["output space (shipped)"] = top1_by_text(
         F.normalize(lora_side, dim=-1) @ F.normalize(text_side, dim=-1).T, y, splits, held_out)
     # text space: solve for δ
@@ -102,12 +103,6 @@ def main(argv=None) -> dict:
           f"(shipped reading {results['output space (shipped)']['test_holdout']:.3f})")
     print(f"{time.perf_counter() - start:.0f} s")
     return results
-
-
-def read_layer_names(zoo) -> list[str]:
-    from probex.weights import read_weights
-
-    return list(read_weights(zoo.root / zoo.models[0].source).layers)
 
 
 if __name__ == "__main__":
