@@ -240,11 +240,11 @@ def test_ship_builds_a_bundle_the_studio_reads(tmp_path_factory, tmp_path):
     assert {name: r["accuracy"] for name, r in tables["router"].items()} == {"tree-a": 1.0, "tree-b": 1.0}
 
     # bench/zero_shot_inversion.py reads the same population: the shipped output-space reading and the text-space one
-    from zero_shot_inversion import LAMBDAS
+    from zero_shot_inversion import LAMBDAS, PROJECTIONS
     from zero_shot_inversion import main as inversion
 
     readings = inversion(["--jungle", str(built["base"] / "zoo"), "--tree", "tree-a", "--cache", str(tmp_path / "cache")])
-    assert len(readings) == 1 + len(LAMBDAS)
+    assert len(readings) == 1 + len(PROJECTIONS) + len(LAMBDAS)
     for r in readings.values():
         assert set(r) == {"val_holdout", "test_holdout", "val", "test"} and all(0.0 <= v <= 1.0 for v in r.values())
 
