@@ -109,7 +109,8 @@ def main(argv=None) -> dict:
         print(f"{label:<30}" + "".join(f"{r.get(s, float('nan')):>14.3f}" for s in SPLITS))
     best = max((k for k in results if k.startswith("text")), key=lambda k: results[k]["val_holdout"])
     print(f"chosen on val_holdout: {best} → test_holdout {results[best]['test_holdout']:.3f} "
-          f"(output space: exact {results['output space, exact']['test_holdout']:.3f}, as shipped {results['projected to 1024 (shipped)']['test_holdout']:.3f})")
+          f"(output space: exact {results['output space, exact']['test_holdout']:.3f}, "
+          f"as shipped {results['projected to 1024 (shipped)']['test_holdout']:.3f})")
     print(f"{time.perf_counter() - start:.0f} s")
     return results
 
