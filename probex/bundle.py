@@ -5,7 +5,8 @@
                                          JSON state, example files, and a manifest: sha256 of every other file
     <bundle>/router.safetensors          the router's tensors (tree centres of the routing layer)
     <bundle>/<tree>/expert/              the expert's save_pretrained (config.json + model.safetensors)
-    <bundle>/<tree>/gallery.safetensors  encodings (N, r_T), umap (N, 2), text_emb (C, text_dim)
+    <bundle>/<tree>/gallery.safetensors  encodings (N, r_T), umap (N, 2)
+    <bundle>/<tree>/text.safetensors     text_emb (C, text_dim): the class vocabulary's text inputs, one row a class
     <bundle>/<tree>/gallery.json         model ids, classes, splits, class vocabulary, sample LoRA paths, layout
     <bundle>/<tree>/samples/*.safetensors, <bundle>/examples/*.safetensors   LoRA files shipped with the bundle
 Nothing is pickled. Loading checks every file against the manifest; a missing or altered file is named.
@@ -36,7 +37,7 @@ from probex.zoo import sha256_file
 from probex.train import (DEFAULT_PROMPT, PAPER, LayerData, TrainConfig, class_text_embeddings, encode_all, prompt,
                           sweep_layers)
 
-FORMAT, VERSION = "probex-bundle", 1
+FORMAT, VERSION = "probex-bundle", 2  # 2: text_emb in its own file
 PLACE_K = 5
 MIN_UMAP_MODELS = 10  # below this UMAP's neighbour graph is degenerate: PCA lays the gallery out instead
 
@@ -239,8 +240,9 @@ def _save_tree(tree: TreeBundle, folder: Path, root: Path) -> list[Path]:
     the shipped artifacts stay within their size budget."""
     tree.expert.save_pretrained(folder / "expert")
     g = tree.gallery
-    save_file({"encodings": g.encodings.half().contiguous(), "umap": g.umap.half().contiguous(),
-               "text_emb": g.text_emb.half().contiguous()}, str(folder / "gallery.safetensors"))
+    save_file({"encodings": g.encodings.half().contiguous(), "umap": g.umap.half().contiguous()},
+              str(folder / "gallery.safetensors"))
+    save_file({"text_emb": g.text_emb.half().contiguous()}, str(folder / "text.safetensors"))
     samples = {mid: _ship_half(Path(p), folder / "samples" / (re.sub(r"[^A-Za-z0-9._-]+", "__", mid) + ".safetensors"))
                for mid, p in g.sample_paths.items()}
     (folder / "gallery.json").write_text(json.dumps(
@@ -248,7 +250,7 @@ def _save_tree(tree: TreeBundle, folder: Path, root: Path) -> list[Path]:
          "class_ids": g.class_ids, "sample_paths": {m: p.relative_to(root).as_posix() for m, p in samples.items()},
          "layout": g.layout}, indent=1))
     return [folder / "expert" / "config.json", folder / "expert" / "model.safetensors", folder / "gallery.safetensors",
-            folder / "gallery.json", *samples.values()]
+            folder / "text.safetensors", folder / "gallery.json", *samples.values()]
 
 
 def _read_bundle_json(directory: Path) -> dict:
@@ -284,7 +286,8 @@ def _load_tensors(directory: Path, rel: str) -> dict[str, torch.Tensor]:
 
 
 def _load_gallery(directory: Path, folder: str) -> Gallery:
-    t = _load_tensors(directory, f"{folder}/gallery.safetensors")
+    t = {**_load_tensors(directory, f"{folder}/gallery.safetensors"),
+         **_load_tensors(directory, f"{folder}/text.safetensors")}
     try:
         j = json.loads((directory / folder / "gallery.json").read_text())
         return Gallery(j["ids"], j["classes"], j["splits"], j["classes_vocabulary"], t["encodings"].float(),

@@ -43,7 +43,8 @@ def test_round_trip_is_exact(tmp_path):
         assert torch.equal(u.expert(x, text), t.expert(x, text))
     meta = json.loads((tmp_path / "b" / "bundle.json").read_text())
     assert set(meta["manifest"]) == {"tiny-tree/expert/config.json", "tiny-tree/expert/model.safetensors",
-                                     "tiny-tree/gallery.safetensors", "tiny-tree/gallery.json"}
+                                     "tiny-tree/gallery.safetensors", "tiny-tree/text.safetensors",
+                                     "tiny-tree/gallery.json"}
     assert loaded.info == {"note": "test"} and loaded.router is None
     assert not list((tmp_path / "b").rglob("*.pt")) and not list((tmp_path / "b").rglob("*.pkl"))
 
