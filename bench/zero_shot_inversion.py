@@ -1,11 +1,12 @@
-"""Zero-shot reading of held-out classes: the shipped output-space score vs reading the LoRA back in text space.
+"""Zero-shot reading of held-out classes: the output-space score, its stored forms, and the LoRA read in text space.
 
     python bench/zero_shot_inversion.py [--jungle zoo/emoji-mini] [--tree emoji-root-1] [--cache cache]
 
-The shipped expert (probex/anchored.py, training-free) compares, in each cross-attention value layer's OUTPUT space,
+The training-free expert (probex/anchored.py) compares, in each cross-attention value layer's OUTPUT space,
 ΔW·H_sᵀ (what the LoRA does to the instance prompt "an emoji of sks") with W·(H_c − H_s)ᵀ (what caption c asks of the
-root), each layer scaled to unit norm, and stores a 1,024-d Gaussian projection of it (the rows "projected to r_t"
-show what the projection costs against exact cosines). The alternative measured here goes back to the TEXT space:
+root), each layer scaled to unit norm. Stored, it keeps only the instance prompt's top principal token directions
+(rows "token rank k"; at all 16 tokens it is the exact score); up to commit 514f35d it stored a Gaussian projection
+of all tokens (rows "projected to r_t", what that cost). The alternative measured here goes back to the TEXT space:
 it solves for the token-state change δ (d_text × n_tokens) that the LoRA's updates of all read layers imitate,
     min_δ  Σ_l ‖W_l·δ − ΔW_l·H_sᵀ‖² / ‖W_l‖²  +  λ·‖δ‖²        (λ relative to the mean diagonal of Σ W_lᵀW_l/‖W_l‖²)
 and scores caption c by cos(δ, (H_c − H_s)ᵀ). λ → ∞ is the adjoint, δ ∝ Σ_l W_lᵀ·ΔW_l·H_sᵀ / ‖W_l‖². Training-free
@@ -26,18 +27,26 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 LAMBDAS = (0.01, 1.0, 10.0, 100.0, float("inf"))
-PROJECTIONS = (1024, 2048, 4096)  # r_t of the stored encodings; ship uses 1024
+PROJECTIONS = (1024, 2048, 4096)  # r_t of the Gaussian projection the expert stored up to 514f35d
+TOKEN_RANKS = (2, 3, 4)           # what it stores now (ship chooses the rank on val); all tokens is printed too
 SPLITS = ("val_holdout", "test_holdout", "val", "test")
+MEANS = ("val means", "test means")  # known classes by the nearest mean of their train LoRAs: what the app does
 
 
-def top1_by_text(scores: torch.Tensor, y: torch.Tensor, splits: list[str], held_out: torch.Tensor) -> dict:
-    """Top-1 per split: held-out splits among the held-out classes, the others among the known classes."""
-    out = {}
+def top1(lora: torch.Tensor, text: torch.Tensor, y: torch.Tensor, splits: list[str], held_out: torch.Tensor) -> dict:
+    """Top-1 per split by text (held-out splits among the held-out classes, the others among the known classes), and
+    on val / test by the nearest class mean of the train LoRAs' encodings."""
+    lora, out = F.normalize(lora, dim=-1), {}
+    scores = lora @ F.normalize(text, dim=-1).T
+    where = {s: torch.tensor([i for i, x in enumerate(splits) if x == s], dtype=torch.long) for s in SPLITS + ("train",)}
     for s in SPLITS:
-        idx = torch.tensor([i for i, x in enumerate(splits) if x == s], dtype=torch.long)
-        if len(idx):
+        if len(where[s]):
             pool = held_out if s.endswith("holdout") else ~held_out
-            out[s] = float((scores[idx].masked_fill(~pool, -2).argmax(1) == y[idx]).float().mean())
+            out[s] = float((scores[where[s]].masked_fill(~pool, -2).argmax(1) == y[where[s]]).float().mean())
+    means = F.normalize(torch.zeros(len(held_out), lora.shape[1]).index_add_(0, y[where["train"]], lora[where["train"]]),
+                        dim=-1)
+    for s in ("val", "test"):
+        out[f"{s} means"] = float(((lora[where[s]] @ means.T).argmax(1) == y[where[s]]).float().mean())
     return out
 
 
@@ -80,15 +89,18 @@ def main(argv=None) -> dict:
     # the shipped reading without its projection: output space, each layer to unit norm, exact cosines
     lora_side = torch.cat([F.normalize(r.flatten(1), dim=-1) for r in responses], 1)
     text_side = torch.cat([F.normalize(t.flatten(1), dim=-1) for t in asked], 1)
-    results["output space, exact"] = top1_by_text(
-        F.normalize(lora_side, dim=-1) @ F.normalize(text_side, dim=-1).T, y, splits, held_out)
-    # the shipped expert as stored: a Gaussian projection (seed 0, as ship builds it) of the same responses to r_t dims
+    results["output space, exact"] = top1(lora_side, text_side, y, splits, held_out)
+    # the earlier stored form: a Gaussian projection (seed 0) of the same per-layer-normalised responses to r_t dims
     for r_t in PROJECTIONS:
-        stored = AnchoredProbeX.training_free(weights, h_s, r_t=r_t)
+        g = torch.Generator().manual_seed(0)
+        projection = torch.randn(lora_side.shape[1], r_t, generator=g) / r_t**0.5
+        results[f"projected to {r_t}"] = top1(lora_side @ projection, text_side @ projection, y, splits, held_out)
+    # the stored form now: the instance prompt's top principal token directions
+    for rank in (*TOKEN_RANKS, len(h_s)):
+        stored = AnchoredProbeX.training_free(weights, h_s, token_rank=rank)
         with torch.no_grad():
-            encoded = F.normalize(stored.encode([cache.inputs(n) for n in names]), dim=-1)
-            results[f"projected to {r_t}" + (" (shipped)" if r_t == 1024 else "")] = top1_by_text(
-                encoded @ stored.text_features(h_c).T, y, splits, held_out)
+            encoded = stored.encode([cache.inputs(n) for n in names])
+            results[f"token rank {rank}"] = top1(encoded, stored.text_features(h_c), y, splits, held_out)
     # text space: solve for δ
     a = torch.cat([w / w.norm() for w in weights])                                              # (Σd_l, d)
     b = torch.cat([r / w.norm() for r, w in zip(responses, weights)], 1)                        # (N, Σd_l, T)
@@ -98,19 +110,20 @@ def main(argv=None) -> dict:
             delta = a.T @ b
         else:
             delta = torch.linalg.solve(gram + lam * gram.diagonal().mean() * torch.eye(len(gram)), a.T) @ b
-        scores = F.normalize(delta.flatten(1), dim=-1) @ F.normalize(change.flatten(1), dim=-1).T
-        results[f"text space, λ = {lam:g}"] = top1_by_text(scores, y, splits, held_out)
+        results[f"text space, λ = {lam:g}"] = top1(delta.flatten(1), change.flatten(1), y, splits, held_out)
 
     n_held, n_known = int(held_out.sum()), int((~held_out).sum())
     print(f"\n{args.tree}: {len(names)} attn2.to_v layers; top-1 by text, held-out among {n_held} classes "
-          f"(chance {1 / n_held:.3f}), known among {n_known} (chance {1 / n_known:.3f})")
-    print(f"{'reading':<30}" + "".join(f"{s:>14}" for s in SPLITS))
+          f"(chance {1 / n_held:.3f}), known among {n_known} (chance {1 / n_known:.3f}); 'means': known classes by "
+          f"the nearest class mean of the train LoRAs")
+    print(f"{'reading':<30}" + "".join(f"{s:>13}" for s in SPLITS + MEANS))
     for label, r in results.items():
-        print(f"{label:<30}" + "".join(f"{r.get(s, float('nan')):>14.3f}" for s in SPLITS))
+        print(f"{label:<30}" + "".join(f"{r.get(s, float('nan')):>13.3f}" for s in SPLITS + MEANS))
     best = max((k for k in results if k.startswith("text")), key=lambda k: results[k]["val_holdout"])
     print(f"chosen on val_holdout: {best} → test_holdout {results[best]['test_holdout']:.3f} "
           f"(output space: exact {results['output space, exact']['test_holdout']:.3f}, "
-          f"as shipped {results['projected to 1024 (shipped)']['test_holdout']:.3f})")
+          f"token rank 3 {results['token rank 3']['test_holdout']:.3f}, "
+          f"projected to 1024 {results['projected to 1024']['test_holdout']:.3f})")
     print(f"{time.perf_counter() - start:.0f} s")
     return results
 

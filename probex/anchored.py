@@ -27,21 +27,26 @@ from .model import Expert, _per_model
 class AnchoredProbeX(Expert):
     def __init__(self, d_ws: list[int], d_h: int, n_tokens: int, r_v: int = 64, r_t: int = 128, relu: bool = True,
                  temperature: float | None = 0.1, text_dim: int | None = None, layer_norm: bool = False,
-                 projection_seed: int | None = None):
+                 token_rank: int | None = None, text_layers: list[bool] | None = None):
+        d_w = sum(d_ws)
+        if token_rank is not None:  # training-free: the encoding is the responses themselves, nothing to choose
+            r_t = d_w * token_rank
         super().__init__(r_t, "align", None, text_dim or d_h, temperature)
         del self.text_head  # the text side is the root's own weights, see text_features
         self.d_ws, self.d_h, self.n_tokens, self.r_v, self.r_t, self.relu = list(d_ws), d_h, n_tokens, r_v, r_t, relu
-        self.layer_norm, self.projection_seed = layer_norm, projection_seed
-        d_w = sum(d_ws)
+        self.layer_norm, self.token_rank = layer_norm, token_rank
+        self.text_layers = [bool(t) for t in text_layers] if text_layers is not None else [True] * len(self.d_ws)
+        if len(self.text_layers) != len(self.d_ws) or not any(self.text_layers):
+            raise ValueError("text_layers needs one flag per read layer, at least one of them set")
+        if token_rank is None and not all(self.text_layers):
+            raise ValueError("text_layers can leave layers out only in the training-free expert (token_rank set)")
         self.register_buffer("probes", torch.zeros(n_tokens, d_h))   # H_s: instance-prompt token states
         self.register_buffer("root", torch.zeros(d_w, d_h))          # W: the root's weights, stacked layers
-        if projection_seed is None:  # trained: V and the per-probe encoders M are learned
+        if token_rank is None:  # trained: V and the per-probe encoders M are learned
             self.V = nn.Parameter(torch.empty(d_w, r_v).uniform_(-1, 1) / d_w**0.5)
             self.M = nn.Linear(r_v * n_tokens, r_t)
-        else:  # training-free: V = I and M a Gaussian projection, rebuilt from its seed (never stored: it is large)
-            g = torch.Generator().manual_seed(projection_seed)
-            self.register_buffer("projection", torch.randn(r_t, d_w * n_tokens, generator=g) / r_t**0.5,
-                                 persistent=False)
+        else:  # training-free: the instance prompt's principal token directions (stored: an SVD's signs may differ)
+            self.register_buffer("token_basis", torch.zeros(n_tokens, token_rank))
 
     @classmethod
     def from_root(cls, root_weights: list[Tensor], instance_states: Tensor, layer_norm: bool = True,
@@ -54,21 +59,28 @@ class AnchoredProbeX(Expert):
         return model
 
     @classmethod
-    def training_free(cls, root_weights: list[Tensor], instance_states: Tensor, r_t: int = 1024,
-                      seed: int = 0) -> "AnchoredProbeX":
-        """No learning: V = I, no σ, M a fixed Gaussian projection to r_t dims. Cosines between encodings then equal,
-        up to the projection's small distortion (Johnson–Lindenstrauss), the cosine between ΔW·H_sᵀ and W·(H_c − H_s)ᵀ
-        over all read layers and tokens, each layer scaled to unit norm first — ``training_free_scores`` in a compact,
-        storable form (only the root's weights and the seed are stored)."""
-        d_w = sum(w.shape[0] for w in root_weights)
-        return cls.from_root(root_weights, instance_states, r_v=d_w, r_t=r_t, relu=False, temperature=None,
-                             projection_seed=seed).eval()
+    def training_free(cls, root_weights: list[Tensor], instance_states: Tensor, token_rank: int = 3,
+                      text_layers: list[bool] | None = None) -> "AnchoredProbeX":
+        """No learning: V = I, no σ, and instead of all n_tokens columns of ΔW·H_sᵀ, its projection on the instance
+        prompt's ``token_rank`` principal token directions P (top left singular vectors of H_s): ΔW·H_sᵀ·P, which
+        is ΔW applied to H_s's top principal directions, each weighted by its singular value. Each layer is scaled to
+        unit norm, and cosines between encodings are exact — no random projection. A caption's text side is
+        W·(H_c − H_s)ᵀ·P on the ``text_layers`` (default all), zero on the others: those then only help tell LoRAs
+        apart (nearest models, class means), not read text. Encoding size: Σ d_w · token_rank."""
+        if not 1 <= token_rank <= min(instance_states.shape):
+            raise ValueError(f"token_rank must be between 1 and {min(instance_states.shape)}, got {token_rank}")
+        model = cls.from_root(root_weights, instance_states, r_v=sum(w.shape[0] for w in root_weights), relu=False,
+                              temperature=None, token_rank=token_rank, text_layers=text_layers)
+        model.token_basis.copy_(torch.linalg.svd(instance_states, full_matrices=False).U[:, :token_rank])
+        return model.eval()
 
     def _encode_responses(self, z: Tensor) -> Tensor:  # (N, d_w, n_tokens) → (N, r_t)
+        if self.token_rank is not None:
+            z = z @ self.token_basis                                  # (N, d_w, token_rank)
         if self.layer_norm:  # every layer gets one vote: their scales differ by orders of magnitude
             z = torch.cat([F.normalize(p.flatten(1), dim=-1).view_as(p) for p in z.split(self.d_ws, dim=1)], 1)
-        if self.projection_seed is not None:
-            return z.flatten(1) @ self.projection.T
+        if self.token_rank is not None:
+            return z.flatten(1)
         z = self.V.T @ z
         return self.M((torch.relu(z) if self.relu else z).flatten(1))
 
@@ -95,12 +107,16 @@ class AnchoredProbeX(Expert):
         return self.root @ (text_states - self.probes).transpose(1, 2)
 
     def text_features(self, text_states: Tensor) -> Tensor:
-        return F.normalize(self._encode_responses(self.text_responses(text_states)), dim=-1)
+        encoded = self._encode_responses(self.text_responses(text_states))
+        if not all(self.text_layers):  # training-free only: each layer is a block of d_w · token_rank columns
+            keep = torch.tensor(self.text_layers, dtype=encoded.dtype)
+            encoded = encoded * keep.repeat_interleave(torch.tensor(self.d_ws) * self.token_rank)
+        return F.normalize(encoded, dim=-1)
 
     def config(self) -> dict:
         return dict(d_ws=self.d_ws, d_h=self.d_h, n_tokens=self.n_tokens, r_v=self.r_v, r_t=self.r_t, relu=self.relu,
                     temperature=self.temperature, text_dim=self.d_h, layer_norm=self.layer_norm,
-                    projection_seed=self.projection_seed)
+                    token_rank=self.token_rank, text_layers=self.text_layers)
 
 
 def training_free_scores(responses: Tensor, text_responses: Tensor) -> Tensor:

@@ -145,28 +145,33 @@ def test_anchored_factor_path_equals_dense_and_reads_a_planted_concept():
     assert torch.allclose(model.encode(factors), model.encode(dense), atol=1e-4)
     scores = training_free_scores(model.responses(factors), model.text_responses(h_c))
     assert scores.argmax(1).tolist() == labels
-    compact = AnchoredProbeX.training_free(root_w, h_s, r_t=256)
-    assert compact(factors, h_c).argmax(1).tolist() == labels  # the storable form ranks the same way
+    compact = AnchoredProbeX.training_free(root_w, h_s, token_rank=min(h_s.shape))
+    assert compact(factors, h_c).argmax(1).tolist() == labels  # at full token rank: the exact score, stored compactly
+    assert compact.r_t == sum(w.shape[0] for w in root_w) * min(h_s.shape)
     # each layer has one vote: scaling one layer's LoRA changes nothing
     louder = [(factors[0][0] * 100, factors[0][1], factors[0][2]), factors[1]]
     assert torch.allclose(compact.encode(louder), compact.encode(factors), rtol=1e-4, atol=1e-4)
 
 
-def test_training_free_expert_stores_its_seed_not_its_projection(tmp_path):
-    from safetensors.torch import load_file
-
+def test_training_free_expert_round_trips_and_reads_text_on_chosen_layers(tmp_path):
     from probex.model import load_expert
 
     torch.manual_seed(0)
     root_w, h_s = [torch.randn(16, 24), torch.randn(8, 24)], torch.randn(5, 24)
-    compact = AnchoredProbeX.training_free(root_w, h_s, r_t=512, seed=3)
+    compact = AnchoredProbeX.training_free(root_w, h_s, token_rank=2, text_layers=[False, True])
     compact.save_pretrained(tmp_path / "expert")
-    assert "projection" not in load_file(str(tmp_path / "expert" / "model.safetensors"))
     loaded = load_expert(tmp_path / "expert")
-    x = [torch.randn(4, 16, 24), torch.randn(4, 8, 24)]
-    assert torch.equal(loaded.encode(x), compact.encode(x))
-    other = AnchoredProbeX.training_free(root_w, h_s, r_t=512, seed=4)
-    assert not torch.allclose(other.encode(x), compact.encode(x))
+    x, h_c = [torch.randn(4, 16, 24), torch.randn(4, 8, 24)], torch.randn(3, 5, 24)
+    assert loaded.r_t == 48 and torch.equal(loaded.token_basis, compact.token_basis)
+    assert torch.equal(loaded.encode(x), compact.encode(x)) and torch.equal(loaded(x, h_c), compact(x, h_c))
+    text = compact.text_features(h_c)
+    assert torch.count_nonzero(text[:, :32]) == 0 and torch.allclose(text.norm(dim=-1), torch.ones(3))
+    # text is read on the second layer only: what the LoRA does to the first changes no text score
+    other_first = [torch.randn(4, 16, 24), x[1]]
+    assert not torch.allclose(compact.encode(other_first), compact.encode(x))
+    assert torch.allclose(compact(other_first, h_c), compact(x, h_c), atol=1e-6)
+    with pytest.raises(ValueError, match="token_rank"):
+        AnchoredProbeX.training_free(root_w, h_s, token_rank=6)
 
 
 def test_recipe_reproduces_with_plain_diffusers_and_peft(tmp_path):
@@ -194,7 +199,7 @@ def test_recipe_reproduces_with_plain_diffusers_and_peft(tmp_path):
 
 
 def test_ship_builds_a_bundle_the_studio_reads(tmp_path_factory, tmp_path):
-    """`python -m probex.jungle ship`'s builder on two small trees: it picks one of the four candidate experts on val,
+    """`python -m probex.jungle ship`'s builder on two small trees: it picks one of its candidate experts on val,
     finds a routing layer that separates the trees, and the Studio names test models' classes from their weights."""
     import json
 
@@ -208,9 +213,13 @@ def test_ship_builds_a_bundle_the_studio_reads(tmp_path_factory, tmp_path):
                                  n_examples=1)
     assert set(shipped["trees"]) == set(built["zoos"])
     for summary in shipped["trees"].values():
-        assert len(summary["selection_of_candidates"]) == 4
-        assert summary["expert"] in summary["selection_of_candidates"]
-        assert summary["selection_of_candidates"][summary["expert"]] == max(summary["selection_of_candidates"].values())
+        # two trained; training-free at 3 token ranks on v, and on k+v reading text on both or on v: none too large
+        candidates = summary["candidates_on_val"]
+        assert len(candidates) == 2 + 3 + 3 * 2
+        assert candidates[summary["expert"]]["selection"] == max(c["selection"] for c in candidates.values())
+        for c in candidates.values():  # the selection is the mean of what the app reads on val
+            read = [c["val_nearest_mean"]] + ([c["val_holdout"]] if "val_holdout" in c else [])
+            assert c["selection"] == pytest.approx(sum(read) / len(read), abs=1e-4)
     studio = Studio.load(tmp_path / "bundle")
     meta = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
     assert meta["info"]["routing_layer"] == shipped["routing_layer"] and len(studio.bundle.examples) >= 2
@@ -240,13 +249,16 @@ def test_ship_builds_a_bundle_the_studio_reads(tmp_path_factory, tmp_path):
     assert {name: r["accuracy"] for name, r in tables["router"].items()} == {"tree-a": 1.0, "tree-b": 1.0}
 
     # bench/zero_shot_inversion.py reads the same population: the shipped output-space reading and the text-space one
-    from zero_shot_inversion import LAMBDAS, PROJECTIONS
+    from zero_shot_inversion import LAMBDAS, PROJECTIONS, TOKEN_RANKS
     from zero_shot_inversion import main as inversion
 
     readings = inversion(["--jungle", str(built["base"] / "zoo"), "--tree", "tree-a", "--cache", str(tmp_path / "cache")])
-    assert len(readings) == 1 + len(PROJECTIONS) + len(LAMBDAS)
+    assert len(readings) == 1 + len(PROJECTIONS) + len(TOKEN_RANKS) + 1 + len(LAMBDAS)
+    full_rank = [k for k in readings if k.startswith("token rank")][-1]
+    assert readings[full_rank] == readings["output space, exact"]  # all principal directions: the exact score
     for r in readings.values():
-        assert set(r) == {"val_holdout", "test_holdout", "val", "test"} and all(0.0 <= v <= 1.0 for v in r.values())
+        assert set(r) == {"val_holdout", "test_holdout", "val", "test", "val means", "test means"}
+        assert all(0.0 <= v <= 1.0 for v in r.values())
 
 
 def test_emoji_mini_preset_has_the_jungles_size_and_splits():

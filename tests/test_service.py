@@ -416,7 +416,7 @@ def test_root_anchored_multi_layer_experts_work_through_every_verb(built):
     names = [n for n in json.loads((built["base"] / "done.json").read_text())["layers"] if n.endswith("attn2.to_v")]
     instance = studio.text.token_states(["an emoji of sks"], 16)[0]
     tree.expert = AnchoredProbeX.training_free([unet.get_submodule(n).weight.detach() for n in names], instance,
-                                               r_t=64)
+                                               token_rank=2)
     tree.layer = names
     zoo = built["zoos"]["tree-a"]
     tree.gallery.encodings = torch.stack([studio.analyse(zoo / m / "pytorch_lora_weights.safetensors").encoding

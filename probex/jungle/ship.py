@@ -3,10 +3,12 @@
     python -m probex.jungle ship pilot [--zoo zoo] [--roots emoji-root-1] [--out checkpoints/emoji-mini]
 
 Per tree (one folder per root under ``<zoo>/<preset>/``): cache the LoRA layers; on the root's cross-attention
-value layers, and on its key + value layers, fit a linear root-anchored ProbeX (epoch chosen on val) and build the
-training-free one; keep the candidate whose encodings read the val splits best — known classes by the nearest mean of
-their train models (what the app does, Gallery.class_anchors), held-out classes by text; encode every known model for
-the gallery, ship one LoRA per class to draw samples from and a few test / held-out-class LoRAs as examples. The router
+value layers, and on its key + value layers, fit a linear root-anchored ProbeX (epoch chosen on val); build the
+training-free ones at token ranks 2–4, reading text on the same layers or on the value layers only, leaving out those
+whose gallery encodings (fp16) would not fit one committed file (10 MB); keep the candidate whose encodings read the
+val splits best — known classes by the nearest mean of their train models (what the app does,
+Gallery.class_anchors), held-out classes by text; encode every known model for the gallery, ship one LoRA per class
+to draw samples from and a few test / held-out-class LoRAs as examples. The router
 is fitted on all trees together, with each root's listeners (probex.router.Tree); its routing layer is the first
 layer, in sorted order, on which every known LoRA routes back to its own tree — by clustering where that separates
 the trees, else by the roots' listeners.
@@ -30,6 +32,10 @@ from .root import caption, load_root
 
 PROJECT = Path(__file__).resolve().parents[2]
 EXPERT_LAYERS = {"v": ("attn2.to_v",), "k+v": ("attn2.to_k", "attn2.to_v")}  # cross-attention: the caption enters here
+TOKEN_RANKS = (2, 3, 4)            # training-free candidates: principal token directions of the instance prompt
+TEXT_READINGS = ("same", "v")      # training-free candidates read text on all their layers, or on the value layers
+VAL_READINGS = ("selection", "val_nearest_mean", "val_holdout")  # what bundle.json keeps of every candidate
+FILE_LIMIT = 10 * 10**6            # bytes: every committed file stays under it (fp16 encodings: 2 bytes a number)
 
 
 def build_emoji_bundle(population: Path, out: Path, epochs: int = 200, cache_root: Path = Path("cache"),
@@ -55,11 +61,17 @@ def build_emoji_bundle(population: Path, out: Path, epochs: int = 200, cache_roo
             root_weights = {n: unet.get_submodule(n).weight.detach() for n in names}
             fit, data = fit_anchored(cache, names, root_weights, instance, class_states, TrainConfig(epochs=epochs),
                                      relu=False)
-            free = AnchoredProbeX.training_free([root_weights[n] for n in names], instance)
-            free_metrics = {s: evaluate_split(free, data, targets, s)["score"] for s in targets.evaluated_splits()}
-            for kind, expert, metrics in ((f"trained linear, {layer_set}", fit.expert, fit.metrics),
-                                          (f"training-free, {layer_set}", free, free_metrics)):
-                candidates[kind] = (expert, metrics, score_as_the_app_reads(expert, data, targets, metrics), names)
+            candidates[f"trained linear, {layer_set}"] = (
+                fit.expert, fit.metrics, score_as_the_app_reads(fit.expert, data, targets, fit.metrics), names)
+            for rank in TOKEN_RANKS:
+                if len(cache.models) * sum(w.shape[0] for w in root_weights.values()) * rank * 2 > FILE_LIMIT:
+                    continue
+                for text in TEXT_READINGS if layer_set != "v" else ("same",):
+                    free = AnchoredProbeX.training_free([root_weights[n] for n in names], instance, rank,
+                                                        [text == "same" or n.endswith(".to_v") for n in names])
+                    metrics = {s: evaluate_split(free, data, targets, s)["score"] for s in targets.evaluated_splits()}
+                    kind = f"training-free, {layer_set}, token rank {rank}" + (", text on v" if text == "v" else "")
+                    candidates[kind] = (free, metrics, score_as_the_app_reads(free, data, targets, metrics), names)
         kind = max(candidates, key=lambda k: candidates[k][1]["selection"])
         expert, metrics, encodings, names = candidates[kind]
         specs.append(TreeSpec(name, expert, cache, names, recipe.prompt_template, zoo.tree["root_model"],
@@ -67,7 +79,8 @@ def build_emoji_bundle(population: Path, out: Path, epochs: int = 200, cache_roo
         caches.append(cache)
         summary[name] = {"layers": names, "n_models": len(cache.models), "expert": kind,
                          **{f"top1_{k}": round(v, 4) for k, v in metrics.items()},
-                         "selection_of_candidates": {k: round(c[1]["selection"], 4) for k, c in candidates.items()}}
+                         "candidates_on_val": {k: {m: round(c[1][m], 4) for m in VAL_READINGS if m in c[1]}
+                                               for k, c in candidates.items()}}
         print(json.dumps({name: summary[name]}), flush=True)
     router, routing_layer = _separating_router(specs, caches, all_layers, listeners)
     examples = [Path(c.index["zoo"]) / m["source"] for c in caches for m in _examples(c, n_examples)]
