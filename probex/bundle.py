@@ -5,7 +5,7 @@
                                          JSON state, example files, and a manifest: sha256 of every other file
     <bundle>/router.safetensors          the router's tensors (tree centres of the routing layer)
     <bundle>/<tree>/expert/              the expert's save_pretrained (config.json + model.safetensors)
-    <bundle>/<tree>/gallery.safetensors  encodings (N, r_T), umap (N, 2)
+    <bundle>/<tree>/gallery.safetensors  encodings (N, r_T) in int8 and their scales (N,), umap (N, 2)
     <bundle>/<tree>/text.safetensors     text_emb (C, text_dim): the class vocabulary's text inputs, one row a class
     <bundle>/<tree>/gallery.json         model ids, classes, splits, class vocabulary, sample LoRA paths, layout
     <bundle>/<tree>/samples/*.safetensors, <bundle>/examples/*.safetensors   LoRA files shipped with the bundle
@@ -37,7 +37,7 @@ from probex.zoo import sha256_file
 from probex.train import (DEFAULT_PROMPT, PAPER, LayerData, TrainConfig, class_text_embeddings, encode_all, prompt,
                           sweep_layers)
 
-FORMAT, VERSION = "probex-bundle", 2  # 2: text_emb in its own file
+FORMAT, VERSION = "probex-bundle", 2  # 2: text_emb in its own file, encodings in int8
 PLACE_K = 5
 MIN_UMAP_MODELS = 10  # below this UMAP's neighbour graph is degenerate: PCA lays the gallery out instead
 
@@ -236,11 +236,12 @@ def _ship_half(source: Path, target: Path) -> Path:
 
 
 def _save_tree(tree: TreeBundle, folder: Path, root: Path) -> list[Path]:
-    """Gallery tensors are stored in fp16 (cosines move by < 1e-3) and read back as fp32; so are the sample LoRAs:
-    the shipped artifacts stay within their size budget."""
+    """Gallery encodings are stored in int8 with one scale per model (``quantize``), the other gallery tensors and the
+    sample LoRAs in fp16; all are read back as fp32: the shipped artifacts stay within their size budget."""
     tree.expert.save_pretrained(folder / "expert")
     g = tree.gallery
-    save_file({"encodings": g.encodings.half().contiguous(), "umap": g.umap.half().contiguous()},
+    codes, scale = quantize(g.encodings)
+    save_file({"encodings": codes, "encoding_scale": scale, "umap": g.umap.half().contiguous()},
               str(folder / "gallery.safetensors"))
     save_file({"text_emb": g.text_emb.half().contiguous()}, str(folder / "text.safetensors"))
     samples = {mid: _ship_half(Path(p), folder / "samples" / (re.sub(r"[^A-Za-z0-9._-]+", "__", mid) + ".safetensors"))
@@ -285,12 +286,20 @@ def _load_tensors(directory: Path, rel: str) -> dict[str, torch.Tensor]:
         raise ProbexError(f"bundle {directory.name}: {rel} is unreadable ({exc})") from None
 
 
+def quantize(encodings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row to int8 at its own scale (its largest magnitude ↦ 127): a quarter of fp32's bytes; a cosine between
+    two stored rows moves by about 1e-3 (tests/test_bundle.py)."""
+    scale = encodings.float().abs().amax(1).clamp_min(1e-12) / 127
+    return (encodings.float() / scale[:, None]).round().to(torch.int8).contiguous(), scale.contiguous()
+
+
 def _load_gallery(directory: Path, folder: str) -> Gallery:
     t = {**_load_tensors(directory, f"{folder}/gallery.safetensors"),
          **_load_tensors(directory, f"{folder}/text.safetensors")}
     try:
         j = json.loads((directory / folder / "gallery.json").read_text())
-        return Gallery(j["ids"], j["classes"], j["splits"], j["classes_vocabulary"], t["encodings"].float(),
+        return Gallery(j["ids"], j["classes"], j["splits"], j["classes_vocabulary"],
+                       t["encodings"].float() * t["encoding_scale"][:, None],
                        t["umap"].float(), t["text_emb"].float(), j.get("class_ids", []),
                        {m: str(directory / p) for m, p in j.get("sample_paths", {}).items()}, j.get("layout", {}))
     except (OSError, ValueError, KeyError) as exc:

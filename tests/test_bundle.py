@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from probex.bundle import Bundle, Gallery, TreeBundle, layout_2d, train_bundle
 from probex.errors import NoExpertError, ProbexError
@@ -27,16 +28,19 @@ def small_bundle(n=6):
 
 
 def test_round_trip_is_exact(tmp_path):
-    """Exact up to the gallery's fp16 storage (the loaded tensors are fp32 copies of the fp16-rounded ones)."""
+    """Exact up to the gallery's storage (fp16, encodings int8; the loaded tensors are fp32)."""
     bundle = small_bundle()
     bundle.save(tmp_path / "b")
     loaded = Bundle.load(tmp_path / "b")
     t, u = bundle.trees["tiny-tree"], loaded.trees["tiny-tree"]
     assert (u.layer, u.task, u.digest, u.prompt_template, u.instance_prompt) == \
            (t.layer, t.task, t.digest, t.prompt_template, t.instance_prompt)
-    for field in ("encodings", "umap", "text_emb"):
+    for field in ("umap", "text_emb"):
         loaded_field = getattr(u.gallery, field)
         assert loaded_field.dtype == torch.float32 and torch.equal(loaded_field, getattr(t.gallery, field).half().float())
+    stored, kept = u.gallery.encodings, t.gallery.encodings  # int8 at one scale per model: each entry within half a step
+    assert stored.dtype == torch.float32 and stored.shape == kept.shape
+    assert ((stored - kept).abs() <= kept.abs().amax(1, keepdim=True) / 254 + 1e-7).all()
     assert u.gallery.ids == t.gallery.ids and u.gallery.classes_vocabulary == ["cat", "dog"]
     x, text = torch.randn(3, 8, 6), torch.randn(2, 3)
     with torch.no_grad():
@@ -47,6 +51,20 @@ def test_round_trip_is_exact(tmp_path):
                                      "tiny-tree/gallery.json"}
     assert loaded.info == {"note": "test"} and loaded.router is None
     assert not list((tmp_path / "b").rglob("*.pt")) and not list((tmp_path / "b").rglob("*.pkl"))
+
+
+def test_int8_encodings_keep_cosines():
+    """The shipped galleries' encodings (thousands of dims, unit-norm blocks) stored in int8: cosines barely move."""
+    from probex.bundle import quantize
+
+    torch.manual_seed(0)
+    x = torch.cat([F.normalize(torch.randn(40, 1000), dim=-1), 0.5 * F.normalize(torch.randn(40, 3000), dim=-1)], 1)
+    x[:20] += 0.3 * x[20:]  # correlated rows too, not only near-orthogonal ones
+    codes, scale = quantize(x)
+    assert codes.dtype == torch.int8 and scale.shape == (40,)
+    back = codes.float() * scale[:, None]
+    cos = lambda e: F.normalize(e, dim=-1) @ F.normalize(e, dim=-1).T  # noqa: E731
+    assert (cos(back) - cos(x)).abs().max() < 2e-3
 
 
 @pytest.mark.parametrize("victim", ["tiny-tree/expert/model.safetensors", "tiny-tree/gallery.json"])
