@@ -153,6 +153,53 @@ def test_anchored_factor_path_equals_dense_and_reads_a_planted_concept():
     assert torch.allclose(compact.encode(louder), compact.encode(factors), rtol=1e-4, atol=1e-4)
 
 
+def test_attention_probes_match_diffusers_attention_and_read_a_planted_concept(tmp_path):
+    """AttentionProbes is the root's own cross-attention (diffusers' Attention, to_out bias aside) on stored queries;
+    a LoRA that makes the instance prompt's keys and values the caption's reads as that caption."""
+    from diffusers.models.attention_processor import Attention
+
+    from probex.anchored import AttentionProbes, attention_blocks
+    from probex.model import load_expert
+
+    torch.manual_seed(0)
+    d_h, tokens, n_classes = 24, 5, 6
+    attn = Attention(query_dim=12, cross_attention_dim=d_h, heads=2, dim_head=8).eval()
+    unet = torch.nn.Module()
+    unet.add_module("attn2", attn)
+    names = ["attn2.to_k", "attn2.to_v"]
+    blocks, to_q, to_out = attention_blocks(unet, names)
+    assert blocks == [[0, 1, 2, 16, 12]]
+    probes = AttentionProbes(blocks, n_queries=3)
+    probes.fill(to_q, to_out, seed=0, scale=1.0)
+    x = torch.randn(3, 12, generator=torch.Generator().manual_seed(0))  # what fill drew
+    h = torch.randn(tokens, d_h)
+    keys, values = attn.to_k.weight @ h.T, attn.to_v.weight @ h.T
+    with torch.no_grad():
+        ours = AttentionProbes._attend(probes.queries.reshape(3, 2, 8), keys[None], values[None], 2) @ to_out[0].T
+        theirs = attn(x[None], encoder_hidden_states=h[None]) - attn.to_out[0].bias
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+    root_w = [attn.to_k.weight.detach(), attn.to_v.weight.detach()]
+    h_s, h_c = torch.randn(tokens, d_h), torch.randn(n_classes, tokens, d_h)
+    ups, downs = [], []
+    for w in root_w:  # ΔW·H_sᵀ = W·(H_c − H_s)ᵀ for each class, as a full-rank "LoRA"
+        delta = torch.stack([w @ (h_c[c] - h_s).T @ torch.linalg.pinv(h_s.T) for c in range(n_classes)])
+        ups.append(delta)
+        downs.append(torch.eye(d_h).expand(n_classes, d_h, d_h))
+    factors = [(u, d, torch.ones(n_classes)) for u, d in zip(ups, downs)]
+    expert = AnchoredProbeX.training_free(root_w, h_s, token_rank=2, text_layers=[False, False],
+                                          attention=dict(blocks=blocks, to_q=to_q, to_out=to_out, n_queries=4,
+                                                         seed=0, scale=2.0, weight=0.5))
+    with torch.no_grad():
+        scores = expert(factors, h_c)
+    assert scores.argmax(1).tolist() == list(range(n_classes))
+    assert torch.allclose(scores.diagonal(), torch.full((n_classes,), 0.5 / 1.25**0.5), atol=1e-4)  # cos of its part
+    expert.save_pretrained(tmp_path / "expert")
+    loaded = load_expert(tmp_path / "expert")
+    with torch.no_grad():
+        assert loaded.r_t == (16 + 16) * 2 + 4 * 12 and torch.equal(loaded(factors, h_c), scores)
+
+
 def test_training_free_expert_round_trips_and_reads_text_on_chosen_layers(tmp_path):
     from probex.model import load_expert
 
@@ -213,9 +260,10 @@ def test_ship_builds_a_bundle_the_studio_reads(tmp_path_factory, tmp_path):
                                  n_examples=1)
     assert set(shipped["trees"]) == set(built["zoos"])
     for summary in shipped["trees"].values():
-        # two trained; training-free at 3 token ranks on v, and on k+v reading text on both or on v: none too large
+        # two trained; training-free at 3 token ranks on v, and on k+v reading text on both, on v or through the
+        # attention blocks: none too large here
         candidates = summary["candidates_on_val"]
-        assert len(candidates) == 2 + 3 + 3 * 2
+        assert len(candidates) == 2 + 3 + 3 * 3
         assert candidates[summary["expert"]]["selection"] == max(c["selection"] for c in candidates.values())
         for c in candidates.values():  # the selection is the mean of what the app reads on val
             read = [c["val_nearest_mean"]] + ([c["val_holdout"]] if "val_holdout" in c else [])
@@ -249,11 +297,11 @@ def test_ship_builds_a_bundle_the_studio_reads(tmp_path_factory, tmp_path):
     assert {name: r["accuracy"] for name, r in tables["router"].items()} == {"tree-a": 1.0, "tree-b": 1.0}
 
     # bench/zero_shot_inversion.py reads the same population: the shipped output-space reading and the text-space one
-    from zero_shot_inversion import LAMBDAS, PROJECTIONS, TOKEN_RANKS
+    from zero_shot_inversion import ATTENTION_SEEDS, LAMBDAS, PROJECTIONS, TOKEN_RANKS
     from zero_shot_inversion import main as inversion
 
     readings = inversion(["--jungle", str(built["base"] / "zoo"), "--tree", "tree-a", "--cache", str(tmp_path / "cache")])
-    assert len(readings) == 1 + len(PROJECTIONS) + len(TOKEN_RANKS) + 1 + len(LAMBDAS)
+    assert len(readings) == 1 + len(PROJECTIONS) + len(TOKEN_RANKS) + 1 + len(ATTENTION_SEEDS) + 1 + len(LAMBDAS)
     full_rank = [k for k in readings if k.startswith("token rank")][-1]
     assert readings[full_rank] == readings["output space, exact"]  # all principal directions: the exact score
     for r in readings.values():

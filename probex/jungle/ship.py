@@ -4,8 +4,9 @@
 
 Per tree (one folder per root under ``<zoo>/<preset>/``): cache the LoRA layers; on the root's cross-attention
 value layers, and on its key + value layers, fit a linear root-anchored ProbeX (epoch chosen on val); build the
-training-free ones at token ranks 2–4, reading text on the same layers or on the value layers only, leaving out those
-whose gallery encodings (fp16) would not fit one committed file (10 MB); keep the candidate whose encodings read the
+training-free ones at token ranks 2–4, reading text on the same layers, on the value layers only or through the
+root's attention blocks (AttentionProbes), leaving out those whose gallery encodings (int8) would not fit one committed
+file (10 MB); keep the candidate whose encodings read the
 val splits best — known classes by the nearest mean of their train models (what the app does,
 Gallery.class_anchors), held-out classes by text; encode every known model for the gallery, ship one LoRA per class
 to draw samples from and a few test / held-out-class LoRAs as examples. The router
@@ -20,7 +21,7 @@ import shutil
 from pathlib import Path
 
 
-from ..anchored import AnchoredProbeX, fit_anchored
+from ..anchored import AnchoredProbeX, attention_blocks, fit_anchored
 from ..bundle import TreeSpec, _example_models, _fit_router, _sample_ids, build_bundle
 from ..errors import ProbexError
 from ..text import load_text_encoder
@@ -33,9 +34,11 @@ from .root import caption, load_root
 PROJECT = Path(__file__).resolve().parents[2]
 EXPERT_LAYERS = {"v": ("attn2.to_v",), "k+v": ("attn2.to_k", "attn2.to_v")}  # cross-attention: the caption enters here
 TOKEN_RANKS = (2, 3, 4)            # training-free candidates: principal token directions of the instance prompt
-TEXT_READINGS = ("same", "v")      # training-free candidates read text on all their layers, or on the value layers
+# training-free candidates on k+v read text on all their layers, on the value layers, or through the attention blocks
+TEXT_READINGS = ("same", "v", "attention")
+ATTENTION = dict(n_queries=6, seed=0, scale=2.0, weight=0.5)  # probex.anchored.AttentionProbes, set by hand (README)
 VAL_READINGS = ("selection", "val_nearest_mean", "val_holdout")  # what bundle.json keeps of every candidate
-FILE_LIMIT = 10 * 10**6            # bytes: every committed file stays under it (fp16 encodings: 2 bytes a number)
+FILE_LIMIT = 10 * 10**6            # bytes: every committed file stays under it
 
 
 def build_emoji_bundle(population: Path, out: Path, epochs: int = 200, cache_root: Path = Path("cache"),
@@ -63,16 +66,21 @@ def build_emoji_bundle(population: Path, out: Path, epochs: int = 200, cache_roo
                                      relu=False)
             candidates[f"trained linear, {layer_set}"] = (
                 fit.expert, fit.metrics, score_as_the_app_reads(fit.expert, data, targets, fit.metrics), names)
+            blocks, to_q, to_out = attention_blocks(unet, names)
             for rank in TOKEN_RANKS:
-                if len(cache.models) * sum(w.shape[0] for w in root_weights.values()) * rank * 2 > FILE_LIMIT:
-                    continue
-                for text in TEXT_READINGS if layer_set != "v" else ("same",):
+                for text in TEXT_READINGS if blocks else ("same",):
+                    probes = dict(ATTENTION, blocks=blocks, to_q=to_q, to_out=to_out) if text == "attention" else None
                     free = AnchoredProbeX.training_free([root_weights[n] for n in names], instance, rank,
-                                                        [text == "same" or n.endswith(".to_v") for n in names])
+                                                        [text == "same" or (text == "v" and n.endswith(".to_v"))
+                                                         for n in names], probes)
+                    if len(cache.models) * free.r_t > FILE_LIMIT:  # int8 gallery encodings: a byte a number
+                        continue
                     metrics = {s: evaluate_split(free, data, targets, s)["score"] for s in targets.evaluated_splits()}
-                    kind = f"training-free, {layer_set}, token rank {rank}" + (", text on v" if text == "v" else "")
+                    kind = f"training-free, {layer_set}, token rank {rank}" + {
+                        "same": "", "v": ", text on v", "attention": ", text by attention probes"}[text]
                     candidates[kind] = (free, metrics, score_as_the_app_reads(free, data, targets, metrics), names)
-        kind = max(candidates, key=lambda k: candidates[k][1]["selection"])
+        # ties (common: two accuracies on a few dozen models) go to the larger encoding, the fuller reading
+        kind = max(candidates, key=lambda k: (candidates[k][1]["selection"], candidates[k][0].r_t))
         expert, metrics, encodings, names = candidates[kind]
         specs.append(TreeSpec(name, expert, cache, names, recipe.prompt_template, zoo.tree["root_model"],
                               INSTANCE_PROMPT, samples=_sample_ids(cache, 1), encodings=encodings))
