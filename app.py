@@ -170,9 +170,9 @@ def draw_search_samples(models: list[dict] | None, progress=gr.Progress()):
     if not models:
         return []
     studio = need_studio()
-    images = []
-    for i, m in enumerate(models[:NEIGHBOURS_DRAWN]):
-        progress(i / min(len(models), NEIGHBOURS_DRAWN), desc=f"Drawing {m['class']}…")
+    images, drawn = [], studio.drawable(models, NEIGHBOURS_DRAWN)  # held-out-class models ship no LoRA to draw
+    for i, m in enumerate(drawn):
+        progress(i / len(drawn), desc=f"Drawing {m['class']}…")
         try:
             images.append((studio.samples(m["id"], n=1, tree=m["tree"])[0], f"{m['class']} {m['score']:.2f}"))
         except ProbexError as err:

@@ -361,8 +361,12 @@ class Studio:
     def drawable_neighbors(self, source: str | Path | Analysis, n: int = 4, search_k: int = 50) -> list[dict]:
         """The nearest known models that can be drawn (their LoRA, or one of their class, ships with the bundle)."""
         a = self.analyse(source)
-        near = self.nearest(a.tree, a.encoding, search_k)
-        return [m for m in near if self.sample_source(a.tree, m["id"]) is not None][:n]
+        return self.drawable(self.nearest(a.tree, a.encoding, search_k), n)
+
+    def drawable(self, models: list[dict], n: int) -> list[dict]:
+        """The first ``n`` of ``models`` (dicts with "id" and "tree") that can be drawn: a held-out-class model has no
+        LoRA of its class in the bundle and is passed over."""
+        return [m for m in models if self.sample_source(m["tree"], m["id"]) is not None][:n]
 
     def sample_prompt(self, tree: str, metadata: dict[str, str]) -> str:
         """What the LoRA is prompted with: its own trigger prompt if the file names one, else the tree's."""

@@ -228,6 +228,14 @@ def test_samples_of_an_uploaded_file_and_of_a_model_without_its_own_file(studio,
     assert studio.sample_source("tree-a", model) is not None
     neighbours = studio.drawable_neighbors(path, 4)
     assert 1 <= len(neighbours) <= 4 and all(studio.sample_source(n["tree"], n["id"]) for n in neighbours)
+    # a held-out-class model (a search can return one) has nothing to draw: drawable passes it over, samples says so
+    g = studio.bundle.trees["tree-a"].gallery
+    held = next(m for m, split in zip(g.ids, g.splits) if split.endswith("holdout"))
+    assert studio.sample_source("tree-a", held) is None
+    assert studio.drawable([{"id": held, "tree": "tree-a"}, {"id": model, "tree": "tree-a"}], 4) == \
+        [{"id": model, "tree": "tree-a"}]
+    with pytest.raises(ProbexError, match="ships no LoRA file"):
+        studio.samples(held, n=1, tree="tree-a")
 
 
 # -------------------------------------------------------------------------------------------- bad requests
