@@ -247,8 +247,8 @@ def banner_markdown() -> str:
 HEADER = """
 # 🌳 ProbeX Studio
 **Drop a LoRA and learn what it is from its weights alone** — which base model it was fine-tuned from, which concept it
-was trained on (zero-shot, from text), and which known models are its nearest relatives. No images needed: one layer
-of the weights is read by a tree expert ([ProbeX](https://arxiv.org/abs/2410.13569), CVPR 2025).
+was trained on (zero-shot, from text), and which known models are its nearest relatives. No images needed: the
+weights are read by a tree expert ([ProbeX](https://arxiv.org/abs/2410.13569), CVPR 2025).
 """
 
 CLIENT_EXAMPLE = """
@@ -377,8 +377,10 @@ ABOUT = """
 ### How it works
 1. **Route.** Most public models are fine-tuned from a few base models: they form *Model Trees*. A router compares
    one layer of your LoRA with the centre of every tree it knows and picks the nearest.
-2. **Encode.** That tree's expert (ProbeX) reads ONE layer of the LoRA with learned probes, straight from its low-rank
-   factors, and maps it into a space shared with text.
+2. **Encode.** That tree's expert reads the LoRA straight from its low-rank factors and maps it into a space shared
+   with text. The paper's ProbeX reads one layer with learned probes. The offline emoji trees' expert learns nothing:
+   it probes the cross-attention key and value layers with the tree root's own prompt states, and reads text through
+   the root's attention blocks.
 3. **Compare.** Concepts are the texts closest to the LoRA's encoding — any text, so labels it never saw work too
    (zero-shot). Neighbours are known models with the closest encodings; their samples are drawn live by the tree's
    base model with their LoRA loaded through diffusers.
