@@ -28,6 +28,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from probex.train import class_means  # noqa: E402  (after the path is set)
+
 LAMBDAS = (0.01, 1.0, 10.0, 100.0, float("inf"))
 PROJECTIONS = (1024, 2048, 4096)  # r_t of the Gaussian projection the expert stored up to 514f35d
 TOKEN_RANKS = (2, 3, 4)           # what it stores now (ship chooses the rank on val); all tokens is printed too
@@ -46,8 +48,7 @@ def top1(lora: torch.Tensor, text: torch.Tensor, y: torch.Tensor, splits: list[s
         if len(where[s]):
             pool = held_out if s.endswith("holdout") else ~held_out
             out[s] = float((scores[where[s]].masked_fill(~pool, -2).argmax(1) == y[where[s]]).float().mean())
-    means = F.normalize(torch.zeros(len(held_out), lora.shape[1]).index_add_(0, y[where["train"]], lora[where["train"]]),
-                        dim=-1)
+    means, _ = class_means(lora[where["train"]], y[where["train"]], len(held_out))
     for s in ("val", "test"):
         out[f"{s} means"] = float(((lora[where[s]] @ means.T).argmax(1) == y[where[s]]).float().mean())
     return out

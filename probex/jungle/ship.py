@@ -6,10 +6,9 @@ Per tree (one folder per root under ``<zoo>/<preset>/``): cache the LoRA layers;
 value layers, and on its key + value layers, fit a linear root-anchored ProbeX (epoch chosen on val); build the
 training-free ones at token ranks 2–4, reading text on the same layers, on the value layers only or through the
 root's attention blocks (AttentionProbes), leaving out those whose gallery encodings (int8) would not fit one committed
-file (10 MB); keep the candidate whose encodings read the
-val splits best — known classes by the nearest mean of their train models (what the app does,
-Gallery.class_anchors), held-out classes by text; encode every known model for the gallery, ship one LoRA per class
-to draw samples from and a few test / held-out-class LoRAs as examples. The router
+file (10 MB); keep the candidate whose encodings read the val splits best — known classes by the nearest mean of
+their train models (what the app does, Gallery.class_anchors), held-out classes by text; encode every known model for
+the gallery, ship one LoRA per class to draw samples from and a few test / held-out-class LoRAs as examples. The router
 is fitted on all trees together, with each root's listeners (probex.router.Tree); its routing layer is the first
 layer, in sorted order, on which every known LoRA routes back to its own tree — by clustering where that separates
 the trees, else by the roots' listeners.
