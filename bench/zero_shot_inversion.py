@@ -6,9 +6,10 @@ The training-free expert (probex/anchored.py) compares, in each cross-attention 
 ΔW·H_sᵀ (what the LoRA does to the instance prompt "an emoji of sks") with W·(H_c − H_s)ᵀ (what caption c asks of the
 root), each layer scaled to unit norm. Stored, it keeps only the instance prompt's top principal token directions
 (rows "token rank k"; at all 16 tokens it is the exact score); up to commit 514f35d it stored a Gaussian projection
-of all tokens (rows "projected to r_t", what that cost). Rows "attention": the reading through the root's
-cross-attention blocks (k and v layers together, probex.anchored.AttentionProbes) that ship can add, at its query
-count with five query draws (seed 0 is what ship uses), and at 64 queries. The alternative measured here goes back to the TEXT space:
+of all tokens (rows "projected to r_t", what that cost). Rows "blocks": the reading through the root's whole
+cross-attention blocks (probex.anchored.AttentionReader) — with the LoRA's changes of the projections listed (k,v is
+what the expert of commit 96f2194 added to its token-rank reading, at 6 queries and scale 2), at ship's query counts
+and more, and at five query draws for ship's largest count (seed 0 is what ship uses). The alternative measured here goes back to the TEXT space:
 it solves for the token-state change δ (d_text × n_tokens) that the LoRA's updates of all read layers imitate,
     min_δ  Σ_l ‖W_l·δ − ΔW_l·H_sᵀ‖² / ‖W_l‖²  +  λ·‖δ‖²        (λ relative to the mean diagonal of Σ W_lᵀW_l/‖W_l‖²)
 and scores caption c by cos(δ, (H_c − H_s)ᵀ). λ → ∞ is the adjoint, δ ∝ Σ_l W_lᵀ·ΔW_l·H_sᵀ / ‖W_l‖². Training-free
@@ -33,7 +34,10 @@ from probex.train import class_means  # noqa: E402  (after the path is set)
 LAMBDAS = (0.01, 1.0, 10.0, 100.0, float("inf"))
 PROJECTIONS = (1024, 2048, 4096)  # r_t of the Gaussian projection the expert stored up to 514f35d
 TOKEN_RANKS = (2, 3, 4)           # what it stores now (ship chooses the rank on val); all tokens is printed too
-ATTENTION_SEEDS = (0, 1, 2, 3, 4)  # query draws of the attention reading (ship uses seed 0)
+ATTENTION_SEEDS = (1, 2, 3, 4)     # more query draws of the block reading at ship's largest count (ship: seed 0)
+# (projections whose LoRA changes are read, queries, feature scale): the reading 96f2194 shipped, then what is added
+BLOCK_READINGS = [(("to_k", "to_v"), 6, 2.0), (("to_k", "to_v"), 16, 4.0), (("to_k", "to_v", "to_out.0"), 16, 4.0),
+                  *((("to_q", "to_k", "to_v", "to_out.0"), n, 4.0) for n in (8, 12, 16, 24, 64))]
 SPLITS = ("val_holdout", "test_holdout", "val", "test")
 MEANS = ("val means", "test means")  # known classes by the nearest mean of their train LoRAs: what the app does
 
@@ -64,8 +68,8 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
 
-    from probex.anchored import AnchoredProbeX, attention_blocks
-    from probex.jungle.ship import ATTENTION
+    from probex.anchored import AnchoredProbeX, AttentionReader
+    from probex.jungle.ship import READER, READER_QUERIES
     from probex.jungle.lora import INSTANCE_PROMPT
     from probex.jungle.root import caption, load_root
     from probex.text import load_text_encoder
@@ -106,18 +110,16 @@ def main(argv=None) -> dict:
         with torch.no_grad():
             encoded = stored.encode([cache.inputs(n) for n in names])
             results[f"token rank {rank}"] = top1(encoded, stored.text_features(h_c), y, splits, held_out)
-    # through the root's attention blocks (AttentionProbes, as ship builds them) at several query draws and counts
-    kv = [n for n in cache.all_layers if n.endswith(("attn2.to_k", "attn2.to_v"))]
-    blocks, to_q, to_out = attention_blocks(unet, kv)
-    kv_weights = [unet.get_submodule(n).weight.detach() for n in kv]
-    for n_queries, seed in [(ATTENTION["n_queries"], s) for s in ATTENTION_SEEDS] + [(64, 0)]:
-        probed = AnchoredProbeX.training_free(kv_weights, h_s, 1, [False] * len(kv),
-                                              dict(ATTENTION, n_queries=n_queries, seed=seed, blocks=blocks,
-                                                   to_q=to_q, to_out=to_out))
+    # through the root's cross-attention blocks (AttentionReader, as ship builds them)
+    shipped = ("to_q", "to_k", "to_v", "to_out.0"), max(READER_QUERIES), READER["scale"]
+    for projections, n_queries, scale, seed in [(*r, READER["seed"]) for r in BLOCK_READINGS] + [
+            (*shipped, s) for s in ATTENTION_SEEDS]:
+        read = [n for n in cache.all_layers if "attn2." in n and n.endswith(projections)]
+        reader = AttentionReader.from_root(unet, read, h_s, n_queries, seed, scale)
         with torch.no_grad():
-            attention = probed.encode([cache.inputs(n) for n in kv])[:, probed.r_t - probed.attention.dim:]
-            text = probed.text_features(h_c)[:, probed.r_t - probed.attention.dim:]
-        results[f"attention, {n_queries} queries, seed {seed}"] = top1(attention, text, y, splits, held_out)
+            encoded = reader.encode([cache.inputs(n) for n in read])
+            results[f"blocks {','.join(p[3:].split('.')[0] for p in projections)}; {n_queries}q ×{scale:g} "
+                    f"s{seed}"] = top1(encoded, reader.text_features(h_c), y, splits, held_out)
     # text space: solve for δ
     a = torch.cat([w / w.norm() for w in weights])                                              # (Σd_l, d)
     b = torch.cat([r / w.norm() for r, w in zip(responses, weights)], 1)                        # (N, Σd_l, T)

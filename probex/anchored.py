@@ -24,85 +24,153 @@ from torch import Tensor, nn
 from .model import Expert, _per_model
 
 
-class AttentionProbes(nn.Module):
-    """A caption's or a LoRA's change read through the root's cross-attention rather than one linear layer at a time.
-
-    Fixed synthetic queries — Gaussian image features through each block's to_q, drawn once at build time and stored —
-    attend over the instance prompt's keys and values, once as the root has them (K_s = W_k·H_sᵀ, V_s = W_v·H_sᵀ) and
-    once changed: by a LoRA (K_s + ΔW_k·H_sᵀ, V_s + ΔW_v·H_sᵀ) or by a caption (W_k·H_cᵀ = K_s + W_k·(H_c − H_s)ᵀ, the
-    same for V). The reading is the change of the attention output through to_out, each block at unit norm. The
-    softmax lets a key change and a value change act together, as they do when the root draws; no images, no training.
-    ``blocks``: one [k layer index, v layer index, heads, inner width, output width] per attention block."""
-
-    def __init__(self, blocks: list[list[int]], n_queries: int):
-        super().__init__()
-        self.blocks, self.n_queries = [[int(x) for x in b] for b in blocks], n_queries
-        self.register_buffer("queries", torch.zeros(n_queries, sum(b[3] for b in self.blocks)))   # to_q applied
-        self.register_buffer("out", torch.zeros(sum(b[4] for b in self.blocks), max(b[3] for b in self.blocks)))
-        self.dim = n_queries * sum(b[4] for b in self.blocks)
-
-    def fill(self, to_q: list[Tensor], to_out: list[Tensor], seed: int, scale: float) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.queries.copy_(torch.cat([scale * torch.randn(self.n_queries, w.shape[1], generator=g) @ w.T for w in to_q], 1))
-        row = 0
-        for (_, _, _, inner, out), w in zip(self.blocks, to_out):
-            self.out[row:row + out, :inner] = w
-            row += out
-
-    def read(self, changes: list[Tensor], base: list[Tensor]) -> Tensor:
-        """changes: per read layer (B, d_w, T) changes of its output on the instance prompt; base: per layer the
-        root's (d_w, T). → (B, dim): per block the change of its attention output, each block at unit norm."""
-        parts, q_at, out_at = [], 0, 0
-        for k, v, heads, inner, out in self.blocks:
-            q = self.queries[:, q_at:q_at + inner].reshape(self.n_queries, heads, inner // heads)
-            w_out = self.out[out_at:out_at + out, :inner]
-            q_at, out_at = q_at + inner, out_at + out
-            changed = self._attend(q, base[k] + changes[k], base[v] + changes[v], heads) @ w_out.T
-            parts.append(F.normalize((changed - self._attend(q, base[k][None], base[v][None], heads) @ w_out.T)
-                                     .flatten(1), dim=-1))
-        return torch.cat(parts, 1)
-
-    @staticmethod
-    def _attend(q: Tensor, keys: Tensor, values: Tensor, heads: int) -> Tensor:  # → (B, n_queries, inner)
-        b, inner, t = keys.shape
-        kh, vh = keys.reshape(b, heads, inner // heads, t), values.reshape(b, heads, inner // heads, t)
-        weights = torch.softmax(torch.einsum("qhd,bhdt->bhqt", q, kh) * (inner // heads) ** -0.5, dim=-1)
-        return torch.einsum("bhqt,bhdt->bqhd", weights, vh).reshape(b, q.shape[0], inner)
+PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")  # a cross-attention block's four projections
 
 
-def attention_blocks(unet, names: list[str]) -> tuple[list[list[int]], list[Tensor], list[Tensor]]:
-    """The cross-attention blocks whose to_k and to_v are both among ``names``: AttentionProbes' block list, and each
-    block's to_q and to_out.0 weights."""
-    blocks, to_q, to_out = [], [], []
-    for i, name in enumerate(names):
-        prefix = name[:-len("to_k")]
-        if name.endswith(".to_k") and prefix + "to_v" in names:
+class AttentionReader(Expert):
+    """Training-free: a LoRA's and a caption's change read through the root's whole cross-attention blocks.
+
+    Per block, fixed synthetic image features X (Gaussian, drawn once at build time and stored) are the queries; the
+    keys and values come from the instance prompt's token states H_s ("an emoji of sks"). The reading of a block is
+    how its attention output changes:
+    - a LoRA changes its projections: (W_o + ΔW_o)·attn((W_q + ΔW_q)·X, (W_k + ΔW_k)·H_s, (W_v + ΔW_v)·H_s) minus the
+      root's W_o·attn(W_q·X, W_k·H_s, W_v·H_s);
+    - a caption changes the tokens: W_o·attn(W_q·X, W_k·H_c, W_v·H_c) minus the same root output.
+    A DreamBooth LoRA learns to make "sks" draw as its class, so it moves the blocks' outputs the way the class's
+    caption does. Each block's change (n_queries × output width) is scaled to unit norm and the blocks are
+    concatenated; encodings and captions meet by cosine. The softmax lets key, value, query and output changes act
+    together, as they do when the root draws. No images, no training.
+
+    ``blocks``: per attention block [q, k, v, out] — the indices of its to_q, to_k, to_v, to_out.0 among the read
+    layers (−1 for a projection not read: it stays the root's) — then heads, inner width, output width, query width.
+    Block i's features and root weights are the buffers x{i}, wq{i}, wk{i}, wv{i}, wo{i}.
+    """
+
+    def __init__(self, blocks: list[list[int]], n_queries: int, n_tokens: int, d_h: int):
+        self.blocks = [[int(x) for x in b] for b in blocks]
+        self.n_queries, self.n_tokens, self.d_h = n_queries, n_tokens, d_h
+        super().__init__(n_queries * sum(b[6] for b in self.blocks), "align", None, d_h, None)
+        del self.text_head  # the text side is the root's own weights, see text_features
+        self.r_t = n_queries * sum(b[6] for b in self.blocks)
+        self.register_buffer("probes", torch.zeros(n_tokens, d_h))   # H_s: instance-prompt token states
+        for i, (*_, inner, out, query) in enumerate(self.blocks):
+            self.register_buffer(f"x{i}", torch.zeros(n_queries, query))   # the block's synthetic image features
+            self.register_buffer(f"wq{i}", torch.zeros(inner, query))
+            self.register_buffer(f"wk{i}", torch.zeros(inner, d_h))
+            self.register_buffer(f"wv{i}", torch.zeros(inner, d_h))
+            self.register_buffer(f"wo{i}", torch.zeros(out, inner))
+
+    @classmethod
+    def from_root(cls, unet, names: list[str], instance_states: Tensor, n_queries: int, seed: int = 0,
+                  scale: float = 4.0) -> "AttentionReader":
+        """The cross-attention blocks of ``unet`` whose to_k and to_v are both among ``names`` (the layers the expert
+        reads, in the order it is handed them); their to_q / to_out.0 are read where ``names`` has them.
+        ``scale``: the standard deviation of the synthetic image features (rounded to fp16 precision, so the saved
+        expert stores them losslessly in fp16, as it does the root's fp16 weights)."""
+        blocks, weights = [], []
+        for name in names:
+            prefix = name[:-len("to_k")]
+            if not (name.endswith(".to_k") and prefix + "to_v" in names):
+                continue
             attn = unet.get_submodule(prefix[:-1])
-            blocks.append([i, names.index(prefix + "to_v"), attn.heads, attn.to_k.weight.shape[0],
-                           attn.to_out[0].weight.shape[0]])
-            to_q.append(attn.to_q.weight.detach())
-            to_out.append(attn.to_out[0].weight.detach())
-    return blocks, to_q, to_out
+            at = [names.index(prefix + p) if prefix + p in names else -1 for p in PROJECTIONS]
+            blocks.append(at + [attn.heads, attn.to_q.weight.shape[0], attn.to_out[0].weight.shape[0],
+                                attn.to_q.weight.shape[1]])
+            weights.append([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight, attn.to_out[0].weight])
+        if not blocks:
+            raise ValueError("no cross-attention block has both its to_k and to_v among the read layers")
+        reader = cls(blocks, n_queries, *instance_states.shape)
+        reader.probes.copy_(instance_states)
+        g = torch.Generator().manual_seed(seed)
+        for i, (wq, wk, wv, wo) in enumerate(weights):
+            x = scale * torch.randn(n_queries, wq.shape[1], generator=g)
+            getattr(reader, f"x{i}").copy_(x.half().float())  # at fp16 precision: stored in half the bytes
+            for kind, w in zip("qkvo", (wq, wk, wv, wo)):
+                getattr(reader, f"w{kind}{i}").copy_(w.detach())
+        return reader.eval()
+
+    def changes(self, layers: list) -> list[Tensor]:
+        """Per block the change of its attention output, (N, n_queries, output width): each read layer's item is
+        dense (N, d_out, d_in) or factors."""
+        n = len(layers[0][0] if isinstance(layers[0], tuple) else layers[0])
+        out = []
+        for i, (q_at, k_at, v_at, o_at, heads, *_rest) in enumerate(self.blocks):
+            x, wq, wk, wv, wo = (getattr(self, f"{k}{i}") for k in ("x", "wq", "wk", "wv", "wo"))
+            h_s = self.probes.T
+            q, keys, values = (x @ wq.T)[None], (wk @ h_s)[None], (wv @ h_s)[None]
+            base = _attend(q, keys, values, heads) @ wo.T
+            if q_at >= 0:
+                q = q + _apply(layers[q_at], x.T).transpose(1, 2)
+            if k_at >= 0:
+                keys = keys + _apply(layers[k_at], h_s)
+            if v_at >= 0:
+                values = values + _apply(layers[v_at], h_s)
+            mixed = _attend(q.expand(n, -1, -1), keys.expand(n, -1, -1), values.expand(n, -1, -1), heads)
+            changed = mixed @ wo.T
+            if o_at >= 0:
+                changed = changed + _apply(layers[o_at], mixed.transpose(1, 2)).transpose(1, 2)
+            out.append(changed - base)
+        return out
+
+    def text_changes(self, text_states: Tensor) -> list[Tensor]:
+        """Per block the change a caption's token states (C, n_tokens, d_h) ask of its output: (C, n_queries, out)."""
+        out = []
+        for i, (*_, heads, _inner, _out, _query) in enumerate(self.blocks):
+            x, wq, wk, wv, wo = (getattr(self, f"{k}{i}") for k in ("x", "wq", "wk", "wv", "wo"))
+            q, h_s, h_c = (x @ wq.T)[None], self.probes.T[None], text_states.transpose(1, 2)
+            base = _attend(q, wk @ h_s, wv @ h_s, heads) @ wo.T
+            out.append(_attend(q.expand(len(h_c), -1, -1), wk @ h_c, wv @ h_c, heads) @ wo.T - base)
+        return out
+
+    def _read(self, changes: list[Tensor]) -> Tensor:  # each block at unit norm, concatenated: a unit vector
+        return torch.cat([F.normalize(c.flatten(1), dim=-1) for c in changes], 1) / len(changes) ** 0.5
+
+    def encode(self, layers: list) -> Tensor:
+        return self._read(self.changes(layers))
+
+    def text_input(self, encoder, prompts: list[str]) -> Tensor:
+        """Token states of each caption, as long as the instance prompt's: (C, n_tokens, d_h)."""
+        return encoder.token_states(prompts, self.n_tokens)
+
+    def text_features(self, text_states: Tensor) -> Tensor:
+        return self._read(self.text_changes(text_states))
+
+    def config(self) -> dict:
+        return dict(blocks=self.blocks, n_queries=self.n_queries, n_tokens=self.n_tokens, d_h=self.d_h)
+
+
+def _apply(x, inputs: Tensor) -> Tensor:
+    """ΔW·inputs for one read layer's item — dense (N, d_out, d_in) or LoRA factors — and inputs (d_in, T) or
+    (N, d_in, T): (N, d_out, T), without forming B·A for factors."""
+    if isinstance(x, Tensor):
+        return x @ inputs
+    up, down, scale = x
+    return up @ (down @ inputs) * _per_model(scale, up)
+
+
+def _attend(q: Tensor, keys: Tensor, values: Tensor, heads: int) -> Tensor:
+    """Multi-head scaled dot-product attention: q (B, n, inner), keys / values (B, inner, T) → (B, n, inner)."""
+    b, n, inner = q.shape
+    t, d = keys.shape[-1], inner // heads
+    weights = torch.softmax(torch.einsum("bnhd,bhdt->bhnt", q.reshape(b, n, heads, d),
+                                         keys.reshape(b, heads, d, t)) * d**-0.5, dim=-1)
+    return torch.einsum("bhnt,bhdt->bnhd", weights, values.reshape(b, heads, d, t)).reshape(b, n, inner)
 
 
 class AnchoredProbeX(Expert):
     def __init__(self, d_ws: list[int], d_h: int, n_tokens: int, r_v: int = 64, r_t: int = 128, relu: bool = True,
                  temperature: float | None = 0.1, text_dim: int | None = None, layer_norm: bool = False,
-                 token_rank: int | None = None, text_layers: list[bool] | None = None, attention: dict | None = None):
+                 token_rank: int | None = None, text_layers: list[bool] | None = None):
         d_w = sum(d_ws)
-        if attention is not None and token_rank is None:
-            raise ValueError("attention probes are part of the training-free expert (token_rank set)")
-        probes = AttentionProbes(attention["blocks"], attention["n_queries"]) if attention else None
         if token_rank is not None:  # training-free: the encoding is the responses themselves, nothing to choose
-            r_t = d_w * token_rank + (probes.dim if probes else 0)
+            r_t = d_w * token_rank
         super().__init__(r_t, "align", None, text_dim or d_h, temperature)
         del self.text_head  # the text side is the root's own weights, see text_features
         self.d_ws, self.d_h, self.n_tokens, self.r_v, self.r_t, self.relu = list(d_ws), d_h, n_tokens, r_v, r_t, relu
         self.layer_norm, self.token_rank = layer_norm, token_rank
         self.text_layers = [bool(t) for t in text_layers] if text_layers is not None else [True] * len(self.d_ws)
-        if len(self.text_layers) != len(self.d_ws) or not (any(self.text_layers) or attention):
+        if len(self.text_layers) != len(self.d_ws) or not any(self.text_layers):
             raise ValueError("text_layers needs one flag per read layer, at least one of them set")
-        self.attention_config, self.attention = attention, probes
         if token_rank is None and not all(self.text_layers):
             raise ValueError("text_layers can leave layers out only in the training-free expert (token_rank set)")
         self.register_buffer("probes", torch.zeros(n_tokens, d_h))   # H_s: instance-prompt token states
@@ -125,26 +193,18 @@ class AnchoredProbeX(Expert):
 
     @classmethod
     def training_free(cls, root_weights: list[Tensor], instance_states: Tensor, token_rank: int = 3,
-                      text_layers: list[bool] | None = None, attention: dict | None = None) -> "AnchoredProbeX":
+                      text_layers: list[bool] | None = None) -> "AnchoredProbeX":
         """No learning: V = I, no σ, and instead of all n_tokens columns of ΔW·H_sᵀ, its projection on the instance
         prompt's ``token_rank`` principal token directions P (top left singular vectors of H_s): ΔW·H_sᵀ·P, which
         is ΔW applied to H_s's top principal directions, each weighted by its singular value. Each layer is scaled to
         unit norm, and cosines between encodings are exact — no random projection. A caption's text side is
         W·(H_c − H_s)ᵀ·P on the ``text_layers`` (default all), zero on the others: those then only help tell LoRAs
-        apart (nearest models, class means), not read text. Encoding size: Σ d_w · token_rank.
-
-        ``attention`` (optional): dict(blocks, to_q, to_out — from ``attention_blocks`` —, n_queries, seed, scale,
-        weight) adds AttentionProbes' reading of the same changes: the encoding is then [the reading above at unit
-        norm, ``weight`` × the attention reading at unit norm]; the text side is the attention reading alone when no
-        text layer is set."""
+        apart (nearest models, class means), not read text. Encoding size: Σ d_w · token_rank."""
         if not 1 <= token_rank <= min(instance_states.shape):
             raise ValueError(f"token_rank must be between 1 and {min(instance_states.shape)}, got {token_rank}")
-        spec = None if attention is None else {k: attention[k] for k in ("blocks", "n_queries", "weight")}
         model = cls.from_root(root_weights, instance_states, r_v=sum(w.shape[0] for w in root_weights), relu=False,
-                              temperature=None, token_rank=token_rank, text_layers=text_layers, attention=spec)
+                              temperature=None, token_rank=token_rank, text_layers=text_layers)
         model.token_basis.copy_(torch.linalg.svd(instance_states, full_matrices=False).U[:, :token_rank])
-        if attention is not None:
-            model.attention.fill(attention["to_q"], attention["to_out"], attention["seed"], attention["scale"])
         return model.eval()
 
     def _encode_responses(self, z: Tensor) -> Tensor:  # (N, d_w, n_tokens) → (N, r_t)
@@ -159,26 +219,10 @@ class AnchoredProbeX(Expert):
 
     def responses(self, layers: list) -> Tensor:
         """ΔW·H_sᵀ of every read layer, stacked: (N, d_w, n_tokens). Each item dense (N,d_w,d_h) or factors."""
-        parts = []
-        for x in layers:
-            if isinstance(x, Tensor):
-                parts.append(x @ self.probes.T)
-            else:
-                up, down, scale = x
-                parts.append(up @ (down @ self.probes.T) * _per_model(scale, up))
-        return torch.cat(parts, 1)
+        return torch.cat([_apply(x, self.probes.T) for x in layers], 1)
 
     def encode(self, layers: list) -> Tensor:
-        return self._with_attention(self.responses(layers), self._encode_responses)
-
-    def _with_attention(self, z: Tensor, read) -> Tensor:
-        """read(z), and where the expert has attention probes: [read(z) at unit norm, weight × their reading]."""
-        if self.attention is None:
-            return read(z)
-        base = (self.root @ self.probes.T).split(self.d_ws)
-        return torch.cat([F.normalize(read(z), dim=-1),
-                          self.attention_config["weight"] * self.attention.read(list(z.split(self.d_ws, 1)), base)
-                          / len(self.attention.blocks) ** 0.5], 1)
+        return self._encode_responses(self.responses(layers))
 
     def text_input(self, encoder, prompts: list[str]) -> Tensor:
         """Token states of each caption, as long as the instance prompt's: (C, n_tokens, d_h)."""
@@ -189,7 +233,7 @@ class AnchoredProbeX(Expert):
         return self.root @ (text_states - self.probes).transpose(1, 2)
 
     def text_features(self, text_states: Tensor) -> Tensor:
-        return F.normalize(self._with_attention(self.text_responses(text_states), self._text_layers_only), dim=-1)
+        return F.normalize(self._text_layers_only(self.text_responses(text_states)), dim=-1)
 
     def _text_layers_only(self, z: Tensor) -> Tensor:
         encoded = self._encode_responses(z)
@@ -201,7 +245,7 @@ class AnchoredProbeX(Expert):
     def config(self) -> dict:
         return dict(d_ws=self.d_ws, d_h=self.d_h, n_tokens=self.n_tokens, r_v=self.r_v, r_t=self.r_t, relu=self.relu,
                     temperature=self.temperature, text_dim=self.d_h, layer_norm=self.layer_norm,
-                    token_rank=self.token_rank, text_layers=self.text_layers, attention=self.attention_config)
+                    token_rank=self.token_rank, text_layers=self.text_layers)
 
 
 def training_free_scores(responses: Tensor, text_responses: Tensor) -> Tensor:
@@ -239,7 +283,8 @@ def anchored_layer_names(layer_names: list[str]) -> list[str]:
 def _register():
     from . import model
 
-    model.EXPERTS.setdefault(AnchoredProbeX.__name__, AnchoredProbeX)
+    for cls in (AnchoredProbeX, AttentionReader):
+        model.EXPERTS.setdefault(cls.__name__, cls)
 
 
 _register()

@@ -5,7 +5,8 @@
                                          JSON state, example files, and a manifest: sha256 of every other file
     <bundle>/router.safetensors          the router's tensors (tree centres of the routing layer)
     <bundle>/<tree>/expert/              the expert's save_pretrained (config.json + model.safetensors)
-    <bundle>/<tree>/gallery.safetensors  encodings (N, r_T) in int8 and their scales (N,), umap (N, 2)
+    <bundle>/<tree>/gallery.safetensors  encodings (N, r_T) in int8 and their scales (N,), umap (N, 2); rows
+                                         past what one file holds (FILE_BYTES) go on in gallery-1.safetensors, …
     <bundle>/<tree>/text.safetensors     text_emb (C, text_dim): the class vocabulary's text inputs, one row a class
     <bundle>/<tree>/gallery.json         model ids, classes, splits, class vocabulary, sample LoRA paths, layout
     <bundle>/<tree>/samples/*.safetensors, <bundle>/examples/*.safetensors   LoRA files shipped with the bundle
@@ -37,7 +38,8 @@ from probex.zoo import sha256_file
 from probex.train import (DEFAULT_PROMPT, PAPER, LayerData, TrainConfig, class_text_embeddings, encode_all, prompt,
                           sweep_layers)
 
-FORMAT, VERSION = "probex-bundle", 2  # 2: text_emb in its own file, encodings in int8
+FORMAT, VERSION = "probex-bundle", 3  # 2: text_emb in its own file, encodings in int8; 3: encodings over files
+FILE_BYTES = 9_500_000  # gallery encodings are split over files of at most this many bytes (Spaces: ≤ 10 MB a file)
 PLACE_K = 5
 MIN_UMAP_MODELS = 10  # below this UMAP's neighbour graph is degenerate: PCA lays the gallery out instead
 
@@ -241,17 +243,21 @@ def _save_tree(tree: TreeBundle, folder: Path, root: Path) -> list[Path]:
     tree.expert.save_pretrained(folder / "expert")
     g = tree.gallery
     codes, scale = quantize(g.encodings)
-    save_file({"encodings": codes, "encoding_scale": scale, "umap": g.umap.half().contiguous()},
-              str(folder / "gallery.safetensors"))
+    parts = codes.split(max(1, FILE_BYTES // max(1, codes.shape[1])))
+    gallery_files = ["gallery.safetensors"] + [f"gallery-{i}.safetensors" for i in range(1, len(parts))]
+    save_file({"encodings": parts[0].contiguous(), "encoding_scale": scale, "umap": g.umap.half().contiguous()},
+              str(folder / gallery_files[0]))
+    for part, file in zip(parts[1:], gallery_files[1:]):
+        save_file({"encodings": part.contiguous()}, str(folder / file))
     save_file({"text_emb": g.text_emb.half().contiguous()}, str(folder / "text.safetensors"))
     samples = {mid: _ship_half(Path(p), folder / "samples" / (re.sub(r"[^A-Za-z0-9._-]+", "__", mid) + ".safetensors"))
                for mid, p in g.sample_paths.items()}
     (folder / "gallery.json").write_text(json.dumps(
         {"ids": g.ids, "classes": g.classes, "splits": g.splits, "classes_vocabulary": g.classes_vocabulary,
          "class_ids": g.class_ids, "sample_paths": {m: p.relative_to(root).as_posix() for m, p in samples.items()},
-         "layout": g.layout}, indent=1))
-    return [folder / "expert" / "config.json", folder / "expert" / "model.safetensors", folder / "gallery.safetensors",
-            folder / "text.safetensors", folder / "gallery.json", *samples.values()]
+         "layout": g.layout, "gallery_files": gallery_files}, indent=1))
+    return [folder / "expert" / "config.json", folder / "expert" / "model.safetensors",
+            *(folder / f for f in gallery_files), folder / "text.safetensors", folder / "gallery.json", *samples.values()]
 
 
 def _read_bundle_json(directory: Path) -> dict:
@@ -294,12 +300,15 @@ def quantize(encodings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _load_gallery(directory: Path, folder: str) -> Gallery:
-    t = {**_load_tensors(directory, f"{folder}/gallery.safetensors"),
-         **_load_tensors(directory, f"{folder}/text.safetensors")}
     try:
         j = json.loads((directory / folder / "gallery.json").read_text())
+        if not all(re.fullmatch(r"gallery(-\d+)?\.safetensors", f) for f in j["gallery_files"]):
+            raise ValueError(f"unexpected gallery file names {j['gallery_files']}")
+        parts = [_load_tensors(directory, f"{folder}/{f}") for f in j["gallery_files"]]
+        t = {**parts[0], **_load_tensors(directory, f"{folder}/text.safetensors")}
+        codes = torch.cat([p["encodings"] for p in parts])
         return Gallery(j["ids"], j["classes"], j["splits"], j["classes_vocabulary"],
-                       t["encodings"].float() * t["encoding_scale"][:, None],
+                       codes.float() * t["encoding_scale"][:, None],
                        t["umap"].float(), t["text_emb"].float(), j.get("class_ids", []),
                        {m: str(directory / p) for m, p in j.get("sample_paths", {}).items()}, j.get("layout", {}))
     except (OSError, ValueError, KeyError) as exc:

@@ -110,8 +110,7 @@ class Expert(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "config.json").write_text(json.dumps({"class": type(self).__name__, **self.config()}, indent=2))
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / "model.safetensors"))
+        save_file({k: _compact(v.detach()) for k, v in self.state_dict().items()}, str(directory / "model.safetensors"))
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "Expert":
@@ -122,7 +121,7 @@ class Expert(nn.Module):
         except (OSError, ValueError, SafetensorError) as exc:  # missing file, bad JSON, bad safetensors header
             raise ProbexError(f"cannot load expert from {directory}: {exc}") from None
         kind = config.pop("class", cls.__name__)
-        import probex.anchored  # noqa: F401  (registers AnchoredProbeX, which lives beside the method it extends)
+        import probex.anchored  # noqa: F401  (registers the root-anchored experts)
 
         expert_cls = EXPERTS.get(kind)
         if expert_cls is None or not issubclass(expert_cls, cls):
@@ -130,6 +129,14 @@ class Expert(nn.Module):
         expert = expert_cls(**config)
         expert.load_state_dict(state)
         return expert.eval()
+
+
+def _compact(t: Tensor) -> Tensor:
+    """fp32 tensors that fp16 holds exactly (a root's fp16 weights, features drawn at fp16 precision) are stored in
+    fp16, half the bytes and nothing lost; load_state_dict casts them back into the fp32 buffers."""
+    if t.dtype == torch.float32 and torch.equal(t.half().float(), t):
+        t = t.half()
+    return t.contiguous()
 
 
 class ProbeX(Expert):

@@ -1,6 +1,7 @@
 """The emoji jungle's machinery: atlas curation, root training/resume, the batched LoRA recipe, the anchored expert."""
 from __future__ import annotations
 
+import copy
 import unicodedata
 from pathlib import Path
 
@@ -153,12 +154,13 @@ def test_anchored_factor_path_equals_dense_and_reads_a_planted_concept():
     assert torch.allclose(compact.encode(louder), compact.encode(factors), rtol=1e-4, atol=1e-4)
 
 
-def test_attention_probes_match_diffusers_attention_and_read_a_planted_concept(tmp_path):
-    """AttentionProbes is the root's own cross-attention (diffusers' Attention, to_out bias aside) on stored queries;
-    a LoRA that makes the instance prompt's keys and values the caption's reads as that caption."""
+def test_attention_reader_is_diffusers_attention_changed_by_the_lora_and_reads_a_planted_concept(tmp_path):
+    """AttentionReader's change of a block is what diffusers' Attention computes with the LoRA's deltas added to its
+    four projections, minus what it computes without them; a LoRA that makes the instance prompt's keys and values the
+    caption's reads exactly as that caption; factors and dense deltas agree; it saves and loads."""
     from diffusers.models.attention_processor import Attention
 
-    from probex.anchored import AttentionProbes, attention_blocks
+    from probex.anchored import AttentionReader
     from probex.model import load_expert
 
     torch.manual_seed(0)
@@ -166,38 +168,48 @@ def test_attention_probes_match_diffusers_attention_and_read_a_planted_concept(t
     attn = Attention(query_dim=12, cross_attention_dim=d_h, heads=2, dim_head=8).eval()
     unet = torch.nn.Module()
     unet.add_module("attn2", attn)
-    names = ["attn2.to_k", "attn2.to_v"]
-    blocks, to_q, to_out = attention_blocks(unet, names)
-    assert blocks == [[0, 1, 2, 16, 12]]
-    probes = AttentionProbes(blocks, n_queries=3)
-    probes.fill(to_q, to_out, seed=0, scale=1.0)
-    x = torch.randn(3, 12, generator=torch.Generator().manual_seed(0))  # what fill drew
-    h = torch.randn(tokens, d_h)
-    keys, values = attn.to_k.weight @ h.T, attn.to_v.weight @ h.T
-    with torch.no_grad():
-        ours = AttentionProbes._attend(probes.queries.reshape(3, 2, 8), keys[None], values[None], 2) @ to_out[0].T
-        theirs = attn(x[None], encoder_hidden_states=h[None]) - attn.to_out[0].bias
-    assert torch.allclose(ours, theirs, atol=1e-5)
-
-    root_w = [attn.to_k.weight.detach(), attn.to_v.weight.detach()]
+    names = ["attn2.to_k", "attn2.to_out.0", "attn2.to_q", "attn2.to_v"]
     h_s, h_c = torch.randn(tokens, d_h), torch.randn(n_classes, tokens, d_h)
-    ups, downs = [], []
-    for w in root_w:  # ΔW·H_sᵀ = W·(H_c − H_s)ᵀ for each class, as a full-rank "LoRA"
-        delta = torch.stack([w @ (h_c[c] - h_s).T @ torch.linalg.pinv(h_s.T) for c in range(n_classes)])
-        ups.append(delta)
-        downs.append(torch.eye(d_h).expand(n_classes, d_h, d_h))
-    factors = [(u, d, torch.ones(n_classes)) for u, d in zip(ups, downs)]
-    expert = AnchoredProbeX.training_free(root_w, h_s, token_rank=2, text_layers=[False, False],
-                                          attention=dict(blocks=blocks, to_q=to_q, to_out=to_out, n_queries=4,
-                                                         seed=0, scale=2.0, weight=0.5))
+    reader = AttentionReader.from_root(unet, names, h_s, n_queries=3, seed=0, scale=1.0)
+    assert reader.blocks == [[2, 0, 3, 1, 2, 16, 12, 12]] and reader.r_t == 3 * 12
+    x = torch.randn(3, 12, generator=torch.Generator().manual_seed(0))  # what from_root drew
+    shapes = [attn.to_k.weight.shape, attn.to_out[0].weight.shape, attn.to_q.weight.shape, attn.to_v.weight.shape]
+    ups = [torch.randn(2, s[0], 3) * 0.1 for s in shapes]
+    downs = [torch.randn(2, 3, s[1]) * 0.1 for s in shapes]
+    factors = [(u, d, torch.tensor([1.0, 0.5])) for u, d in zip(ups, downs)]
+    dense = [torch.bmm(u, d) * s.reshape(-1, 1, 1) for u, d, s in factors]
     with torch.no_grad():
-        scores = expert(factors, h_c)
+        ours = reader.changes(factors)[0]
+        assert torch.allclose(ours, reader.changes(dense)[0], atol=1e-5)
+        root_out = attn(x[None], encoder_hidden_states=h_s[None])
+        for m in range(2):
+            changed = copy.deepcopy(attn)
+            for module, delta in zip((changed.to_k, changed.to_out[0], changed.to_q, changed.to_v), dense):
+                module.weight += delta[m]
+            assert torch.allclose(ours[m], (changed(x[None], encoder_hidden_states=h_s[None]) - root_out)[0],
+                                  atol=1e-5)
+
+    # ΔW·H_sᵀ = W·(H_c − H_s)ᵀ on the key and value projections, query and output untouched: class c's caption
+    planted = []
+    for name, module in zip(names, (attn.to_k, attn.to_out[0], attn.to_q, attn.to_v)):
+        w = module.weight.detach()
+        if name.endswith(("to_k", "to_v")):
+            planted.append(torch.stack([w @ (h_c[c] - h_s).T @ torch.linalg.pinv(h_s.T) for c in range(n_classes)]))
+        else:
+            planted.append(torch.zeros(n_classes, *w.shape))
+    with torch.no_grad():
+        scores = reader(planted, h_c)
     assert scores.argmax(1).tolist() == list(range(n_classes))
-    assert torch.allclose(scores.diagonal(), torch.full((n_classes,), 0.5 / 1.25**0.5), atol=1e-4)  # cos of its part
-    expert.save_pretrained(tmp_path / "expert")
+    assert torch.allclose(scores.diagonal(), torch.ones(n_classes), atol=1e-4)
+    reader.save_pretrained(tmp_path / "expert")
     loaded = load_expert(tmp_path / "expert")
     with torch.no_grad():
-        assert loaded.r_t == (16 + 16) * 2 + 4 * 12 and torch.equal(loaded(factors, h_c), scores)
+        assert type(loaded) is AttentionReader and torch.equal(loaded(planted, h_c), scores)
+    # reading keys and values only: the query and output projections stay the root's
+    kv_only = AttentionReader.from_root(unet, ["attn2.to_k", "attn2.to_v"], h_s, n_queries=3, seed=0, scale=1.0)
+    assert kv_only.blocks == [[-1, 0, 1, -1, 2, 16, 12, 12]]
+    with torch.no_grad():
+        assert torch.allclose(kv_only([planted[0], planted[3]], h_c), scores, atol=1e-5)
 
 
 def test_training_free_expert_round_trips_and_reads_text_on_chosen_layers(tmp_path):
@@ -297,11 +309,12 @@ def test_ship_builds_a_bundle_the_studio_reads(tmp_path_factory, tmp_path):
     assert {name: r["accuracy"] for name, r in tables["router"].items()} == {"tree-a": 1.0, "tree-b": 1.0}
 
     # bench/zero_shot_inversion.py reads the same population: the shipped output-space reading and the text-space one
-    from zero_shot_inversion import ATTENTION_SEEDS, LAMBDAS, PROJECTIONS, TOKEN_RANKS
+    from zero_shot_inversion import ATTENTION_SEEDS, BLOCK_READINGS, LAMBDAS, PROJECTIONS, TOKEN_RANKS
     from zero_shot_inversion import main as inversion
 
     readings = inversion(["--jungle", str(built["base"] / "zoo"), "--tree", "tree-a", "--cache", str(tmp_path / "cache")])
-    assert len(readings) == 1 + len(PROJECTIONS) + len(TOKEN_RANKS) + 1 + len(ATTENTION_SEEDS) + 1 + len(LAMBDAS)
+    assert len(readings) == (1 + len(PROJECTIONS) + len(TOKEN_RANKS) + 1 + len(BLOCK_READINGS) + len(ATTENTION_SEEDS)
+                             + len(LAMBDAS))
     full_rank = [k for k in readings if k.startswith("token rank")][-1]
     assert readings[full_rank] == readings["output space, exact"]  # all principal directions: the exact score
     for r in readings.values():

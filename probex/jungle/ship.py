@@ -4,9 +4,10 @@
 
 Per tree (one folder per root under ``<zoo>/<preset>/``): cache the LoRA layers; on the root's cross-attention
 value layers, and on its key + value layers, fit a linear root-anchored ProbeX (epoch chosen on val); build the
-training-free ones at token ranks 2–4, reading text on the same layers, on the value layers only or through the
-root's attention blocks (AttentionProbes), leaving out those whose gallery encodings (int8) would not fit one committed
-file (10 MB); keep the candidate whose encodings read the val splits best — known classes by the nearest mean of
+training-free ones at token ranks 2–4 (text read on the same layers or on the value layers only), and the training-free
+readers of whole cross-attention blocks (AttentionReader: query, key, value and output changes) at 8, 12 and 16
+synthetic queries, leaving out those whose gallery encodings (int8) would pass the tree's gallery budget; keep the
+candidate whose encodings read the val splits best — known classes by the nearest mean of
 their train models (what the app does, Gallery.class_anchors), held-out classes by text; encode every known model for
 the gallery, ship one LoRA per class to draw samples from and a few test / held-out-class LoRAs as examples. The router
 is fitted on all trees together, with each root's listeners (probex.router.Tree); its routing layer is the first
@@ -20,7 +21,7 @@ import shutil
 from pathlib import Path
 
 
-from ..anchored import AnchoredProbeX, attention_blocks, fit_anchored
+from ..anchored import PROJECTIONS, AnchoredProbeX, AttentionReader, LayerStack, fit_anchored
 from ..bundle import TreeSpec, _example_models, _fit_router, _sample_ids, build_bundle
 from ..errors import ProbexError
 from ..text import load_text_encoder
@@ -32,12 +33,15 @@ from .root import caption, load_root
 
 PROJECT = Path(__file__).resolve().parents[2]
 EXPERT_LAYERS = {"v": ("attn2.to_v",), "k+v": ("attn2.to_k", "attn2.to_v")}  # cross-attention: the caption enters here
+BLOCK_LAYERS = tuple(f"attn2.{p}" for p in PROJECTIONS)  # what the AttentionReader candidates read
 TOKEN_RANKS = (2, 3, 4)            # training-free candidates: principal token directions of the instance prompt
-# training-free candidates on k+v read text on all their layers, on the value layers, or through the attention blocks
-TEXT_READINGS = ("same", "v", "attention")
-ATTENTION = dict(n_queries=6, seed=0, scale=2.0, weight=0.5)  # probex.anchored.AttentionProbes, set by hand (README)
+TEXT_READINGS = ("same", "v")      # ... reading text on all their layers, or on the value layers only
+READER_QUERIES = (8, 12, 16)       # AttentionReader candidates: synthetic queries per block
+READER = dict(seed=0, scale=4.0)   # their draw, and the features' standard deviation (set by hand, see README)
 VAL_READINGS = ("selection", "val_nearest_mean", "val_holdout")  # what bundle.json keeps of every candidate
-FILE_LIMIT = 10 * 10**6            # bytes: every committed file stays under it
+# bytes of one tree's int8 gallery encodings (stored in files of ≤ 10 MB). The shipped total stays ≤ 80 MB: two roots
+# (18 MB), one sample LoRA per class (28 MB), experts (6 MB), examples (4 MB) and assets (6 MB) leave about 18 MB.
+GALLERY_LIMIT = 13 * 10**6
 
 
 def build_emoji_bundle(population: Path, out: Path, epochs: int = 200, cache_root: Path = Path("cache"),
@@ -65,19 +69,16 @@ def build_emoji_bundle(population: Path, out: Path, epochs: int = 200, cache_roo
                                      relu=False)
             candidates[f"trained linear, {layer_set}"] = (
                 fit.expert, fit.metrics, score_as_the_app_reads(fit.expert, data, targets, fit.metrics), names)
-            blocks, to_q, to_out = attention_blocks(unet, names)
             for rank in TOKEN_RANKS:
-                for text in TEXT_READINGS if blocks else ("same",):
-                    probes = dict(ATTENTION, blocks=blocks, to_q=to_q, to_out=to_out) if text == "attention" else None
+                for text in TEXT_READINGS if layer_set != "v" else ("same",):
                     free = AnchoredProbeX.training_free([root_weights[n] for n in names], instance, rank,
-                                                        [text == "same" or (text == "v" and n.endswith(".to_v"))
-                                                         for n in names], probes)
-                    if len(cache.models) * free.r_t > FILE_LIMIT:  # int8 gallery encodings: a byte a number
-                        continue
-                    metrics = {s: evaluate_split(free, data, targets, s)["score"] for s in targets.evaluated_splits()}
-                    kind = f"training-free, {layer_set}, token rank {rank}" + {
-                        "same": "", "v": ", text on v", "attention": ", text by attention probes"}[text]
-                    candidates[kind] = (free, metrics, score_as_the_app_reads(free, data, targets, metrics), names)
+                                                        [text == "same" or n.endswith(".to_v") for n in names])
+                    kind = f"training-free, {layer_set}, token rank {rank}" + ("" if text == "same" else ", text on v")
+                    _add_free(candidates, kind, free, names, cache, targets)
+        names = [n for n in all_layers if n.endswith(BLOCK_LAYERS)]
+        for n_queries in READER_QUERIES:
+            reader = AttentionReader.from_root(unet, names, instance, n_queries, **READER)
+            _add_free(candidates, f"training-free, attention blocks, {n_queries} queries", reader, names, cache, targets)
         # ties (common: two accuracies on a few dozen models) go to the larger encoding, the fuller reading
         kind = max(candidates, key=lambda k: (candidates[k][1]["selection"], candidates[k][0].r_t))
         expert, metrics, encodings, names = candidates[kind]
@@ -98,6 +99,15 @@ def build_emoji_bundle(population: Path, out: Path, epochs: int = 200, cache_roo
                        "expert": "root-anchored ProbeX on cross-attention layers (probex/anchored.py)",
                        "built_by": "python -m probex.jungle ship"})
     return {"bundle": str(out), "routing_layer": routing_layer, "trees": summary}
+
+
+def _add_free(candidates: dict, kind: str, expert, names: list[str], cache, targets) -> None:
+    """Measure a training-free candidate on every split and add it — unless its int8 gallery is over budget."""
+    if len(cache.models) * expert.r_t > GALLERY_LIMIT:  # int8 gallery encodings: a byte a number
+        return
+    data = LayerStack.from_cache(cache, names)
+    metrics = {s: evaluate_split(expert, data, targets, s)["score"] for s in targets.evaluated_splits()}
+    candidates[kind] = (expert, metrics, score_as_the_app_reads(expert, data, targets, metrics), names)
 
 
 def score_as_the_app_reads(expert, data, targets, metrics: dict):
