@@ -81,9 +81,13 @@ def identify(path: str, owned: list[str], top_k: int):
         FILES.release(*owned)
         raise
     request = Request(analysis, path, studio.drawable_neighbors(analysis, NEIGHBOURS_DRAWN), owned)
-    bars = concept_bars(result["classes"], "Top concepts (known: models' mean · unseen: text)")
+    bars = concept_bars(result["classes"], "Top concepts (known: models' mean · unseen: text)",
+                        score_label=SCORE_LABELS[result["score_unit"]])
     return (summary_markdown(result), gr.update(value=bars, visible=True), model_rows(result["neighbors"], False),
             figure, str(card_path), card_path.read_text(), request, gr.update(visible=True))
+
+
+SCORE_LABELS = {"z": "score (z: cosine above its usual on known models)", "probability": "probability"}
 
 
 def identify_upload(file: str | None, top_k: int):
@@ -379,8 +383,8 @@ ABOUT = """
    one layer of your LoRA with the centre of every tree it knows and picks the nearest.
 2. **Encode.** That tree's expert reads the LoRA straight from its low-rank factors and maps it into a space shared
    with text. The paper's ProbeX reads one layer with learned probes. The offline emoji trees' expert learns nothing:
-   it probes the cross-attention key and value layers with the tree root's own prompt states, and reads text through
-   the root's attention blocks.
+   it runs the root's cross-attention blocks on fixed synthetic image features and the training prompt, once with the
+   LoRA's changes and once with a caption instead of the prompt, and compares how the two move the blocks' outputs.
 3. **Compare.** Concepts are the texts closest to the LoRA's encoding — any text, so labels it never saw work too
    (zero-shot). Neighbours are known models with the closest encodings; their samples are drawn live by the tree's
    base model with their LoRA loaded through diffusers.

@@ -257,7 +257,8 @@ def shipped_rows(trees: list[Path], main_name: str, bundle_dir, cache_root) -> d
     main = per_tree[main_name]
     return {"shipped_row": {"in_dist": main["class_mean_top1_test"], "in_dist_text": main["top1_test"],
                             "zero_shot": main["zero_shot_test_holdout"], "knn5": main["knn5_test"],
-                            "occ_auc": main["occ_auc5_holdout"], "layers": main["layer"]},
+                            "occ_auc": main["occ_auc5_holdout"], "layers": main["layer"],
+                            **{k: main[k] for k in main if k.startswith("concept_top1_")}},
             "router": {name: {"accuracy": r["router_accuracy"],
                               "models": sum(v for k, v in r.items() if k.startswith("n_"))}
                        for name, r in per_tree.items()},
@@ -327,6 +328,11 @@ def print_generative(result: dict) -> None:
     if "shipped" in result["rows"]:
         s = result["rows"]["shipped"]
         print(f"shipped expert, known classes by text instead of class means: {s['in_dist_text']:.3f}")
+        for kind, label in (("", "z-normed (the app)"), ("raw_", "raw cosine")):
+            if f"concept_top1_{kind}test" in s:
+                print(f"concept list over all classes together, {label}: top-1 " + ", ".join(
+                    f"{split} {s[f'concept_top1_{kind}{split}']:.3f}"
+                    for split in ("val", "test", "val_holdout", "test_holdout") if f"concept_top1_{kind}{split}" in s))
     for name, r in result.get("shipped_per_tree", {}).items():
         if name != result["tree"]:
             print(f"shipped expert on {name}: " + ", ".join(f"{k} {r[k]:.3f}" for k in (

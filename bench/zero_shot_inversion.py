@@ -1,4 +1,4 @@
-"""Zero-shot reading of held-out classes: the output-space score, its stored forms, attention probes, and text space.
+"""Zero-shot reading of held-out classes: the output-space score, its stored forms, attention blocks, and text space.
 
     python bench/zero_shot_inversion.py [--jungle zoo/emoji-mini] [--tree emoji-root-1] [--cache cache]
 

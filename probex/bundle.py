@@ -82,6 +82,25 @@ class Gallery:
         means, has = class_means(self.encodings[known], y, len(self.classes_vocabulary))
         return torch.where(has[:, None], means, text_features)
 
+    def calibration(self, anchors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Z-norm of concept scores: each anchor's mean and standard deviation of cosine over the tree's known train
+        models, (C,) each. Raw cosines are not comparable across anchors: a class mean lies among LoRAs, a caption's
+        text feature farther from all of them, so by raw cosine a LoRA of a class without known models almost never
+        has its class first (``bench/paper_tables.py`` prints both: see the README). Without two train models:
+        (0, 1), raw cosine."""
+        known = [i for i, s in enumerate(self.splits) if s == "train"]
+        if len(known) < 2:
+            return torch.zeros(len(anchors)), torch.ones(len(anchors))
+        cos = F.normalize(self.encodings[known], dim=-1) @ F.normalize(anchors, dim=-1).T
+        return cos.mean(0), cos.std(0).clamp_min(1e-6)
+
+    def concept_scores(self, encodings: torch.Tensor, anchors: torch.Tensor,
+                       calibration: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """(N, C) concept scores of encodings against the class anchors: cosine, z-normed per anchor
+        (``calibration``, computed here when not given) — how far above its usual score on known models."""
+        mean, std = calibration if calibration is not None else self.calibration(anchors)
+        return (F.normalize(encodings.float(), dim=-1) @ F.normalize(anchors, dim=-1).T - mean) / std
+
     def nearest(self, encoding: torch.Tensor, k: int = 5) -> list[tuple[int, float]]:
         """(gallery index, cosine) of the k known models closest to one encoding."""
         cos = F.normalize(self.encodings, dim=-1) @ F.normalize(encoding.float(), dim=-1)
@@ -122,6 +141,18 @@ class TreeBundle:
     def layers(self) -> list[str]:
         """The names of the layer(s) the expert reads, as a list either way."""
         return [self.layer] if isinstance(self.layer, str) else list(self.layer)
+
+    def class_text_input(self) -> torch.Tensor:
+        """The gallery's class text bank as the expert takes it (token-state experts store it flattened)."""
+        n_tokens = getattr(self.expert, "n_tokens", None)
+        g = self.gallery
+        return g.text_emb.reshape(len(g.classes_vocabulary), n_tokens, -1) if n_tokens else g.text_emb
+
+    def concept_anchors(self) -> torch.Tensor | None:
+        """(C, r_T) what each vocabulary class is scored against (Gallery.class_anchors); None without a text head."""
+        if self.expert.head_kind != "align":
+            return None
+        return self.gallery.class_anchors(self.expert.text_features(self.class_text_input()))
 
 
 @dataclass

@@ -27,6 +27,7 @@ class CardFacts:
     text_encoder: str
     instance_prompt: str | None = None   # the trigger prompt, when the file's metadata names one
     metadata: dict[str, str] = field(default_factory=dict)
+    score_unit: str = "z"            # what concept scores are: "z" (z-normed cosine, align experts) or "probability"
 
 
 # metadata keys worth repeating in the card (kohya, diffusers, our jungle); everything else stays in the file
@@ -53,13 +54,33 @@ def neighbors_table(neighbors: list[dict]) -> str:
     return "\n".join(["| model | class | split | similarity |", "|---|---|---|---:|", *rows])
 
 
-def confidence_words(score_gap: float) -> str:
-    """How sure the top concept is, from the gap between the two best scores (cosine units)."""
-    if score_gap >= 0.1:
+# gaps between the two best concept scores that read as "clear" and "likely", per score unit: a z-score's unit is
+# one standard deviation of an anchor's cosine over known models (about 0.1 cosine on the emoji trees)
+CONFIDENCE_GAPS = {"z": (1.0, 0.3), "probability": (0.1, 0.03)}
+
+
+def confidence_words(score_gap: float, unit: str = "z") -> str:
+    """How sure the top concept is, from the gap between the two best scores."""
+    clear, likely = CONFIDENCE_GAPS[unit]
+    if score_gap >= clear:
         return "clear"
-    if score_gap >= 0.03:
+    if score_gap >= likely:
         return "likely"
     return "uncertain: the top concepts score almost the same"
+
+
+SCORE_WORDS = {
+    "z": "Each concept's score is the cosine between the LoRA's encoding and the concept's anchor — the mean encoding "
+         "of the known LoRAs of that concept, or its text where none is known — as a z-score against that anchor's "
+         "usual cosine on the tree's known models (0: typical, 1: one standard deviation above).",
+    "probability": "Concept scores are the probabilities of the expert's classifier head.",
+}
+
+
+def layers_read(layer: str) -> str:
+    """'one layer, `x`' or 'N layers, `first` … `last`' from the service's comma-joined layer names."""
+    names = layer.split(", ")
+    return f"one layer, `{names[0]}`" if len(names) == 1 else f"{len(names)} layers, `{names[0]}` … `{names[-1]}`"
 
 
 def render_card(facts: CardFacts) -> str:
@@ -78,7 +99,7 @@ def render_card(facts: CardFacts) -> str:
 - **Base model (Model Tree):** `{facts.base_model}` (tree `{facts.tree}`, router confidence \
 {facts.router_confidence:.2f})
 - **File:** {facts.description}
-- **Most likely concept:** {top} ({confidence_words(gap)})
+- **Most likely concept:** {top} ({confidence_words(gap, facts.score_unit)})
 
 {trigger}
 
@@ -94,10 +115,9 @@ def render_card(facts: CardFacts) -> str:
 
 ProbeX ("Learning on Model Weights using Tree Experts", Horwitz et al., CVPR 2025) reads the weights, not images.
 A router compared the LoRA's weights with the centres of the Model Trees it knows and sent it to `{facts.tree}`.
-That tree's expert read ONE layer, `{facts.layer}`, with learned probes and mapped it into a space shared with text
-({facts.text_encoder}, profile `{facts.profile}`). Concept scores are cosine similarities between the LoRA's
-encoding and the concepts' text; nearest models are the known LoRAs with the most similar encodings.
-No image was generated to produce this card.
+That tree's expert read {layers_read(facts.layer)} and mapped the weights into a space shared with text
+({facts.text_encoder}, profile `{facts.profile}`). {SCORE_WORDS[facts.score_unit]} Nearest models are the known LoRAs
+with the most similar encodings. No image was generated to produce this card.
 
 ## Limits
 

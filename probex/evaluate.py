@@ -172,7 +172,31 @@ def evaluate_bundle(bundle_dir, zoo_dir, cache_dir=None, k: int = 5) -> dict:
             if classes != expected:
                 raise ProbexError(f"the {truth} expert was trained on {len(expected)} other classes than the "
                                   f"{len(classes)} of {zoo.root.name}; only an align expert reads new classes")
-        report = evaluate_expert(tree.expert, cache, tree.layer, tree.expert.head_kind, text, k)
+        report = {**evaluate_expert(tree.expert, cache, tree.layer, tree.expert.head_kind, text, k),
+                  **concept_top1(tree, cache)}
     n_models = report.pop("n_models")
     return {"tree": truth, "router_accuracy": routed.count(truth) / len(routed),
             **{f"n_{split}": n for split, n in n_models.items()}, **report}
+
+
+def concept_top1(tree, cache) -> dict:
+    """Top-1 of the app's concept list (Studio.concepts) per split: every class of the tree's vocabulary scored
+    together — known ones by their train models' mean, the others by text, z-normed (Gallery.concept_scores) — the
+    right class first? {concept_top1_<split>: value}, and concept_top1_raw_<split> by raw cosine (no z-norm); empty
+    for trees without a text head or with label lists."""
+    anchors = tree.concept_anchors()
+    g = tree.gallery
+    if anchors is None or not all(isinstance(c, str) for c in g.classes):
+        return {}
+    row = {name: i for i, name in enumerate(g.classes_vocabulary)}
+    name_of = {c["id"]: c["name"] for c in cache.classes}
+    y = torch.tensor([row.get(name_of[m["class_id"]], -1) for m in cache.models])
+    encodings = encode_all(tree.expert, layer_data(cache, tree.layer))
+    report = {}
+    for kind, calibration in (("", None), ("raw_", (torch.zeros(len(anchors)), torch.ones(len(anchors))))):
+        scores = g.concept_scores(encodings, anchors, calibration)
+        for split in ("val", "test", "val_holdout", "test_holdout"):
+            idx = cache.split_indices(split)
+            if len(idx):
+                report[f"concept_top1_{kind}{split}"] = float((scores[idx].argmax(1) == y[idx]).float().mean())
+    return report

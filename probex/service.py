@@ -61,6 +61,7 @@ class Studio:
         self.bundle, self.bundle_dir, self.profile = bundle, Path(bundle_dir), profile
         self._text = None
         self._text_features: dict[str, torch.Tensor] = {}  # tree → class text in the representation space
+        self._calibration: dict[str, tuple] = {}            # tree → its anchors' z-norm (Gallery.calibration)
         self._text_lock = threading.Lock()
         self._pipelines: dict[str, object] = {}
         self._pipeline_locks: dict[str, threading.Lock] = {name: threading.Lock() for name in bundle.trees}
@@ -168,16 +169,11 @@ class Studio:
         """(C, r_T) unit vectors of the tree's class vocabulary (align experts; Gallery.class_anchors), cached per tree."""
         if tree not in self._text_features:
             t = self.bundle.trees[tree]
-            self._text_features[tree] = (t.gallery.class_anchors(t.expert.text_features(self.stored_text_input(tree)))
-                                         if t.expert.head_kind == "align" else None)
+            features = t.concept_anchors()
+            if features is not None:
+                self._calibration[tree] = t.gallery.calibration(features)
+            self._text_features[tree] = features
         return self._text_features[tree]
-
-    def stored_text_input(self, tree: str) -> torch.Tensor:
-        """The gallery's class text bank as the expert takes it (token-state experts store it flattened)."""
-        t = self.bundle.trees[tree]
-        n_tokens = getattr(t.expert, "n_tokens", None)
-        return t.gallery.text_emb.reshape(len(t.gallery.classes_vocabulary), n_tokens, -1) if n_tokens \
-            else t.gallery.text_emb
 
     @torch.no_grad()
     def text_features(self, tree: str, texts: list[str]) -> torch.Tensor:
@@ -203,22 +199,27 @@ class Studio:
         a = self.analyse(source)
         return {"tree": a.tree, "layer": a.layer,
                 "router": {"distance": a.distance, "confidence": a.confidence},
-                "classes": self.concepts(a, top_k), "neighbors": self.nearest(a.tree, a.encoding, top_k),
+                "classes": self.concepts(a, top_k), "score_unit": self.score_unit(a.tree),
+                "neighbors": self.nearest(a.tree, a.encoding, top_k),
                 "file": a.source, "description": a.description, "base_model": self.base_model(a.tree)}
 
     @torch.no_grad()
     def concepts(self, a: Analysis, top_k: int) -> list[dict]:
         """Top-k of the tree's class vocabulary: cosine to each class's anchor — the mean of its known models, else its
-        text (align) — or the classifier head's probabilities."""
+        text (align) — z-normed per anchor (Gallery.concept_scores), or the classifier head's probabilities."""
         t = self.bundle.trees[a.tree]
         names = t.gallery.classes_vocabulary
         features = self.class_features(a.tree)
         if features is not None:
-            scores = features @ a.encoding
+            scores = t.gallery.concept_scores(a.encoding[None], features, self._calibration[a.tree])[0]
         else:
             logits = t.expert.logits(a.encoding[None])[0]
             scores = logits.softmax(-1) if t.expert.head_kind == "multiclass" else logits.sigmoid()
         return top_scores(names, scores, top_k)
+
+    def score_unit(self, tree: str) -> str:
+        """What the tree's concept scores are: "z" (z-normed cosine to class anchors) or "probability" (a head's)."""
+        return "z" if self.class_features(tree) is not None else "probability"
 
     @torch.no_grad()
     def zero_shot(self, source: str | Path | ModelWeights | Analysis, labels: list[str]) -> list[dict]:
@@ -305,7 +306,7 @@ class Studio:
             layer=a.layer, router_confidence=a.confidence, classes=self.concepts(a, top_k),
             neighbors=self.nearest(a.tree, a.encoding, top_k), profile=self.profile.name,
             text_encoder=self.text.name, instance_prompt=a.metadata.get("prompt") or a.metadata.get("instance_prompt"),
-            metadata=a.metadata))
+            metadata=a.metadata, score_unit=self.score_unit(a.tree)))
 
     def base_model(self, tree: str) -> str:
         """The tree's root as a card names it: a Hub id as is, a local root folder by its name."""

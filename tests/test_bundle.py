@@ -197,6 +197,28 @@ def test_class_anchors_are_known_model_means_and_text_for_the_rest():
     assert torch.allclose(anchors[2], text[2])                          # no train models: the text stays
 
 
+def test_concept_scores_are_z_normed_so_an_unseen_class_can_come_first():
+    """A class mean scores high on every LoRA near it, a caption's text feature lower on all of them; measured
+    against each anchor's usual score on the known train models, the LoRA of the unseen class has its class first,
+    and known models keep theirs."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.functional.normalize(torch.randn(16, generator=g), dim=0)
+    known_dir, unseen_dir = torch.nn.functional.normalize(torch.randn(2, 16, generator=g), dim=-1)
+    enc = torch.nn.functional.normalize(3 * base + 0.5 * known_dir + 0.2 * torch.randn(6, 16, generator=g), dim=-1)
+    gallery = Gallery([f"train/{i}" for i in range(6)], ["cat"] * 6, ["train"] * 6, ["cat", "owl"], enc,
+                      torch.zeros(6, 2), torch.zeros(2, 4))
+    text = torch.nn.functional.normalize(torch.stack([known_dir, unseen_dir]), dim=-1)
+    anchors = gallery.class_anchors(text)
+    owl_lora = torch.nn.functional.normalize(3 * base + 0.5 * unseen_dir, dim=0)[None]
+    raw = gallery.concept_scores(owl_lora, anchors, (torch.zeros(2), torch.ones(2)))
+    assert raw.argmax().item() == 0                                     # by raw cosine the known class wins
+    mean, std = gallery.calibration(anchors)
+    assert torch.allclose(mean, (enc @ anchors.T).mean(0), atol=1e-6) and (std > 0).all()
+    assert gallery.concept_scores(owl_lora, anchors).argmax().item() == 1        # z-normed: the unseen class
+    cat_lora = torch.nn.functional.normalize(3 * base + 0.5 * known_dir, dim=0)[None]
+    assert gallery.concept_scores(cat_lora, anchors).argmax().item() == 0        # a new LoRA of the known class
+
+
 def test_nearest_mean_reads_clustered_encodings_and_not_shuffled_ones():
     from probex.train import Targets, nearest_mean_top1
 

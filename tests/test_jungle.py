@@ -306,6 +306,9 @@ def test_ship_builds_a_bundle_the_studio_reads(tmp_path_factory, tmp_path):
         assert 0.0 <= tables["rows"][key]["in_dist"] <= 1.0 and 0.0 <= tables["rows"][key]["zero_shot"] <= 1.0
     direct = evaluate_bundle(tmp_path / "bundle", built["zoos"]["tree-a"], tmp_path / "direct-cache")
     assert tables["rows"]["shipped"]["in_dist"] == direct["class_mean_top1_test"] >= 0.5   # 10 classes: chance 0.1
+    for split in ("val", "test", "val_holdout", "test_holdout"):   # the app's concept list, z-normed and raw
+        assert tables["rows"]["shipped"][f"concept_top1_{split}"] == direct[f"concept_top1_{split}"]
+        assert 0.0 <= direct[f"concept_top1_raw_{split}"] <= 1.0
     assert {name: r["accuracy"] for name, r in tables["router"].items()} == {"tree-a": 1.0, "tree-b": 1.0}
 
     # bench/zero_shot_inversion.py reads the same population: the shipped output-space reading and the text-space one

@@ -110,6 +110,7 @@ def test_predict_routes_to_the_tree_and_names_the_class(studio, built, tree, spl
     result = studio.predict(path, top_k=5)
     assert set(result) >= {"tree", "layer", "router", "classes", "neighbors"}
     assert result["tree"] == tree
+    assert result["score_unit"] == ("z" if studio.bundle.trees[tree].expert.head_kind == "align" else "probability")
     assert 0 < result["router"]["confidence"] <= 1 and result["router"]["distance"] >= 0
     names = [c["name"] for c in result["classes"]]
     assert len(names) == min(5, len(studio.bundle.trees[tree].gallery.classes_vocabulary)) and cls in names
@@ -208,6 +209,8 @@ def test_model_card_is_a_hub_readme(studio, built):
     assert "lora" in card.data.tags and "tree:tree-b" in card.data.tags
     assert "most likely draws *rocket*" in text
     assert "## Nearest known models" in text and "## Limits" in text and "## How this was inferred" in text
+    unit = studio.score_unit("tree-b")
+    assert {"z": "as a z-score", "probability": "probabilities of the expert's classifier head"}[unit] in text
 
 
 # ------------------------------------------------------------------------------------------------- samples
