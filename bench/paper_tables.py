@@ -258,7 +258,7 @@ def shipped_rows(trees: list[Path], main_name: str, bundle_dir, cache_root) -> d
     return {"shipped_row": {"in_dist": main["class_mean_top1_test"], "in_dist_text": main["top1_test"],
                             "zero_shot": main["zero_shot_test_holdout"], "knn5": main["knn5_test"],
                             "occ_auc": main["occ_auc5_holdout"], "layers": main["layer"],
-                            **{k: main[k] for k in main if k.startswith("concept_top1_")}},
+                            **{k: main[k] for k in main if k.startswith(("concept_top1_", "search_p@"))}},
             "router": {name: {"accuracy": r["router_accuracy"],
                               "models": sum(v for k, v in r.items() if k.startswith("n_"))}
                        for name, r in per_tree.items()},
@@ -333,6 +333,11 @@ def print_generative(result: dict) -> None:
                 print(f"concept list over all classes together, {label}: top-1 " + ", ".join(
                     f"{split} {s[f'concept_top1_{kind}{split}']:.3f}"
                     for split in ("val", "test", "val_holdout", "test_holdout") if f"concept_top1_{kind}{split}" in s))
+        for kind, label in (("", "z-normed (the app)"), ("_raw", "raw cosine")):
+            if f"search_p@5_known{kind}" in s:
+                print(f"text search, each class's caption as the query, share of the top 5 of its class, {label}: "
+                      + ", ".join(f"{g} classes {s[f'search_p@5_{g}{kind}']:.3f}" for g in ("known", "unseen")
+                                  if f"search_p@5_{g}{kind}" in s))
     for name, r in result.get("shipped_per_tree", {}).items():
         if name != result["tree"]:
             print(f"shipped expert on {name}: " + ", ".join(f"{k} {r[k]:.3f}" for k in (

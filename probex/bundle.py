@@ -101,6 +101,18 @@ class Gallery:
         mean, std = calibration if calibration is not None else self.calibration(anchors)
         return (F.normalize(encodings.float(), dim=-1) @ F.normalize(anchors, dim=-1).T - mean) / std
 
+    def model_calibration(self, text_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Z-norm of text search, the other way round: each gallery model's mean and standard deviation of cosine
+        over the class vocabulary's text features, (N,) each. Some models sit close to every caption (hubs) and by
+        raw cosine would top most searches; a model is found for a text that it matches more than its usual."""
+        cos = F.normalize(self.encodings, dim=-1) @ F.normalize(text_features, dim=-1).T
+        return cos.mean(1), cos.std(1).clamp_min(1e-6)
+
+    def search_scores(self, queries: torch.Tensor, calibration: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """(Q, N) text search scores of query text features against every gallery model (``model_calibration``)."""
+        mean, std = calibration
+        return (F.normalize(queries.float(), dim=-1) @ F.normalize(self.encodings, dim=-1).T - mean) / std
+
     def nearest(self, encoding: torch.Tensor, k: int = 5) -> list[tuple[int, float]]:
         """(gallery index, cosine) of the k known models closest to one encoding."""
         cos = F.normalize(self.encodings, dim=-1) @ F.normalize(encoding.float(), dim=-1)
@@ -148,11 +160,14 @@ class TreeBundle:
         g = self.gallery
         return g.text_emb.reshape(len(g.classes_vocabulary), n_tokens, -1) if n_tokens else g.text_emb
 
+    def class_text_features(self) -> torch.Tensor | None:
+        """(C, r_T) the vocabulary's captions in the expert's space; None without a text head."""
+        return self.expert.text_features(self.class_text_input()) if self.expert.head_kind == "align" else None
+
     def concept_anchors(self) -> torch.Tensor | None:
         """(C, r_T) what each vocabulary class is scored against (Gallery.class_anchors); None without a text head."""
-        if self.expert.head_kind != "align":
-            return None
-        return self.gallery.class_anchors(self.expert.text_features(self.class_text_input()))
+        text = self.class_text_features()
+        return None if text is None else self.gallery.class_anchors(text)
 
 
 @dataclass

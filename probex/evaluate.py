@@ -173,7 +173,7 @@ def evaluate_bundle(bundle_dir, zoo_dir, cache_dir=None, k: int = 5) -> dict:
                 raise ProbexError(f"the {truth} expert was trained on {len(expected)} other classes than the "
                                   f"{len(classes)} of {zoo.root.name}; only an align expert reads new classes")
         report = {**evaluate_expert(tree.expert, cache, tree.layer, tree.expert.head_kind, text, k),
-                  **concept_top1(tree, cache)}
+                  **concept_top1(tree, cache), **search_precision(tree, k)}
     n_models = report.pop("n_models")
     return {"tree": truth, "router_accuracy": routed.count(truth) / len(routed),
             **{f"n_{split}": n for split, n in n_models.items()}, **report}
@@ -199,4 +199,28 @@ def concept_top1(tree, cache) -> dict:
             idx = cache.split_indices(split)
             if len(idx):
                 report[f"concept_top1_{kind}{split}"] = float((scores[idx].argmax(1) == y[idx]).float().mean())
+    return report
+
+
+def search_precision(tree, k: int = 5) -> dict:
+    """Text search over the tree's gallery (Studio.search) with each vocabulary class's caption as the query: the
+    share of the top k models that are of that class, averaged over classes with train models ("known") and
+    without ("unseen"), z-normed (the app) and by raw cosine. {search_p@k_<known|unseen>[_raw]: value}."""
+    text = tree.class_text_features()
+    g = tree.gallery
+    if text is None or not all(isinstance(c, str) for c in g.classes):
+        return {}
+    row = {name: i for i, name in enumerate(g.classes_vocabulary)}
+    y = torch.tensor([row[c] for c in g.classes])
+    has_train = torch.zeros(len(text), dtype=torch.bool)
+    has_train[[row[c] for c, s in zip(g.classes, g.splits) if s == "train"]] = True
+    present = torch.bincount(y, minlength=len(text)) > 0  # a class with no model in the gallery cannot be found
+    calibrations = {"": g.model_calibration(text), "_raw": (torch.zeros(len(y)), torch.ones(len(y)))}
+    report = {}
+    for kind, calibration in calibrations.items():
+        top = g.search_scores(text, calibration).topk(min(k, len(y)), dim=1).indices   # (C, k)
+        hits = (y[top] == torch.arange(len(text))[:, None]).float().mean(1)
+        for group, mask in (("known", has_train & present), ("unseen", ~has_train & present)):
+            if mask.any():
+                report[f"search_p@{k}_{group}{kind}"] = float(hits[mask].mean())
     return report

@@ -62,6 +62,7 @@ class Studio:
         self._text = None
         self._text_features: dict[str, torch.Tensor] = {}  # tree → class text in the representation space
         self._calibration: dict[str, tuple] = {}            # tree → its anchors' z-norm (Gallery.calibration)
+        self._search_calibration: dict[str, tuple] = {}     # tree → its models' z-norm (Gallery.model_calibration)
         self._text_lock = threading.Lock()
         self._pipelines: dict[str, object] = {}
         self._pipeline_locks: dict[str, threading.Lock] = {name: threading.Lock() for name in bundle.trees}
@@ -169,9 +170,11 @@ class Studio:
         """(C, r_T) unit vectors of the tree's class vocabulary (align experts; Gallery.class_anchors), cached per tree."""
         if tree not in self._text_features:
             t = self.bundle.trees[tree]
-            features = t.concept_anchors()
+            text = t.class_text_features()
+            features = None if text is None else t.gallery.class_anchors(text)
             if features is not None:
                 self._calibration[tree] = t.gallery.calibration(features)
+                self._search_calibration[tree] = t.gallery.model_calibration(text)
             self._text_features[tree] = features
         return self._text_features[tree]
 
@@ -230,22 +233,27 @@ class Studio:
 
     @torch.no_grad()
     def search(self, text: str, top_k: int = 5) -> dict:
-        """Known models whose encodings best match the text, over every tree with a text head."""
+        """Known models whose encodings best match the text, over every tree with a text head: each model's cosine
+        to the text as a z-score against its cosines with the tree's class captions (Gallery.search_scores)."""
         text = clean_text(text)
         found = []
         for name, t in self.bundle.trees.items():
             if t.expert.head_kind != "align":
                 continue
-            query = self.text_features(name, [text])[0]
-            found += self.nearest(name, query, top_k)
+            self.class_features(name)  # fills the tree's calibrations
+            query = self.text_features(name, [text])
+            found += self.ranked(name, t.gallery.search_scores(query, self._search_calibration[name])[0], top_k)
         if not found and self.bundle.trees:
             raise ProbexError("no tree in this bundle has a text head; text search needs an aligned expert")
         found.sort(key=lambda m: m["score"], reverse=True)
         return {"models": found[:top_k]}
 
     def nearest(self, tree: str, vector: torch.Tensor, top_k: int) -> list[dict]:
+        return self.ranked(tree, self.gallery_similarity(tree, vector), top_k)
+
+    def ranked(self, tree: str, scores: torch.Tensor, top_k: int) -> list[dict]:
+        """The tree's top_k gallery models by ``scores`` (one per model), best first."""
         g = self.bundle.trees[tree].gallery
-        scores = self.gallery_similarity(tree, vector)
         order = torch.argsort(scores, descending=True)[:top_k].tolist()
         return [{"id": g.ids[i], "class": class_text(g.classes[i]), "split": g.splits[i], "score": float(scores[i]),
                  "tree": tree} for i in order]

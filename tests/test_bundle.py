@@ -219,6 +219,23 @@ def test_concept_scores_are_z_normed_so_an_unseen_class_can_come_first():
     assert gallery.concept_scores(cat_lora, anchors).argmax().item() == 0        # a new LoRA of the known class
 
 
+def test_text_search_is_z_normed_per_model_so_a_hub_does_not_top_every_search():
+    """A model close to every caption (a hub) wins each search by raw cosine; against its usual cosine with the
+    vocabulary's captions, the model that matches one caption more than its usual is found for that caption."""
+    eye = torch.eye(16)
+    text = eye[:8]                                                       # 8 captions, orthonormal
+    hub = torch.nn.functional.normalize(text.sum(0), dim=0)              # cosine 0.354 with every caption
+    specific = torch.nn.functional.normalize(0.3 * eye[:4] + eye[8:12], dim=-1)   # 0.287 with its own, 0 others
+    enc = torch.cat([hub[None], specific])
+    gallery = Gallery(["hub", "m0", "m1", "m2", "m3"], ["x", "a", "b", "c", "d"], ["train"] * 5,
+                      ["a", "b", "c", "d", "e", "f", "g", "h"], enc, torch.zeros(5, 2), torch.zeros(8, 4))
+    raw = gallery.search_scores(text[:4], (torch.zeros(5), torch.ones(5)))
+    assert (raw.argmax(1) == 0).all()                                   # by raw cosine the hub tops every search
+    calibration = gallery.model_calibration(text)
+    assert torch.allclose(calibration[0], (enc @ text.T).mean(1), atol=1e-6)
+    assert gallery.search_scores(text[:4], calibration).argmax(1).tolist() == [1, 2, 3, 4]
+
+
 def test_nearest_mean_reads_clustered_encodings_and_not_shuffled_ones():
     from probex.train import Targets, nearest_mean_top1
 

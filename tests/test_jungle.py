@@ -309,6 +309,8 @@ def test_ship_builds_a_bundle_the_studio_reads(tmp_path_factory, tmp_path):
     for split in ("val", "test", "val_holdout", "test_holdout"):   # the app's concept list, z-normed and raw
         assert tables["rows"]["shipped"][f"concept_top1_{split}"] == direct[f"concept_top1_{split}"]
         assert 0.0 <= direct[f"concept_top1_raw_{split}"] <= 1.0
+    for key in ("search_p@5_known", "search_p@5_unseen", "search_p@5_known_raw", "search_p@5_unseen_raw"):
+        assert tables["rows"]["shipped"][key] == direct[key] and 0.0 <= direct[key] <= 1.0
     assert {name: r["accuracy"] for name, r in tables["router"].items()} == {"tree-a": 1.0, "tree-b": 1.0}
 
     # bench/zero_shot_inversion.py reads the same population: the shipped output-space reading and the text-space one
