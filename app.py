@@ -333,11 +333,13 @@ def build_demo() -> gr.Blocks:
                                        placeholder="a striped wild cat", elem_id="query")
                     search_k = gr.Slider(1, 20, value=5, step=1, label="results", scale=1)
                     search_btn = gr.Button("Search", variant="primary", scale=1)
-                gr.Markdown("The query is also placed on the **Map** tab.")
+                gr.Markdown("Score: how much more a model matches your text than it usually matches the tree's class "
+                            "names (z). The query is also placed on the **Map** tab.")
                 search_gallery = gr.Gallery(label="best matches, drawn live", columns=6, height=220, format="png",
                                             object_fit="contain", fit_columns=False, elem_classes=["pixel"],
                                             elem_id="search-gallery")
-                search_table = gr.Dataframe(headers=[*MODEL_HEADERS, "tree"], interactive=False, wrap=True,
+                search_table = gr.Dataframe(headers=["class", "score (z)", "model id", "split", "tree"],
+                                            interactive=False, wrap=True,
                                             elem_id="search-table")
                 search_models = gr.State([])
             with gr.Tab("Map", id="map"):
