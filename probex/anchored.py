@@ -14,6 +14,10 @@ same encoder as every LoRA. With V = I, M = I, no σ this is a training-free sco
 Several layers (e.g. every attn2 to_k / to_v) are read at once: their responses are concatenated along d_W, each
 scaled to unit norm first (``layer_norm``): the layers' scales differ by orders of magnitude, and concatenated raw the
 largest would decide alone.
+
+``AttentionReader`` takes the same idea from one layer to a whole cross-attention block: the LoRA's updates of its
+query, key, value and output projections against a caption's tokens, both read as the change of the block's output
+on fixed synthetic image features (what the emoji bundle ships; README, "How it works").
 """
 from __future__ import annotations
 
