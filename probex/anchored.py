@@ -48,7 +48,10 @@ class AttentionReader(Expert):
     ``blocks``: per attention block [q, k, v, out] — the indices of its to_q, to_k, to_v, to_out.0 among the read
     layers (−1 for a projection not read: it stays the root's) — then heads, inner width, output width, query width.
     Block i's features and root weights are the buffers x{i}, wq{i}, wk{i}, wv{i}, wo{i}.
+    A read layer handed as None is one the LoRA does not adapt: that projection stays the root's.
     """
+
+    absent_layers_unchanged = True
 
     def __init__(self, blocks: list[list[int]], n_queries: int, n_tokens: int, d_h: int):
         self.blocks = [[int(x) for x in b] for b in blocks]
@@ -95,10 +98,15 @@ class AttentionReader(Expert):
 
     def changes(self, layers: list) -> list[Tensor]:
         """Per block the change of its attention output, (N, n_queries, output width): each read layer's item is
-        dense (N, d_out, d_in) or factors."""
-        n = len(layers[0][0] if isinstance(layers[0], tuple) else layers[0])
+        dense (N, d_out, d_in), factors, or None (not adapted)."""
+        given = [x for x in layers if x is not None]
+        if not given:
+            raise ValueError("no read layer given: nothing changes")
+        n = len(given[0][0] if isinstance(given[0], tuple) else given[0])
+        read = [(at if at >= 0 and layers[at] is not None else -1) for at in range(len(layers))]
         out = []
         for i, (q_at, k_at, v_at, o_at, heads, *_rest) in enumerate(self.blocks):
+            q_at, k_at, v_at, o_at = (read[at] if at >= 0 else -1 for at in (q_at, k_at, v_at, o_at))
             x, wq, wk, wv, wo = (getattr(self, f"{k}{i}") for k in ("x", "wq", "wk", "wv", "wo"))
             h_s = self.probes.T
             q, keys, values = (x @ wq.T)[None], (wk @ h_s)[None], (wv @ h_s)[None]

@@ -60,6 +60,9 @@ def _matrix_shape(x: LayerInput) -> tuple[int, int]:
 class Expert(nn.Module):
     """What every expert shares: a head on top of `encode`, and config.json + model.safetensors persistence."""
 
+    # whether a read layer that a LoRA does not adapt can be handed to `encode` as None (that layer unchanged)
+    absent_layers_unchanged = False
+
     def __init__(self, r_t: int, head: str, n_out: int | None, text_dim: int | None, temperature: float | None):
         super().__init__()
         if head not in HEADS:

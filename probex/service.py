@@ -147,18 +147,19 @@ class Studio:
             raise NoExpertError(f"{weights.source} routes to tree {route.tree}, which has no expert in this bundle")
         names = tree.layers
         missing = [n for n in names if n not in weights.layers]
-        if missing:
+        if missing and (len(missing) == len(names) or not tree.expert.absent_layers_unchanged):
             raise InputError(f"{weights.source}: has no {missing[0]} module, a layer the {route.tree} expert reads "
                              f"({describe(weights)})")
-        encoding = self.encode(route.tree, [weights.layers[n] for n in names])
+        encoding = self.encode(route.tree, [weights.layers.get(n) for n in names])
         return Analysis(weights.source, describe(weights), dict(weights.metadata), route.tree, ", ".join(names),
                         route.distance, route.confidence, encoding)
 
     @torch.no_grad()
-    def encode(self, tree: str, layers: list[LoraFactors | torch.Tensor]) -> torch.Tensor:
-        """The expert's unit-norm encoding of one model; multi-layer experts take the list, the others one item."""
+    def encode(self, tree: str, layers: list[LoraFactors | torch.Tensor | None]) -> torch.Tensor:
+        """The expert's unit-norm encoding of one model; multi-layer experts take the list, the others one item.
+        None: a layer the model does not adapt (only for experts with ``absent_layers_unchanged``)."""
         t = self.bundle.trees[tree]
-        batch = [as_batch_of_one(layer) for layer in layers]
+        batch = [None if layer is None else as_batch_of_one(layer) for layer in layers]
         try:
             e = t.expert.encode(batch[0] if isinstance(t.layer, str) else batch)
         except (InputError, RuntimeError) as err:  # the layer exists with another shape than the expert reads

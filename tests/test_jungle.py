@@ -210,6 +210,10 @@ def test_attention_reader_is_diffusers_attention_changed_by_the_lora_and_reads_a
     assert kv_only.blocks == [[-1, 0, 1, -1, 2, 16, 12, 12]]
     with torch.no_grad():
         assert torch.allclose(kv_only([planted[0], planted[3]], h_c), scores, atol=1e-5)
+        # a projection the LoRA does not adapt is handed as None: the same as a zero update
+        assert torch.allclose(reader([planted[0], None, None, planted[3]], h_c), scores, atol=1e-5)
+        with pytest.raises(ValueError, match="no read layer"):
+            reader.encode([None] * 4)
 
 
 def test_training_free_expert_round_trips_and_reads_text_on_chosen_layers(tmp_path):

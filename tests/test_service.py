@@ -7,6 +7,7 @@ probex.bundle.train_bundle — the same flow `python -m probex train` runs.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -413,21 +414,28 @@ def test_request_files_are_deleted_only_when_no_request_holds_them(tmp_path):
     assert files.sweep() == [upload] and not upload.exists() and not upload.parent.exists()
 
 
-def test_root_anchored_multi_layer_experts_work_through_every_verb(built):
+@pytest.mark.parametrize("kind", ["token rank", "attention blocks"])
+def test_root_anchored_multi_layer_experts_work_through_every_verb(built, kind, tmp_path):
     """The shipped emoji bundle uses root-anchored experts: several layers in, token states on the text side."""
     from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file, save_file
 
-    from probex.anchored import AnchoredProbeX
+    from probex.anchored import AnchoredProbeX, AttentionReader
     from probex.service import Studio
     from probex.train import prompt
 
     studio = Studio.load(built["bundle"])  # its own instance: the tree is rebuilt in memory below
     tree = studio.bundle.trees["tree-a"]
     unet = UNet2DConditionModel.from_pretrained(built["root"] / "unet")
-    names = [n for n in json.loads((built["base"] / "done.json").read_text())["layers"] if n.endswith("attn2.to_v")]
+    layers = json.loads((built["base"] / "done.json").read_text())["layers"]
     instance = studio.text.token_states(["an emoji of sks"], 16)[0]
-    tree.expert = AnchoredProbeX.training_free([unet.get_submodule(n).weight.detach() for n in names], instance,
-                                               token_rank=2)
+    if kind == "token rank":
+        names = [n for n in layers if n.endswith("attn2.to_v")]
+        tree.expert = AnchoredProbeX.training_free([unet.get_submodule(n).weight.detach() for n in names], instance,
+                                                   token_rank=2)
+    else:
+        names = sorted(n for n in layers if ".attn2." in n)
+        tree.expert = AttentionReader.from_root(unet, names, instance, n_queries=4)
     tree.layer = names
     zoo = built["zoos"]["tree-a"]
     tree.gallery.encodings = torch.stack([studio.analyse(zoo / m / "pytorch_lora_weights.safetensors").encoding
@@ -444,6 +452,17 @@ def test_root_anchored_multi_layer_experts_work_through_every_verb(built):
     assert any(m["tree"] == "tree-a" for m in studio.search("fish", top_k=10)["models"])
     assert studio.map_figure(path, query="fish").data
     assert "attn2.to_v" in studio.model_card(path)
+
+    # a LoRA that leaves some read projections alone: readable where the expert takes those as unchanged
+    state = load_file(str(path))
+    partial = tmp_path / "partial.safetensors"
+    save_file({k: v for k, v in state.items() if not re.search(r"attn2\.to_(q|out)", k)}, str(partial))
+    if kind == "attention blocks":
+        assert studio.predict(partial, top_k=3)["tree"] == "tree-a"
+    else:
+        save_file({k: v for k, v in state.items() if "attn2.to_v" not in k}, str(partial))
+        with pytest.raises(InputError, match="attn2.to_v"):
+            studio.predict(partial)
 
 
 def test_example_labels_name_the_class_the_split_and_the_tree(tmp_path):
