@@ -103,36 +103,39 @@ class AttentionReader(Expert):
         if not given:
             raise ValueError("no read layer given: nothing changes")
         n = len(given[0][0] if isinstance(given[0], tuple) else given[0])
-        read = [(at if at >= 0 and layers[at] is not None else -1) for at in range(len(layers))]
+        adapted = lambda at: at >= 0 and layers[at] is not None  # noqa: E731
         out = []
         for i, (q_at, k_at, v_at, o_at, heads, *_rest) in enumerate(self.blocks):
-            q_at, k_at, v_at, o_at = (read[at] if at >= 0 else -1 for at in (q_at, k_at, v_at, o_at))
-            x, wq, wk, wv, wo = (getattr(self, f"{k}{i}") for k in ("x", "wq", "wk", "wv", "wo"))
-            h_s = self.probes.T
-            q, keys, values = (x @ wq.T)[None], (wk @ h_s)[None], (wv @ h_s)[None]
-            base = _attend(q, keys, values, heads) @ wo.T
-            if q_at >= 0:
+            x, wo, q, keys, values, base = self._root_block(i)
+            if adapted(q_at):
                 q = q + _apply(layers[q_at], x.T).transpose(1, 2)
-            if k_at >= 0:
-                keys = keys + _apply(layers[k_at], h_s)
-            if v_at >= 0:
-                values = values + _apply(layers[v_at], h_s)
+            if adapted(k_at):
+                keys = keys + _apply(layers[k_at], self.probes.T)
+            if adapted(v_at):
+                values = values + _apply(layers[v_at], self.probes.T)
             mixed = _attend(q.expand(n, -1, -1), keys.expand(n, -1, -1), values.expand(n, -1, -1), heads)
             changed = mixed @ wo.T
-            if o_at >= 0:
+            if adapted(o_at):
                 changed = changed + _apply(layers[o_at], mixed.transpose(1, 2)).transpose(1, 2)
             out.append(changed - base)
         return out
 
     def text_changes(self, text_states: Tensor) -> list[Tensor]:
         """Per block the change a caption's token states (C, n_tokens, d_h) ask of its output: (C, n_queries, out)."""
-        out = []
-        for i, (*_, heads, _inner, _out, _query) in enumerate(self.blocks):
-            x, wq, wk, wv, wo = (getattr(self, f"{k}{i}") for k in ("x", "wq", "wk", "wv", "wo"))
-            q, h_s, h_c = (x @ wq.T)[None], self.probes.T[None], text_states.transpose(1, 2)
-            base = _attend(q, wk @ h_s, wv @ h_s, heads) @ wo.T
-            out.append(_attend(q.expand(len(h_c), -1, -1), wk @ h_c, wv @ h_c, heads) @ wo.T - base)
+        out, h_c = [], text_states.transpose(1, 2)
+        for i, block in enumerate(self.blocks):
+            _, wo, q, _, _, base = self._root_block(i)
+            wk, wv = getattr(self, f"wk{i}"), getattr(self, f"wv{i}")
+            out.append(_attend(q.expand(len(h_c), -1, -1), wk @ h_c, wv @ h_c, block[4]) @ wo.T - base)
         return out
+
+    def _root_block(self, i: int) -> tuple[Tensor, ...]:
+        """Block i as the root has it on the instance prompt: its features x, output weight, queries (1, n, inner),
+        keys and values (1, inner, T), and attention output (1, n, out) — what both readings change."""
+        x, wq, wk, wv, wo = (getattr(self, f"{k}{i}") for k in ("x", "wq", "wk", "wv", "wo"))
+        h_s = self.probes.T
+        q, keys, values = (x @ wq.T)[None], (wk @ h_s)[None], (wv @ h_s)[None]
+        return x, wo, q, keys, values, _attend(q, keys, values, self.blocks[i][4]) @ wo.T
 
     def _read(self, changes: list[Tensor]) -> Tensor:  # each block at unit norm, concatenated: a unit vector
         return torch.cat([F.normalize(c.flatten(1), dim=-1) for c in changes], 1) / len(changes) ** 0.5

@@ -40,6 +40,14 @@ SAMPLE_CACHE_SIZE = 256    # known models' samples are deterministic: drawn once
 
 
 @dataclass
+class ClassText:
+    """A tree's class vocabulary as its concept list and text search read it, computed once per tree."""
+    anchors: torch.Tensor             # (C, r_T) Gallery.class_anchors
+    calibration: tuple                # the anchors' z-norm (Gallery.calibration)
+    search_calibration: tuple         # its models' z-norm against the class captions (Gallery.model_calibration)
+
+
+@dataclass
 class Analysis:
     """One file read, routed and encoded: what every file verb starts from."""
 
@@ -60,9 +68,7 @@ class Studio:
     def __init__(self, bundle, bundle_dir: Path, profile, warm: bool = True):
         self.bundle, self.bundle_dir, self.profile = bundle, Path(bundle_dir), profile
         self._text = None
-        self._text_features: dict[str, torch.Tensor] = {}  # tree → class text in the representation space
-        self._calibration: dict[str, tuple] = {}            # tree → its anchors' z-norm (Gallery.calibration)
-        self._search_calibration: dict[str, tuple] = {}     # tree → its models' z-norm (Gallery.model_calibration)
+        self._class_text: dict[str, ClassText | None] = {}  # tree → its class vocabulary read (None: no text head)
         self._text_lock = threading.Lock()
         self._pipelines: dict[str, object] = {}
         self._pipeline_locks: dict[str, threading.Lock] = {name: threading.Lock() for name in bundle.trees}
@@ -71,7 +77,7 @@ class Studio:
         if warm:  # the app: text encoder and class texts ready before the first request, not during it
             _ = self.text
             for name in bundle.trees:
-                self.class_features(name)
+                self.class_text(name)
 
     @property
     def text(self):
@@ -167,17 +173,20 @@ class Studio:
         return F.normalize(e[0], dim=-1)
 
     @torch.no_grad()
-    def class_features(self, tree: str) -> torch.Tensor:
-        """(C, r_T) unit vectors of the tree's class vocabulary (align experts; Gallery.class_anchors), cached per tree."""
-        if tree not in self._text_features:
+    def class_text(self, tree: str) -> ClassText | None:
+        """The tree's class vocabulary read by its expert, with both z-norms; None without a text head. Cached."""
+        if tree not in self._class_text:
             t = self.bundle.trees[tree]
             text = t.class_text_features()
-            features = None if text is None else t.gallery.class_anchors(text)
-            if features is not None:
-                self._calibration[tree] = t.gallery.calibration(features)
-                self._search_calibration[tree] = t.gallery.model_calibration(text)
-            self._text_features[tree] = features
-        return self._text_features[tree]
+            anchors = None if text is None else t.gallery.class_anchors(text)
+            self._class_text[tree] = None if anchors is None else ClassText(
+                anchors, t.gallery.calibration(anchors), t.gallery.model_calibration(text))
+        return self._class_text[tree]
+
+    def class_features(self, tree: str) -> torch.Tensor | None:
+        """(C, r_T) unit vectors of the tree's class vocabulary (align experts; Gallery.class_anchors)."""
+        read = self.class_text(tree)
+        return None if read is None else read.anchors
 
     @torch.no_grad()
     def text_features(self, tree: str, texts: list[str]) -> torch.Tensor:
@@ -213,9 +222,9 @@ class Studio:
         text (align) — z-normed per anchor (Gallery.concept_scores), or the classifier head's probabilities."""
         t = self.bundle.trees[a.tree]
         names = t.gallery.classes_vocabulary
-        features = self.class_features(a.tree)
-        if features is not None:
-            scores = t.gallery.concept_scores(a.encoding[None], features, self._calibration[a.tree])[0]
+        read = self.class_text(a.tree)
+        if read is not None:
+            scores = t.gallery.concept_scores(a.encoding[None], read.anchors, read.calibration)[0]
         else:
             logits = t.expert.logits(a.encoding[None])[0]
             scores = logits.softmax(-1) if t.expert.head_kind == "multiclass" else logits.sigmoid()
@@ -223,7 +232,7 @@ class Studio:
 
     def score_unit(self, tree: str) -> str:
         """What the tree's concept scores are: "z" (z-normed cosine to class anchors) or "probability" (a head's)."""
-        return "z" if self.class_features(tree) is not None else "probability"
+        return "z" if self.class_text(tree) is not None else "probability"
 
     @torch.no_grad()
     def zero_shot(self, source: str | Path | ModelWeights | Analysis, labels: list[str]) -> list[dict]:
@@ -241,9 +250,9 @@ class Studio:
         for name, t in self.bundle.trees.items():
             if t.expert.head_kind != "align":
                 continue
-            self.class_features(name)  # fills the tree's calibrations
             query = self.text_features(name, [text])
-            found += self.ranked(name, t.gallery.search_scores(query, self._search_calibration[name])[0], top_k)
+            scores = t.gallery.search_scores(query, self.class_text(name).search_calibration)[0]
+            found += self.ranked(name, scores, top_k)
         if not found and self.bundle.trees:
             raise ProbexError("no tree in this bundle has a text head; text search needs an aligned expert")
         found.sort(key=lambda m: m["score"], reverse=True)

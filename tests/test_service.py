@@ -442,7 +442,7 @@ def test_root_anchored_multi_layer_experts_work_through_every_verb(built, kind, 
                                           for m in tree.gallery.ids])
     prompts = [prompt(tree.prompt_template, n) for n in tree.gallery.classes_vocabulary]
     tree.gallery.text_emb = tree.expert.text_input(studio.text, prompts).flatten(1)  # as bundles store it
-    studio._text_features.clear()
+    studio._class_text.clear()
 
     path = zoo_file(zoo, "test", "fish")
     result = studio.predict(path, top_k=3)

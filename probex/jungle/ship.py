@@ -74,11 +74,12 @@ def build_emoji_bundle(population: Path, out: Path, epochs: int = 200, cache_roo
                     free = AnchoredProbeX.training_free([root_weights[n] for n in names], instance, rank,
                                                         [text == "same" or n.endswith(".to_v") for n in names])
                     kind = f"training-free, {layer_set}, token rank {rank}" + ("" if text == "same" else ", text on v")
-                    _add_free(candidates, kind, free, names, cache, targets)
+                    _add_free(candidates, kind, free, names, data, targets)
         names = [n for n in all_layers if n.endswith(BLOCK_LAYERS)]
+        data = LayerStack.from_cache(cache, names)
         for n_queries in READER_QUERIES:
             reader = AttentionReader.from_root(unet, names, instance, n_queries, **READER)
-            _add_free(candidates, f"training-free, attention blocks, {n_queries} queries", reader, names, cache, targets)
+            _add_free(candidates, f"training-free, attention blocks, {n_queries} queries", reader, names, data, targets)
         # ties (common: two accuracies on a few dozen models) go to the larger encoding, the fuller reading
         kind = max(candidates, key=lambda k: (candidates[k][1]["selection"], candidates[k][0].r_t))
         expert, metrics, encodings, names = candidates[kind]
@@ -101,11 +102,11 @@ def build_emoji_bundle(population: Path, out: Path, epochs: int = 200, cache_roo
     return {"bundle": str(out), "routing_layer": routing_layer, "trees": summary}
 
 
-def _add_free(candidates: dict, kind: str, expert, names: list[str], cache, targets) -> None:
-    """Measure a training-free candidate on every split and add it — unless its int8 gallery is over budget."""
-    if len(cache.models) * expert.r_t > GALLERY_LIMIT:  # int8 gallery encodings: a byte a number
+def _add_free(candidates: dict, kind: str, expert, names: list[str], data: LayerStack, targets) -> None:
+    """Measure a training-free candidate on every split and add it — unless its int8 gallery is over budget.
+    ``data``: the cached ``names`` layers of every model."""
+    if len(data) * expert.r_t > GALLERY_LIMIT:  # int8 gallery encodings: a byte a number
         return
-    data = LayerStack.from_cache(cache, names)
     metrics = {s: evaluate_split(expert, data, targets, s)["score"] for s in targets.evaluated_splits()}
     candidates[kind] = (expert, metrics, score_as_the_app_reads(expert, data, targets, metrics), names)
 
