@@ -113,7 +113,8 @@ def gate3(out: Path, tree_dir: Path, root: str, epochs: int, layers: str) -> dic
 
     for relu in (True, False):
         name = "ProbeX" if relu else "linear ProbeX"
-        config = TrainConfig(epochs=epochs, relu=relu)
+        # the gates were set and passed with the paper's ProbeX (raw weights, random probes); kept so, comparable
+        config = TrainConfig(epochs=epochs, relu=relu, centre=False, init="random")
         sweep = [n for n in cache.all_layers if re.search(layers, n)] if layers != "all" else None
         cls = sweep_layers(cache, sweep, task="multiclass", config=config, out_dir=out / f"sweep-{name}-cls",
                            progress=False)

@@ -26,10 +26,14 @@ accuracy on the test split (chance 0.5: each label is on for half the models) of
   dense          the dense expert of Eq. 1 (probex.model.DenseExpert), layer chosen on val among the layers whose
                  training state fits --dense-ram-gb (default 0.25 GB, which leaves out only mlp-a's fc1: 25 M
                  parameters that alone would take minutes; --dense-ram-gb 4 includes it); same r_T, optimiser and
-                 epochs as ProbeX
+                 epochs and inputs as ProbeX
   StatNN         7 statistics of every layer's weights (probex.model.weight_statistics) → gradient-boosted trees,
                  one per label (StatNNClassifier multilabel), as Unterthiner et al. use all layers
 with parameter counts (StatNN: its number of trees), then intra-tree (mean over the trees) against the forest.
+
+Inputs. ProbeX and the dense expert read every layer centred on its train models' mean and scaled to unit RMS norm,
+ProbeX's probes starting at those models' principal directions (probex.train's default, ours); ``--paper-inputs``
+runs every table on raw weights from random probes, as the paper.
 
 Expert sizes are the paper's recipe scaled to these layers: the paper's r_U = r_V = 128 read 768-wide layers, ours
 are 16–256 wide, so r_U = r_V = 16 here; r_T = 128 as the paper; Adam with the public release's lr 2e-3 and 200
@@ -56,7 +60,8 @@ sys.path.insert(0, str(ROOT))
 from probex.errors import ProbexError  # noqa: E402
 from probex.evaluate import per_label_accuracy  # noqa: E402
 from probex.model import DenseExpert, StatNNClassifier, weight_statistics  # noqa: E402
-from probex.train import LayerData, TrainConfig, sweep_layers, task_targets, train_expert  # noqa: E402
+from probex.train import (LayerData, TrainConfig, centre_on_train, sweep_layers, task_targets,  # noqa: E402
+                          train_expert)
 from probex.zoo import LayerCache, build_cache  # noqa: E402
 
 DISCRIMINATIVE = TrainConfig(epochs=200, lr=2e-3, r_u=16, r_v=16, r_t=128, patience=40)
@@ -89,11 +94,14 @@ def dense_row(cache: LayerCache, config: TrainConfig, ram_budget_gb: float) -> d
         torch.manual_seed(config.seed)
         try:
             expert = DenseExpert(d_w, d_h, config.r_t, head="multilabel", n_out=len(targets.classes),
-                                 ram_budget_gb=ram_budget_gb)
+                                 ram_budget_gb=ram_budget_gb, centred=config.centre)
         except ProbexError:
             skipped.append(name)
             continue
-        fit = train_expert(expert, LayerData.from_cache(cache, name), targets, config)
+        data = LayerData.from_cache(cache, name)
+        if config.centre:
+            centre_on_train(expert, data, targets)
+        fit = train_expert(expert, data, targets, config)
         seconds += fit.seconds
         if best is None or fit.metrics["val"] > best["val"]:
             best = {"layer": name, "val": fit.metrics["val"], "test": fit.metrics["test"],
@@ -164,11 +172,15 @@ def summarise(rows: list[dict]) -> dict:
     if trees:
         summary["dense_over_probex_params"] = [round(r["dense"]["params"] / r["probex"]["params"], 1) for r in trees]
         summary["probex_minus_dense"] = float(np.mean([r["probex"]["test"] - r["dense"]["test"] for r in trees]))
+        summary["linear_minus_dense"] = float(np.mean([r["linear"]["test"] - r["dense"]["test"] for r in trees]))
     return summary
 
 
 def print_discriminative(result: dict) -> None:
-    print("\n== Discriminative (paper Table 1): per-label accuracy on test (chance 0.50), layer chosen on val ==")
+    inputs = "tree-centred inputs, principal-direction probes" if result["config"].get("centre", False) else \
+        "raw weights, random probes (the paper's inputs)"
+    print("\n== Discriminative (paper Table 1): per-label accuracy on test (chance 0.50), layer chosen on val; "
+          f"{inputs} ==")
     header = f"{'population':<10} {'arch':<6} {'models':<11}" + "".join(f" | {label:<21}" for _, label in METHODS)
     print(header + "\n" + "-" * len(header))
     for r in result["rows"]:
@@ -192,7 +204,8 @@ def print_discriminative(result: dict) -> None:
             label = "intra-tree (mean)" if kind == "tree" else "forest"
             print(f"{label:<18}" + "  ".join(f"{name} {s[kind][key]:.3f}" for key, name in METHODS))
     if "probex_minus_dense" in s:
-        print(f"ProbeX − dense on the trees: {s['probex_minus_dense']:+.3f} (paper: > +0.10); dense has "
+        print(f"ProbeX − dense on the trees: {s['probex_minus_dense']:+.3f} (paper: > +0.10), linear ProbeX − dense "
+              f"{s.get('linear_minus_dense', float('nan')):+.3f}; dense has "
               f"{', '.join(f'{x:g}×' for x in s['dense_over_probex_params'])} ProbeX's parameters (paper ≈ 30×)")
     skipped = {r["population"]: r["dense"]["skipped"] for r in result["rows"] if r["dense"]["skipped"]}
     if skipped:
@@ -273,13 +286,16 @@ def generative_dense(cache: LayerCache, sentence, layers: list[str], config: Tra
         d_w, d_h = cache.index["layers"][layer]["shape"]
         torch.manual_seed(config.seed)
         try:
-            expert = DenseExpert(d_w, d_h, config.r_t, head=task, ram_budget_gb=ram_gb,
+            expert = DenseExpert(d_w, d_h, config.r_t, head=task, ram_budget_gb=ram_gb, centred=config.centre,
                                  n_out=None if task == "align" else len(targets.classes),
                                  text_dim=sentence.shape[1] if task == "align" else None)
         except ProbexError:
             row[key] = None
             continue
-        fit = train_expert(expert, LayerData.from_cache(cache, layer), targets, config)
+        data = LayerData.from_cache(cache, layer)
+        if config.centre:
+            centre_on_train(expert, data, targets)
+        fit = train_expert(expert, data, targets, config)
         row[key] = fit.metrics["test_holdout" if task == "align" else "test"]
         row["params"].append(sum(p.numel() for p in expert.parameters()))
     print(f"  dense: {row}", flush=True)
@@ -314,6 +330,9 @@ def print_generative(result: dict) -> None:
     print(f"\n== Generative (paper Tables 2–3) on {result['tree']}: {c['training']} training classes "
           f"(chance {1 / c['training']:.3f}), {c['held_out']} held-out (chance {1 / c['held_out']:.3f}); models "
           + "/".join(str(m[s]) for s in m) + " (train/val/test/val_holdout/test_holdout) ==")
+    print("trained experts read " + ("tree-centred inputs, ProbeX from principal-direction probes"
+                                     if result["config"].get("centre", False) else "raw weights, ProbeX from random "
+                                     "probes (the paper's inputs)"))
     shown = lambda v: "     —" if v is None else f"{v:6.3f}"  # noqa: E731
     print(f"{'method':<22} {'in-dist':>7} {'zero-shot':>9} {'kNN-5':>6} {'1-class AUC':>11}  layers / parameters")
     for key, label in GENERATIVE_METHODS:
@@ -367,17 +386,20 @@ def main(argv=None) -> None:
     parser.add_argument("--lr", type=float, default=DISCRIMINATIVE.lr)
     parser.add_argument("--patience", type=int, default=DISCRIMINATIVE.patience)
     parser.add_argument("--dense-ram-gb", type=float, default=DENSE_RAM_GB)
+    parser.add_argument("--paper-inputs", action="store_true", help="every expert on raw weights, ProbeX from random "
+                        "probes, as the paper (default: tree-centred inputs, principal-direction probes)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    inputs = dict(centre=False, init="random") if args.paper_inputs else {}
     start = time.perf_counter()
     result = json.loads(Path(args.json).read_text()) if args.part == "shipped" and args.json and \
         Path(args.json).exists() else {}
     if args.part in ("all", "generative", "generative-trained", "shipped"):
         print("… generative", flush=True)
         fresh = generative_tables(args.jungle, args.bundle, Path(args.cache).parent,  # where ship caches
-                                  replace(GENERATIVE, epochs=args.gen_epochs), args.layers, args.dense_ram_gb,
+                                  replace(GENERATIVE, epochs=args.gen_epochs, **inputs), args.layers, args.dense_ram_gb,
                                   trained=args.part != "shipped", shipped=args.part != "generative-trained")
         if "generative" in result:  # --part shipped: add the bundle's rows to the trained ones
             result["generative"]["rows"].update(fresh.pop("rows"))
@@ -386,7 +408,7 @@ def main(argv=None) -> None:
             result["generative"] = fresh
         print_generative(result["generative"])
     if args.part in ("all", "discriminative"):
-        config = replace(DISCRIMINATIVE, epochs=args.epochs, lr=args.lr, patience=args.patience)
+        config = replace(DISCRIMINATIVE, epochs=args.epochs, lr=args.lr, patience=args.patience, **inputs)
         result["discriminative"] = discriminative_tables(args.zoo, args.cache, config, args.dense_ram_gb, args.only)
         print_discriminative(result["discriminative"])
     result["seconds"] = round(time.perf_counter() - start, 1)

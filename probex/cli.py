@@ -115,7 +115,8 @@ def run_train(args) -> int:
     from probex.train import TrainConfig
 
     config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, r_u=args.r_u,
-                         r_v=args.r_v, r_t=args.r_t, relu=not args.linear, patience=args.patience)
+                         r_v=args.r_v, r_t=args.r_t, relu=not args.linear, patience=args.patience,
+                         **(dict(centre=False, init="random") if args.paper_inputs else {}))
     summary = train_bundle(args.zoo, args.out, layers=args.layers, config=config, profile=args.profile,
                            task=args.task, cache_dir=args.cache, routing_layer=args.routing_layer)
     if args.json:
@@ -230,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--r-v", type=positive, default=128)
     p.add_argument("--r-t", type=positive, default=128)
     p.add_argument("--linear", action="store_true", help="linear ProbeX (no ReLU)")
+    p.add_argument("--paper-inputs", action="store_true",
+                   help="raw weights and random probes, as the paper (default: centred inputs, principal-direction probes)")
     p.add_argument("--seed", type=int, default=0)
     p = verb("eval", run_eval, "the bundle's expert scored on a population (top-1, zero-shot, kNN, AUC…)",
              bundle=False)

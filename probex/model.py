@@ -11,6 +11,12 @@ Factor space. For a LoRA we never build B·A (d_W×d_H per model): Vᵀ(B A)U = 
 That is exact, so a batch of different ranks can be zero-padded to the largest rank (padded columns of B and rows of A
 are zero and add nothing).
 
+Tree-centred inputs (``centred=True``, what probex.train sets up by default). Inside a tree every model carries the
+root's weights; what tells models apart is their small deviation from it. A centred expert reads (X − X̄) / s: X̄ is the
+mean layer of its training models and s the RMS Frobenius norm of X − X̄, both stored as buffers and set once by
+`set_input_stats`. For ProbeX that is Vᵀ(X − X̄)U / s = (VᵀXU − VᵀX̄U) / s, so factor inputs stay in factor space.
+The paper and its release read the raw weights (``centred=False``).
+
 Paper defaults r_U = r_V = r_T = 128; the public release uses r_T = 512 for the representation.
 Also here: the dense expert (Eq. 1, the baseline linear ProbeX factorises, Prop. 2) and StatNN (weight statistics).
 """
@@ -134,6 +140,27 @@ class Expert(nn.Module):
         return expert.eval()
 
 
+class CentredInput:
+    """The tree-centred input of ProbeX and the dense expert (module docstring): buffers input_mean (d_W, d_H) and
+    input_scale (), present only when the expert was built with centred=True."""
+
+    def _init_centring(self, centred: bool) -> None:
+        self.centred = centred
+        if centred:
+            self.register_buffer("input_mean", torch.zeros(self.d_w, self.d_h))
+            self.register_buffer("input_scale", torch.ones(()))
+
+    def set_input_stats(self, mean: Tensor, scale: Tensor | float) -> None:
+        """X̄ and s from the training models (probex.train.input_stats)."""
+        if not self.centred:
+            raise ValueError("this expert reads raw inputs (centred=False)")
+        scale = torch.as_tensor(scale, dtype=torch.float32)
+        if tuple(mean.shape) != (self.d_w, self.d_h) or not scale.item() > 0:
+            raise ValueError(f"input stats must be a {self.d_w}×{self.d_h} mean and a positive scale")
+        self.input_mean.copy_(mean)
+        self.input_scale.copy_(scale)
+
+
 def _compact(t: Tensor) -> Tensor:
     """fp32 tensors that fp16 holds exactly (a root's fp16 weights, features drawn at fp16 precision) are stored in
     fp16, half the bytes and nothing lost; load_state_dict casts them back into the fp32 buffers."""
@@ -142,12 +169,13 @@ def _compact(t: Tensor) -> Tensor:
     return t.contiguous()
 
 
-class ProbeX(Expert):
+class ProbeX(CentredInput, Expert):
     def __init__(self, d_w: int, d_h: int, r_u: int = 128, r_v: int = 128, r_t: int = 128, relu: bool = True,
                  head: str = "multiclass", n_out: int | None = None, text_dim: int | None = None,
-                 temperature: float | None = None):
+                 temperature: float | None = None, centred: bool = False):
         super().__init__(r_t, head, n_out, text_dim, temperature)
         self.d_w, self.d_h, self.r_u, self.r_v, self.r_t, self.relu = d_w, d_h, r_u, r_v, r_t, relu
+        self._init_centring(centred)
         # Same scale as nn.Linear's default init, which the public release uses for probes and projection.
         self.U = nn.Parameter(torch.empty(d_h, r_u).uniform_(-1, 1) / math.sqrt(r_u))
         self.V = nn.Parameter(torch.empty(d_w, r_v).uniform_(-1, 1) / math.sqrt(d_w))
@@ -158,13 +186,17 @@ class ProbeX(Expert):
         if _matrix_shape(x) != (self.d_w, self.d_h):
             raise InputError(f"this expert reads {self.d_w}×{self.d_h} layers, got {'×'.join(map(str, _matrix_shape(x)))}")
         if isinstance(x, Tensor):
-            return self.V.T @ (x @ self.U)
-        up, down, scale = x
-        # (VᵀB)(AU): r_V×r times r×r_U per model; B·A (d_W×d_H) is never formed. Each einsum is one GEMM over the
-        # whole batch (batch folded into rows), faster than a batched product of many thin matrices.
-        left = torch.einsum("wv,nwr->nvr", self.V, up)
-        right = torch.einsum("nrh,hu->nru", down, self.U)
-        return left @ right * _per_model(scale, up)
+            z = self.V.T @ (x @ self.U)
+        else:
+            up, down, scale = x
+            # (VᵀB)(AU): r_V×r times r×r_U per model; B·A (d_W×d_H) is never formed. Each einsum is one GEMM over the
+            # whole batch (batch folded into rows), faster than a batched product of many thin matrices.
+            left = torch.einsum("wv,nwr->nvr", self.V, up)
+            right = torch.einsum("nrh,hu->nru", down, self.U)
+            z = left @ right * _per_model(scale, up)
+        if self.centred:
+            z = (z - self.V.T @ self.input_mean @ self.U) / self.input_scale
+        return z
 
     def encode(self, x: LayerInput) -> Tensor:
         z = self.responses(x)
@@ -174,17 +206,18 @@ class ProbeX(Expert):
 
     def config(self) -> dict:
         return dict(d_w=self.d_w, d_h=self.d_h, r_u=self.r_u, r_v=self.r_v, r_t=self.r_t, relu=self.relu,
-                    **self.head_config())
+                    centred=self.centred, **self.head_config())
 
 
-class DenseExpert(Expert):
+class DenseExpert(CentredInput, Expert):
     """Eq. 1: e_k = Σ_ij W_ijk X_ij + b_k, a Linear over the flattened matrix, then the same heads as ProbeX.
 
     With r_T ≥ the number of outputs the head adds nothing Eq. 1 cannot express; keeping the representation makes
     linear ProbeX and this expert comparable term by term (Prop. 2: ProbeX without ReLU is this W in Tucker form)."""
 
     def __init__(self, d_w: int, d_h: int, r_t: int = 128, head: str = "multiclass", n_out: int | None = None,
-                 text_dim: int | None = None, temperature: float | None = None, ram_budget_gb: float = 4.0):
+                 text_dim: int | None = None, temperature: float | None = None, ram_budget_gb: float = 4.0,
+                 centred: bool = False):
         n_params = d_w * d_h * r_t
         # Training holds the weights, their gradients and Adam's two moments: four float32 copies.
         need_gb = 4 * 4 * n_params / 2**30
@@ -194,26 +227,33 @@ class DenseExpert(Expert):
         super().__init__(r_t, head, n_out, text_dim, temperature)
         self.d_w, self.d_h, self.r_t, self.ram_budget_gb = d_w, d_h, r_t, ram_budget_gb
         self.W = nn.Linear(d_w * d_h, r_t)
+        self._init_centring(centred)
 
     def encode(self, x: LayerInput) -> Tensor:
         if _matrix_shape(x) != (self.d_w, self.d_h):
             raise InputError(f"this expert reads {self.d_w}×{self.d_h} layers, got {'×'.join(map(str, _matrix_shape(x)))}")
-        return self.W(dense_from_factors(x).flatten(1))
+        x = dense_from_factors(x)
+        if self.centred:
+            x = (x - self.input_mean) / self.input_scale
+        return self.W(x.flatten(1))
 
     @classmethod
     def from_linear_probex(cls, probex: ProbeX) -> "DenseExpert":
         """Prop. 2: W_ijk = Σ_lm V_im U_jl M[k, (m, l)], the dense tensor a linear ProbeX factorises."""
         if probex.relu:
             raise ValueError("only linear ProbeX (relu=False) is a factorised dense expert")
-        dense = cls(probex.d_w, probex.d_h, probex.r_t, **probex.head_config())
+        dense = cls(probex.d_w, probex.d_h, probex.r_t, centred=probex.centred, **probex.head_config())
         M = probex.M.weight.detach().reshape(probex.r_t, probex.r_v, probex.r_u)
         W = torch.einsum("im,jl,kml->kij", probex.V.detach(), probex.U.detach(), M)
         head = {k: v for k, v in probex.state_dict().items() if k.split(".")[0] in ("head", "text_head")}
-        dense.load_state_dict({"W.weight": W.reshape(probex.r_t, -1), "W.bias": probex.M.bias.detach(), **head})
+        inputs = {k: v for k, v in probex.state_dict().items() if k.startswith("input_")}
+        dense.load_state_dict({"W.weight": W.reshape(probex.r_t, -1), "W.bias": probex.M.bias.detach(), **head,
+                               **inputs})
         return dense
 
     def config(self) -> dict:
-        return dict(d_w=self.d_w, d_h=self.d_h, r_t=self.r_t, ram_budget_gb=self.ram_budget_gb, **self.head_config())
+        return dict(d_w=self.d_w, d_h=self.d_h, r_t=self.r_t, ram_budget_gb=self.ram_budget_gb, centred=self.centred,
+                    **self.head_config())
 
 
 # ---- StatNN (Unterthiner et al. 2020): 7 statistics per layer -------------------------------------------------------

@@ -13,6 +13,13 @@ Recipe (paper defaults): Adam, lr 1e-3, weight decay 1e-5, 500 epochs, batch 128
 (its state held in memory). The public release trains the generative split with lr 2e-3, 200 epochs and r_T = 512
 (`RELEASE_GENERATIVE`). Deterministic under a seed on CPU.
 
+Inputs and initialisation (ours; the paper reads raw weights from a random start: ``centre=False, init="random"``).
+By default an expert reads its layer centred on the training models' mean and scaled to unit RMS norm
+(`input_stats`, stored in the expert), and ProbeX's probes U and projection V start at the principal directions of
+the training models' deviations from that mean (`principal_directions`: the top eigenvectors of Σ (X−X̄)ᵀ(X−X̄) and
+Σ (X−X̄)(X−X̄)ᵀ) instead of at random. Both use the train split only. In a tree the root's weights dominate every
+model's layer and carry no label; centring removes them, and the probes start where the models differ.
+
 The whole cached layer lives in memory as tensors and batches are slices of it — no DataLoader, no workers: the
 factor-space forward is the cost, and it is a few thin matmuls per model.
 """
@@ -29,7 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from probex.errors import InputError
-from probex.model import Expert, ProbeX
+from probex.model import Expert, ProbeX, dense_from_factors
 from probex.zoo import HOLDOUT, IN_DISTRIBUTION, LayerCache, select_layers
 
 
@@ -46,6 +53,8 @@ class TrainConfig:
     relu: bool = True
     temperature: float | None = None
     patience: int | None = None  # stop after this many epochs without a better val score (None: run all epochs)
+    centre: bool = True          # read (X − X̄) / s, X̄ and s from the train split (module docstring)
+    init: str = "principal"      # "principal": U, V start at the train split's principal directions; "random": paper
 
 
 PAPER = TrainConfig()
@@ -245,13 +254,73 @@ def train_expert(expert: Expert, data: LayerData, targets: Targets, config: Trai
     return FitResult(expert.eval(), metrics, best_epoch, len(history), time.perf_counter() - start, history)
 
 
+INITS = ("principal", "random")
+
+
+def _dense_batches(data: LayerData, idx: torch.Tensor, batch_size: int = 16):
+    """The models at `idx` as dense float64 matrices, a few at a time (a LoRA's scale·B·A is formed per batch)."""
+    for b in idx.split(batch_size):
+        yield dense_from_factors(data.take(b)).double()
+
+
+def input_stats(data: LayerData, idx: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """X̄, the mean layer of the models at `idx` (d_W, d_H), and s, the RMS Frobenius norm of X − X̄ over them: the
+    centred inputs (X − X̄) / s are about unit norm whatever the layer's size and the tree's weight scale."""
+    if len(idx) == 0:
+        raise InputError("input statistics need at least one training model")
+    total, squares = torch.zeros(data.shape, dtype=torch.float64), 0.0
+    for x in _dense_batches(data, idx):
+        total += x.sum(0)
+        squares += float(x.square().sum())
+    mean = total / len(idx)
+    var = squares / len(idx) - float(mean.square().sum())
+    return mean.float(), max(var, 0.0) ** 0.5 or 1.0   # all models equal: nothing to scale
+
+
+def principal_directions(data: LayerData, idx: torch.Tensor, mean: torch.Tensor, k_w: int,
+                         k_h: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit columns, strongest first: the top k_w eigenvectors of Σ (X−X̄)(X−X̄)ᵀ (d_W, k_w) and the top k_h of
+    Σ (X−X̄)ᵀ(X−X̄) (d_H, k_h), over the models at `idx` — the directions in which those models' layers differ most."""
+    d_w, d_h = data.shape
+    gram_w, gram_h = torch.zeros(d_w, d_w, dtype=torch.float64), torch.zeros(d_h, d_h, dtype=torch.float64)
+    for x in _dense_batches(data, idx):
+        x = x - mean.double()
+        gram_w += torch.einsum("nwh,nvh->wv", x, x)
+        gram_h += torch.einsum("nwh,nwg->hg", x, x)
+    top = [torch.linalg.eigh(g).eigenvectors[:, -k:].flip(1).float() for g, k in ((gram_w, k_w), (gram_h, k_h))]
+    return top[0], top[1]
+
+
+def centre_on_train(expert: Expert, data: LayerData, targets: Targets) -> torch.Tensor:
+    """Set a centred expert's input statistics from the train split; returns X̄."""
+    mean, scale = input_stats(data, targets.split["train"])
+    expert.set_input_stats(mean, scale)
+    return mean
+
+
 def new_probex(data: LayerData, targets: Targets, config: TrainConfig) -> ProbeX:
+    """A ProbeX for this layer and task, its inputs and initialisation as `config` says (module docstring)."""
+    if config.init not in INITS:
+        raise InputError(f"init must be one of {INITS}, got {config.init!r}")
     d_w, d_h = data.shape
     torch.manual_seed(config.seed)  # initialisation is part of what a seed fixes
     head = targets.task
     n_out = None if head == "align" else len(targets.classes)
     text_dim = targets.text.shape[1] if head == "align" else None
-    return ProbeX(d_w, d_h, config.r_u, config.r_v, config.r_t, config.relu, head, n_out, text_dim, config.temperature)
+    expert = ProbeX(d_w, d_h, config.r_u, config.r_v, config.r_t, config.relu, head, n_out, text_dim,
+                    config.temperature, centred=config.centre)
+    if config.centre:
+        mean = centre_on_train(expert, data, targets)
+    elif config.init == "principal":
+        mean, _ = input_stats(data, targets.split["train"])
+    if config.init == "principal":
+        # Probes beyond the layer's width (r > d) keep their random start.
+        k_w, k_h = min(config.r_v, d_w), min(config.r_u, d_h)
+        p_w, p_h = principal_directions(data, targets.split["train"], mean, k_w, k_h)
+        with torch.no_grad():
+            expert.V[:, :k_w] = p_w
+            expert.U[:, :k_h] = p_h
+    return expert
 
 
 def fit_expert(cache: LayerCache, layer: str, task: str | None = None, text_embeddings: torch.Tensor | None = None,

@@ -57,6 +57,37 @@ def test_linear_probex_is_a_tucker_factorised_dense_expert():
         DenseExpert.from_linear_probex(ProbeX(9, 6, r_u=4, r_v=3, r_t=5, relu=True, n_out=4))
 
 
+def test_centred_input_is_read_the_same_from_factors_and_from_dense_weights():
+    """A centred expert reads (X − X̄) / s; for ProbeX the factor path subtracts VᵀX̄U and never forms B·A."""
+    torch.manual_seed(7)
+    mean, scale = torch.randn(20, 12), 2.5
+    x = random_factors(9, 20, 12, ranks=(1, 3, 7))
+    dense = dense_from_factors(x)
+    centred = ProbeX(20, 12, r_u=8, r_v=6, r_t=5, n_out=3, centred=True)
+    centred.set_input_stats(mean, scale)
+    plain = ProbeX(20, 12, r_u=8, r_v=6, r_t=5, n_out=3)
+    plain.load_state_dict({k: v for k, v in centred.state_dict().items() if not k.startswith("input_")})
+    with torch.no_grad():
+        expected = plain.encode((dense - mean) / scale)
+        assert torch.allclose(centred.encode(x), expected, atol=1e-5)
+        assert torch.allclose(centred.encode(dense), expected, atol=1e-5)
+    # Prop. 2 still holds: the centred linear ProbeX is the centred dense expert
+    linear = ProbeX(20, 12, r_u=8, r_v=6, r_t=5, relu=False, head="multilabel", n_out=4, centred=True)
+    linear.set_input_stats(mean, scale)
+    with torch.no_grad():
+        assert torch.allclose(DenseExpert.from_linear_probex(linear).encode(x), linear.encode(x), atol=1e-4)
+
+
+def test_input_stats_are_checked():
+    with pytest.raises(ValueError, match="raw inputs"):
+        ProbeX(8, 6, r_u=4, r_v=3, r_t=5, n_out=3).set_input_stats(torch.zeros(8, 6), 1.0)
+    centred = DenseExpert(8, 6, r_t=5, n_out=3, centred=True)
+    with pytest.raises(ValueError, match="8×6"):
+        centred.set_input_stats(torch.zeros(6, 8), 1.0)
+    with pytest.raises(ValueError, match="positive"):
+        centred.set_input_stats(torch.zeros(8, 6), 0.0)
+
+
 def test_dense_expert_refuses_past_its_ram_budget():
     with pytest.raises(ProbexError, match="GB"):
         DenseExpert(1280, 1280, r_t=512, n_out=10)  # SD's largest attention layer, release r_T: ~13 GB to train
@@ -81,10 +112,17 @@ def test_wrong_layer_shape_is_a_one_line_input_error():
         model(torch.randn(2, 6, 8))
 
 
+def centred(expert):
+    expert.set_input_stats(torch.randn(expert.d_w, expert.d_h), 0.3)
+    return expert
+
+
 @pytest.mark.parametrize("make", [
     lambda: ProbeX(8, 6, r_u=4, r_v=3, r_t=5, relu=False, head="align", text_dim=7, temperature=0.5),
     lambda: ProbeX(8, 6, r_u=4, r_v=3, r_t=5, head="multiclass", n_out=3),
     lambda: DenseExpert(8, 6, r_t=5, head="multilabel", n_out=3),
+    lambda: centred(ProbeX(8, 6, r_u=4, r_v=3, r_t=5, head="multiclass", n_out=3, centred=True)),
+    lambda: centred(DenseExpert(8, 6, r_t=5, head="multilabel", n_out=3, centred=True)),
 ])
 def test_save_and_load_round_trip(tmp_path, make):
     torch.manual_seed(4)

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from probex.errors import InputError
-from probex.train import (LayerData, TrainConfig, class_text_embeddings, encode_all, fit_expert, sweep_layers,
-                          task_targets)
+from probex.model import ProbeX
+from probex.train import (LayerData, Targets, TrainConfig, class_text_embeddings, encode_all, fit_expert, input_stats,
+                          new_probex, principal_directions, sweep_layers, task_targets, train_expert)
 from probex.zoo import build_cache
 from synthetic import make_full_zoo, make_lora_zoo
 
@@ -144,3 +145,59 @@ def test_rank_grouped_encoding_equals_the_padded_batch(planted):
     idx = torch.randperm(len(data))[:17]
     with torch.no_grad():
         assert torch.allclose(data.encode(expert, idx), expert.encode(data.take(idx)), atol=1e-5)
+
+
+def test_input_stats_and_principal_directions_read_factors_as_their_products(planted):
+    """X̄, s and the principal directions of a LoRA layer equal those of its dense products, and are what they say."""
+    zoo, cache = planted
+    factors = LayerData.from_cache(cache, INFORMATIVE)
+    dense = LayerData(torch.stack([s * u @ d for u, d, s in zip(*factors.x)]))
+    train = task_targets(cache, "multiclass").split["train"]
+    mean, scale = input_stats(factors, train)
+    mean_d, scale_d = input_stats(dense, train)
+    assert torch.allclose(mean, mean_d, atol=1e-6) and scale == pytest.approx(scale_d, rel=1e-5)
+    x = dense.x[train]
+    assert torch.allclose(mean, x.mean(0), atol=1e-6)
+    assert ((x - mean) / scale).flatten(1).norm(dim=1).square().mean() == pytest.approx(1.0, rel=1e-4)
+    p_w, p_h = principal_directions(factors, train, mean, 5, 4)
+    q_w, q_h = principal_directions(dense, train, mean, 5, 4)
+    assert p_w.shape == (32, 5) and p_h.shape == (32, 4)
+    assert torch.allclose(p_h.T @ p_h, torch.eye(4), atol=1e-5)
+    assert torch.allclose((p_w * q_w).sum(0).abs(), torch.ones(5), atol=1e-4)   # same directions up to sign
+    assert torch.allclose((p_h * q_h).sum(0).abs(), torch.ones(4), atol=1e-4)
+    # the first direction on the input side is the one along which the centred models vary most
+    c = (x - mean).double()
+    energy = lambda u: float(((c @ u.double()) ** 2).sum())
+    assert energy(p_h[:, 0]) >= max(energy(u) for u in torch.randn(50, 32).div(5.66)) * 0.999
+
+
+def test_new_probex_centres_and_starts_at_principal_directions_unless_told_otherwise(planted):
+    zoo, cache = planted
+    data = LayerData.from_cache(cache, INFORMATIVE)
+    targets = task_targets(cache, "multiclass")
+    expert = new_probex(data, targets, SMALL)
+    mean, scale = input_stats(data, targets.split["train"])
+    assert expert.centred and torch.allclose(expert.input_mean, mean) and expert.input_scale.item() == pytest.approx(scale)
+    p_w, p_h = principal_directions(data, targets.split["train"], mean, SMALL.r_v, SMALL.r_u)
+    assert torch.allclose(expert.U, p_h) and torch.allclose(expert.V, p_w)
+    paper = new_probex(data, targets, TrainConfig(**{**SMALL.__dict__, "centre": False, "init": "random"}))
+    assert not paper.centred and not any(k.startswith("input_") for k in paper.state_dict())
+    torch.manual_seed(SMALL.seed)
+    assert torch.equal(paper.U, ProbeX(32, 32, SMALL.r_u, SMALL.r_v, SMALL.r_t, n_out=20).U)
+    with pytest.raises(InputError, match="init must be one of"):
+        new_probex(data, targets, TrainConfig(init="pca"))
+
+
+def test_a_tree_whose_root_dwarfs_the_models_differences_is_read():
+    """Every model = a shared root 1,000× the size of its label-carrying deviation: centred inputs read it."""
+    g = torch.Generator().manual_seed(3)
+    n, d_w, d_h = 300, 24, 16
+    root = 1000 * torch.randn(d_w, d_h, generator=g)
+    templates = torch.randn(4, d_w, d_h, generator=g)
+    y = (torch.rand(n, 4, generator=g) < 0.5).float()
+    x = root + torch.einsum("nc,cwh->nwh", y, templates) + 0.5 * torch.randn(n, d_w, d_h, generator=g)
+    idx = torch.randperm(n, generator=g)
+    targets = Targets("multilabel", y, {"train": idx[:200], "val": idx[200:240], "test": idx[240:]},
+                      [f"label {i}" for i in range(4)])
+    fit = train_expert(new_probex(LayerData(x), targets, SMALL), LayerData(x), targets, SMALL)
+    assert fit.metrics["test"] > 0.95
