@@ -82,13 +82,14 @@ def probex_row(cache: LayerCache, config: TrainConfig, out_dir: Path) -> dict:
     sweep = sweep_layers(cache, "all", "multilabel", config=config, out_dir=out_dir, progress=False)
     row = sweep.best_row
     return {"layer": sweep.best_layer, "val": row["val"], "test": row["test"], "params": row["n_params"],
+            "per_layer": {r["layer"]: r["test"] for r in sweep.rows},
             "seconds": round(sum(r["seconds"] for r in sweep.rows), 1)}
 
 
 def dense_row(cache: LayerCache, config: TrainConfig, ram_budget_gb: float) -> dict:
     """The dense expert on every layer that fits `ram_budget_gb`, the best on val; layers that did not fit listed."""
     targets = task_targets(cache, "multilabel")
-    best, skipped, seconds = None, [], 0.0
+    best, skipped, seconds, per_layer = None, [], 0.0, {}
     for name in cache.all_layers:
         d_w, d_h = cache.index["layers"][name]["shape"]
         torch.manual_seed(config.seed)
@@ -103,10 +104,11 @@ def dense_row(cache: LayerCache, config: TrainConfig, ram_budget_gb: float) -> d
             centre_on_train(expert, data, targets)
         fit = train_expert(expert, data, targets, config)
         seconds += fit.seconds
+        per_layer[name] = fit.metrics["test"]
         if best is None or fit.metrics["val"] > best["val"]:
             best = {"layer": name, "val": fit.metrics["val"], "test": fit.metrics["test"],
                     "params": sum(p.numel() for p in expert.parameters())}
-    return {**(best or {}), "skipped": skipped, "seconds": round(seconds, 1)}
+    return {**(best or {}), "per_layer": per_layer, "skipped": skipped, "seconds": round(seconds, 1)}
 
 
 def statnn_row(cache: LayerCache, seed: int) -> dict:
@@ -197,6 +199,15 @@ def print_discriminative(result: dict) -> None:
     print("layer chosen on val: " + "; ".join(
         f"{r['population']}: " + ", ".join(f"{label} {r[key].get('layer', '—')}" for key, label in METHODS[:3])
         for r in result["rows"]))
+    with_layers = [r for r in result["rows"] if r["probex"].get("per_layer")]
+    if with_layers:
+        print("test accuracy of every layer (ProbeX / linear ProbeX / dense; — where dense is over the RAM budget):")
+    for r in with_layers:
+        shown = lambda key, layer: f"{r[key]['per_layer'][layer]:.3f}" if layer in r[key].get("per_layer", {}) \
+            else "—"  # noqa: E731
+        print(f"  {r['population']}: " + ", ".join(
+            f"{layer} {'/'.join(shown(key, layer) for key in ('probex', 'linear', 'dense'))}"
+            for layer in r["probex"].get("per_layer", {})))
     s = result["summary"]
     print("\n== Intra-tree vs forest (paper Fig. 3a: linear metanetwork 0.844 vs 0.502) ==")
     for kind in ("tree", "forest"):
