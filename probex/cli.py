@@ -110,13 +110,19 @@ def run_samples(args) -> int:
     return 0
 
 
-def run_train(args) -> int:
-    from probex.bundle import train_bundle
+def train_config(args):
+    """`probex train`'s options as a probex.train.TrainConfig."""
     from probex.train import TrainConfig
 
-    config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, r_u=args.r_u,
-                         r_v=args.r_v, r_t=args.r_t, relu=not args.linear, patience=args.patience,
-                         **(dict(centre=False, init="random") if args.paper_inputs else {}))
+    return TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, r_u=args.r_u,
+                       r_v=args.r_v, r_t=args.r_t, relu=not args.linear, patience=args.patience,
+                       **(dict(centre=False, init="random") if args.paper_inputs else {}))
+
+
+def run_train(args) -> int:
+    from probex.bundle import train_bundle
+
+    config = train_config(args)
     summary = train_bundle(args.zoo, args.out, layers=args.layers, config=config, profile=args.profile,
                            task=args.task, cache_dir=args.cache, routing_layer=args.routing_layer)
     if args.json:

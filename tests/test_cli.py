@@ -143,3 +143,11 @@ def test_unexpected_failures_are_one_line_with_exit_1(built, capsys, monkeypatch
 def test_usage_errors_are_one_line(capsys, args):
     code, _, err = call(capsys, *args)
     assert_one_error_line(code, err)
+
+
+def test_train_options_become_the_training_config():
+    parse = cli.build_parser().parse_args
+    default = cli.train_config(parse(["train", "--zoo", "z", "--out", "o"]))
+    assert default.centre and default.init == "principal" and default.relu and default.r_t == 128
+    paper = cli.train_config(parse(["train", "--zoo", "z", "--out", "o", "--paper-inputs", "--linear", "--r-t", "16"]))
+    assert not paper.centre and paper.init == "random" and not paper.relu and paper.r_t == 16
