@@ -59,8 +59,8 @@ sys.path.insert(0, str(ROOT))
 
 from probex.errors import ProbexError  # noqa: E402
 from probex.evaluate import per_label_accuracy  # noqa: E402
-from probex.model import DenseExpert, StatNNClassifier, weight_statistics  # noqa: E402
-from probex.train import (LayerData, TrainConfig, centre_on_train, sweep_layers, task_targets,  # noqa: E402
+from probex.model import StatNNClassifier, weight_statistics  # noqa: E402
+from probex.train import (LayerData, TrainConfig, new_dense, sweep_layers, task_targets,  # noqa: E402
                           train_expert)
 from probex.zoo import LayerCache, build_cache  # noqa: E402
 
@@ -91,17 +91,12 @@ def dense_row(cache: LayerCache, config: TrainConfig, ram_budget_gb: float) -> d
     targets = task_targets(cache, "multilabel")
     best, skipped, seconds, per_layer = None, [], 0.0, {}
     for name in cache.all_layers:
-        d_w, d_h = cache.index["layers"][name]["shape"]
-        torch.manual_seed(config.seed)
+        data = LayerData.from_cache(cache, name)
         try:
-            expert = DenseExpert(d_w, d_h, config.r_t, head="multilabel", n_out=len(targets.classes),
-                                 ram_budget_gb=ram_budget_gb, centred=config.centre)
+            expert = new_dense(data, targets, config, ram_budget_gb)
         except ProbexError:
             skipped.append(name)
             continue
-        data = LayerData.from_cache(cache, name)
-        if config.centre:
-            centre_on_train(expert, data, targets)
         fit = train_expert(expert, data, targets, config)
         seconds += fit.seconds
         per_layer[name] = fit.metrics["test"]
@@ -294,18 +289,12 @@ def generative_dense(cache: LayerCache, sentence, layers: list[str], config: Tra
     row = {"layers": layers, "params": []}
     for (task, key), layer in zip((("multiclass", "in_dist"), ("align", "zero_shot")), layers):
         targets = task_targets(cache, task, sentence if task == "align" else None)
-        d_w, d_h = cache.index["layers"][layer]["shape"]
-        torch.manual_seed(config.seed)
+        data = LayerData.from_cache(cache, layer)
         try:
-            expert = DenseExpert(d_w, d_h, config.r_t, head=task, ram_budget_gb=ram_gb, centred=config.centre,
-                                 n_out=None if task == "align" else len(targets.classes),
-                                 text_dim=sentence.shape[1] if task == "align" else None)
+            expert = new_dense(data, targets, config, ram_gb)
         except ProbexError:
             row[key] = None
             continue
-        data = LayerData.from_cache(cache, layer)
-        if config.centre:
-            centre_on_train(expert, data, targets)
         fit = train_expert(expert, data, targets, config)
         row[key] = fit.metrics["test_holdout" if task == "align" else "test"]
         row["params"].append(sum(p.numel() for p in expert.parameters()))

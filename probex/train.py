@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from probex.errors import InputError
-from probex.model import Expert, ProbeX, dense_from_factors
+from probex.model import DenseExpert, Expert, ProbeX, dense_from_factors
 from probex.zoo import HOLDOUT, IN_DISTRIBUTION, LayerCache, select_layers
 
 
@@ -298,17 +298,33 @@ def centre_on_train(expert: Expert, data: LayerData, targets: Targets) -> torch.
     return mean
 
 
+def _head(targets: Targets, config: TrainConfig) -> dict:
+    """The head an expert for `targets` needs: its kind, outputs or text width, temperature."""
+    align = targets.task == "align"
+    return dict(head=targets.task, n_out=None if align else len(targets.classes),
+                text_dim=targets.text.shape[1] if align else None, temperature=config.temperature)
+
+
+def new_dense(data: LayerData, targets: Targets, config: TrainConfig, ram_budget_gb: float = 4.0) -> DenseExpert:
+    """The dense expert (Eq. 1) for this layer and task, on the same inputs as `new_probex` would read (centred when
+    `config.centre`). Raises ProbexError when its training state would pass `ram_budget_gb`."""
+    d_w, d_h = data.shape
+    torch.manual_seed(config.seed)
+    expert = DenseExpert(d_w, d_h, config.r_t, **_head(targets, config), ram_budget_gb=ram_budget_gb,
+                         centred=config.centre)
+    if config.centre:
+        centre_on_train(expert, data, targets)
+    return expert
+
+
 def new_probex(data: LayerData, targets: Targets, config: TrainConfig) -> ProbeX:
     """A ProbeX for this layer and task, its inputs and initialisation as `config` says (module docstring)."""
     if config.init not in INITS:
         raise InputError(f"init must be one of {INITS}, got {config.init!r}")
     d_w, d_h = data.shape
     torch.manual_seed(config.seed)  # initialisation is part of what a seed fixes
-    head = targets.task
-    n_out = None if head == "align" else len(targets.classes)
-    text_dim = targets.text.shape[1] if head == "align" else None
-    expert = ProbeX(d_w, d_h, config.r_u, config.r_v, config.r_t, config.relu, head, n_out, text_dim,
-                    config.temperature, centred=config.centre)
+    expert = ProbeX(d_w, d_h, config.r_u, config.r_v, config.r_t, config.relu, **_head(targets, config),
+                    centred=config.centre)
     if config.centre:
         mean = centre_on_train(expert, data, targets)
     elif config.init == "principal":

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from probex.errors import InputError
+from probex.errors import InputError, ProbexError
 from probex.model import ProbeX
 from probex.train import (LayerData, Targets, TrainConfig, class_text_embeddings, encode_all, fit_expert, input_stats,
-                          new_probex, principal_directions, sweep_layers, task_targets, train_expert)
+                          new_dense, new_probex, principal_directions, sweep_layers, task_targets, train_expert)
 from probex.zoo import build_cache
 from synthetic import make_full_zoo, make_lora_zoo
 
@@ -201,3 +201,17 @@ def test_a_tree_whose_root_dwarfs_the_models_differences_is_read():
                       [f"label {i}" for i in range(4)])
     fit = train_expert(new_probex(LayerData(x), targets, SMALL), LayerData(x), targets, SMALL)
     assert fit.metrics["test"] > 0.95
+
+
+def test_new_dense_reads_the_same_centred_inputs_and_keeps_its_ram_budget(planted):
+    zoo, cache = planted
+    data = LayerData.from_cache(cache, INFORMATIVE)
+    targets = task_targets(cache, "multiclass")
+    dense = new_dense(data, targets, SMALL)
+    mean, scale = input_stats(data, targets.split["train"])
+    assert dense.centred and torch.allclose(dense.input_mean, mean) and dense.input_scale.item() == pytest.approx(scale)
+    assert dense.head.out_features == len(targets.classes)
+    raw = new_dense(data, targets, TrainConfig(**{**SMALL.__dict__, "centre": False, "init": "random"}))
+    assert not raw.centred
+    with pytest.raises(ProbexError, match="budget"):
+        new_dense(data, targets, SMALL, ram_budget_gb=1e-6)
