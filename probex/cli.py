@@ -137,7 +137,7 @@ def run_train(args) -> int:
 
 def run_eval(args) -> int:
     """The bundle's experts on a population: every metric of probex.evaluate that fits each tree's task."""
-    from probex.evaluate import concept_top1, evaluate_expert, search_precision
+    from probex.evaluate import evaluate_tree
     from probex.zoo import Zoo, build_cache
 
     studio = open_studio(args)
@@ -150,8 +150,7 @@ def run_eval(args) -> int:
                           "name the zoo's tree in its tree.json")
     cache = build_cache(zoo, Path(args.cache) / name, layers=tree.layers)
     text = tree.class_text_input() if tree.expert.head_kind == "align" else None
-    report = {"tree": tree.name, **evaluate_expert(tree.expert, cache, tree.layer, tree.task, text),
-              **concept_top1(tree, cache), **search_precision(tree)}
+    report = {"tree": tree.name, **evaluate_tree(tree, cache, tree.task, text)}
     if args.json:
         print(json.dumps(report, indent=1, default=str))
     else:

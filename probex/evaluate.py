@@ -98,18 +98,19 @@ def layer_data(cache, layer: str | list[str]):
 
 
 def evaluate_expert(expert, cache, layer: str | list[str], task: str | None = None,
-                    text_embeddings: torch.Tensor | None = None, k: int = 5) -> dict:
+                    text_embeddings: torch.Tensor | None = None, k: int = 5,
+                    encodings: torch.Tensor | None = None) -> dict:
     """Every metric that fits the expert's task, on the cached layer's (or layers') splits.
 
     In-distribution: top-1 (or per-label accuracy) on val / test; for single-label trees also the top-1 of the
     nearest class mean of the train models' encodings (how the app reads known classes, Gallery.class_anchors), and kNN
     and retrieval of test models against the train models' encodings. Align experts also: zero-shot top-1 on
     val_holdout / test_holdout, and one-class AUC on the held-out classes (val_holdout models are each class's
-    reference, test_holdout models are scored)."""
-    data = layer_data(cache, layer)
+    reference, test_holdout models are scored). ``encodings``: the expert's encodings of every cached model, when the
+    caller has them already."""
     targets = task_targets(cache, task or expert.head_kind, text_embeddings)
     split = {s: idx for s, idx in targets.split.items() if len(idx)}
-    every = encode_all(expert, data)
+    every = encode_all(expert, layer_data(cache, layer)) if encodings is None else encodings
     enc = {s: every[idx] for s, idx in split.items()}
     y = {s: targets.y[idx] for s, idx in split.items()}
     report = {"layer": layer, "task": targets.task, "n_models": {s: len(idx) for s, idx in split.items()}}
@@ -172,18 +173,25 @@ def evaluate_bundle(bundle_dir, zoo_dir, cache_dir=None, k: int = 5) -> dict:
             if classes != expected:
                 raise ProbexError(f"the {truth} expert was trained on {len(expected)} other classes than the "
                                   f"{len(classes)} of {zoo.root.name}; only an align expert reads new classes")
-        report = {**evaluate_expert(tree.expert, cache, tree.layer, tree.expert.head_kind, text, k),
-                  **concept_top1(tree, cache), **search_precision(tree, k)}
+        report = evaluate_tree(tree, cache, tree.expert.head_kind, text, k)
     n_models = report.pop("n_models")
     return {"tree": truth, "router_accuracy": routed.count(truth) / len(routed),
             **{f"n_{split}": n for split, n in n_models.items()}, **report}
 
 
-def concept_top1(tree, cache) -> dict:
+def evaluate_tree(tree, cache, task: str | None, text: torch.Tensor | None, k: int = 5) -> dict:
+    """A bundle tree on a cached population: `evaluate_expert` of its expert, the app's concept list
+    (`concept_top1`) and its text search (`search_precision`); the models are encoded once for all of them."""
+    encodings = encode_all(tree.expert, layer_data(cache, tree.layer))
+    return {**evaluate_expert(tree.expert, cache, tree.layer, task, text, k, encodings),
+            **concept_top1(tree, cache, encodings), **search_precision(tree, k)}
+
+
+def concept_top1(tree, cache, encodings: torch.Tensor) -> dict:
     """Top-1 of the app's concept list (Studio.concepts) per split: every class of the tree's vocabulary scored
     together — known ones by their train models' mean, the others by text, z-normed (Gallery.concept_scores) — the
     right class first? {concept_top1_<split>: value}, and concept_top1_raw_<split> by raw cosine (no z-norm); empty
-    for trees without a text head or with label lists."""
+    for trees without a text head or with label lists. ``encodings``: the tree's expert's, of every cached model."""
     anchors = tree.concept_anchors()
     g = tree.gallery
     if anchors is None or not all(isinstance(c, str) for c in g.classes):
@@ -191,7 +199,6 @@ def concept_top1(tree, cache) -> dict:
     row = {name: i for i, name in enumerate(g.classes_vocabulary)}
     name_of = {c["id"]: c["name"] for c in cache.classes}
     y = torch.tensor([row.get(name_of[m["class_id"]], -1) for m in cache.models])
-    encodings = encode_all(tree.expert, layer_data(cache, tree.layer))
     report = {}
     for kind, calibration in (("", None), ("raw_", (torch.zeros(len(anchors)), torch.ones(len(anchors))))):
         scores = g.concept_scores(encodings, anchors, calibration)
