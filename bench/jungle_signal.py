@@ -87,7 +87,7 @@ def gate3(out: Path, tree_dir: Path, root: str, epochs: int, layers: str) -> dic
     from probex.anchored import AnchoredProbeX, LayerStack, anchored_layer_names, training_free_scores
     from probex.text import load_text_encoder
     from probex.jungle.ship import score_as_the_app_reads
-    from probex.train import (TrainConfig, class_text_embeddings, evaluate_split, sweep_layers,
+    from probex.train import (TrainConfig, class_text_embeddings, encode_all, evaluate_split, sweep_layers,
                               task_targets, train_expert)
 
     def evaluate_splits(expert, data, targets):
@@ -160,7 +160,7 @@ def gate3(out: Path, tree_dir: Path, root: str, epochs: int, layers: str) -> dic
             record(f"  {kind} expert, text only ({label})", metrics, f"val {metrics['val']:.3f}",
                    sum(p.numel() for p in model.parameters() if p.requires_grad))
             # known classes anchored at the mean of their train models (what the app does): in-distribution only
-            score_as_the_app_reads(model, data, anchored_targets, metrics)
+            score_as_the_app_reads(encode_all(model, data), anchored_targets, metrics)
             record(f"  {kind} expert, class means ({label})", {"test": metrics["test_nearest_mean"]},
                    f"val {metrics['val_nearest_mean']:.3f}")
             report[f"anchored {label} {kind}"] = metrics

@@ -20,12 +20,13 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
 
 from ..anchored import PROJECTIONS, AnchoredProbeX, AttentionReader, LayerStack, fit_anchored
 from ..bundle import TreeSpec, _example_models, _fit_router, _sample_ids, build_bundle
 from ..errors import ProbexError
 from ..text import load_text_encoder
-from ..train import TrainConfig, encode_all, evaluate_split, nearest_mean_top1, task_targets
+from ..train import TrainConfig, encode_all, loss_and_score, nearest_mean_top1, task_targets
 from ..weights import read_weights
 from ..zoo import Zoo, build_cache
 from .lora import INSTANCE_PROMPT
@@ -68,7 +69,8 @@ def build_emoji_bundle(population: Path, out: Path, epochs: int = 200, cache_roo
             fit, data = fit_anchored(cache, names, root_weights, instance, class_states, TrainConfig(epochs=epochs),
                                      relu=False)
             candidates[f"trained linear, {layer_set}"] = (
-                fit.expert, fit.metrics, score_as_the_app_reads(fit.expert, data, targets, fit.metrics), names)
+                fit.expert, fit.metrics, score_as_the_app_reads(encode_all(fit.expert, data), targets, fit.metrics),
+                names)
             for rank in TOKEN_RANKS:
                 for text in TEXT_READINGS if layer_set != "v" else ("same",):
                     free = AnchoredProbeX.training_free([root_weights[n] for n in names], instance, rank,
@@ -107,16 +109,19 @@ def _add_free(candidates: dict, kind: str, expert, names: list[str], data: Layer
     ``data``: the cached ``names`` layers of every model."""
     if len(data) * expert.r_t > GALLERY_LIMIT:  # int8 gallery encodings: a byte a number
         return
-    metrics = {s: evaluate_split(expert, data, targets, s)["score"] for s in targets.evaluated_splits()}
-    candidates[kind] = (expert, metrics, score_as_the_app_reads(expert, data, targets, metrics), names)
+    encodings = encode_all(expert, data)   # once: the text top-1 per split and the app's reading both start here
+    with torch.no_grad():
+        metrics = {s: loss_and_score(targets.task, expert.logits(encodings[idx], targets.text_for(s)),
+                                     targets.y[idx])[1].item()
+                   for s in targets.evaluated_splits() for idx in [targets.split[s]]}
+    candidates[kind] = (expert, metrics, score_as_the_app_reads(encodings, targets, metrics), names)
 
 
-def score_as_the_app_reads(expert, data, targets, metrics: dict):
+def score_as_the_app_reads(encodings, targets, metrics: dict):
     """The app scores known classes against the mean of their known models (Gallery.class_anchors) and held-out ones
     against their text. Adds the class-mean top-1 on val and test to ``metrics`` (which holds the text top-1 per
     split) and ``selection``: the mean of class-mean val and text val_holdout (where the tree has held-out classes),
-    what a candidate expert is chosen by. Returns the encodings of every model."""
-    encodings = encode_all(expert, data)
+    what a candidate expert is chosen by. ``encodings``: the candidate's, of every model; returned as they are."""
     metrics.update({f"{s}_nearest_mean": nearest_mean_top1(encodings, targets, s) for s in ("val", "test")})
     read = [metrics["val_nearest_mean"]] + ([metrics["val_holdout"]] if "val_holdout" in metrics else [])
     metrics["selection"] = sum(read) / len(read)
