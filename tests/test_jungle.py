@@ -41,8 +41,9 @@ def test_atlas_renders_reproducibly():
         assert (rendered.astype(int) - images[i].astype(int)).__abs__().max() <= 1
 
 
-def test_root_pretraining_resumes_where_it_stopped(tmp_path, monkeypatch):
-    recipe = RootRecipe(name="tiny", **TINY)
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_root_pretraining_resumes_where_it_stopped(tmp_path, monkeypatch, ema_decay):
+    recipe = RootRecipe(name="tiny", ema_decay=ema_decay, **TINY)
     monkeypatch.setattr("probex.jungle.root.load_atlas", lambda: _two_class_atlas())
     recipe.classes = ["U+0001", "U+0002"]
     straight = pretrain_root(tmp_path / "straight", RootRecipe(**{**recipe.__dict__}))
@@ -51,6 +52,9 @@ def test_root_pretraining_resumes_where_it_stopped(tmp_path, monkeypatch):
     a = load_file(str(straight / "unet" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(resumed / "unet" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), "resumed training diverged from uninterrupted"
+    raw = load_file(str(straight / "train_state.safetensors"))
+    saved_is_raw = all(torch.equal(a[k], raw[f"unet.{k}"].half()) for k in a)
+    assert saved_is_raw == (ema_decay == 0), "the saved UNet is the EMA exactly when EMA is on"
     from diffusers import UNet2DConditionModel
 
     assert isinstance(UNet2DConditionModel.from_pretrained(straight / "unet"), UNet2DConditionModel)

@@ -28,6 +28,8 @@ def main(argv=None):
     root.add_argument("--minutes", type=float)
     root.add_argument("--threads", type=int, default=1)
     root.add_argument("--device", default="cpu")
+    root.add_argument("--out", help="folder of the root (default: checkpoints/roots/NAME); training state stays there")
+    root.add_argument("--ema", type=float, default=0.0, help="EMA decay of the saved weights (0: the raw weights)")
     root.add_argument("--widths", default="64,128",
                       help="UNet block widths. (32,64) trains 2x faster but its first conv squeezes each 48-channel "
                            "4x4-pixel patch into 32 channels, and its samples keep per-pixel noise (measured)")
@@ -49,7 +51,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.cmd == "root":
-        out = ROOTS_DIR / args.name
+        out = Path(args.out) if args.out else ROOTS_DIR / args.name
         if (out / "recipe.json").exists():
             recipe = RootRecipe.load(out / "recipe.json")
             recipe.steps = args.steps
@@ -57,7 +59,8 @@ def main(argv=None):
             _, classes = load_atlas()
             things = [c["id"] for c in classes if c["subject"] == "thing"]
             recipe = RootRecipe(name=args.name, seed=args.seed, steps=args.steps, classes=things,
-                                block_out_channels=tuple(int(w) for w in args.widths.split(",")))
+                                block_out_channels=tuple(int(w) for w in args.widths.split(",")),
+                                ema_decay=args.ema)
         pretrain_root(out, recipe, minutes=args.minutes, device=args.device)
         print(json.dumps({"root": str(out), "steps": recipe.steps}))
     elif args.cmd == "build":

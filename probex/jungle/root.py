@@ -49,6 +49,7 @@ class RootRecipe:
     lr: float = 1e-3
     batch_size: int = 64
     steps: int = 3000
+    ema_decay: float = 0.0  # > 0: the saved UNet is an exponential moving average of the weights (smoother samples)
     classes: list = field(default_factory=list)  # atlas ids the root is pretrained on
 
     def save(self, path: Path):
@@ -148,8 +149,10 @@ def diffusion_loss(unet, scheduler, latents, states, timesteps, noise, reduce=Tr
     return err.mean() if reduce else err
 
 
-def _state_tensors(unet, optimizer, step: int, generator: torch.Generator) -> dict:
+def _state_tensors(unet, optimizer, step: int, generator: torch.Generator, ema=None) -> dict:
     tensors = {f"unet.{k}": v.detach().clone() for k, v in unet.state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v.detach().clone() for k, v in ema.state_dict().items()})
     for i, p in enumerate(optimizer.param_groups[0]["params"]):
         for key, value in optimizer.state.get(p, {}).items():
             tensors[f"opt.{i}.{key}"] = torch.as_tensor(value).clone()
@@ -158,8 +161,10 @@ def _state_tensors(unet, optimizer, step: int, generator: torch.Generator) -> di
     return tensors
 
 
-def _load_state(tensors: dict, unet, optimizer, generator: torch.Generator) -> int:
+def _load_state(tensors: dict, unet, optimizer, generator: torch.Generator, ema=None) -> int:
     unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
+    if ema is not None:
+        ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     params = optimizer.param_groups[0]["params"]
     for key, value in tensors.items():
         if key.startswith("opt."):
@@ -196,10 +201,14 @@ def pretrain_root(out_dir: Path, recipe: RootRecipe, *, minutes: float | None = 
     optimizer = torch.optim.AdamW(unet.parameters(), lr=recipe.lr, weight_decay=1e-2)
     lr_at = lambda s: recipe.lr * 0.5 * (1 + math.cos(math.pi * min(s / recipe.steps, 1.0)))  # noqa: E731
     generator = torch.Generator().manual_seed(recipe.seed)
+    ema = None
+    if recipe.ema_decay > 0:
+        import copy
+        ema = copy.deepcopy(unet).requires_grad_(False)
     step = 0
     ckpt = out_dir / "train_state.safetensors"
     if ckpt.exists():
-        step = _load_state(load_file(ckpt), unet, optimizer, generator)
+        step = _load_state(load_file(ckpt), unet, optimizer, generator, ema)
         print(f"resumed {recipe.name} at step {step}")
     recipe.save(out_dir / "recipe.json")
     started, losses, first = time.time(), [], step
@@ -222,6 +231,11 @@ def pretrain_root(out_dir: Path, recipe: RootRecipe, *, minutes: float | None = 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
+        if ema is not None:
+            with torch.no_grad():  # warm-up: early averages would be dominated by the random initialisation
+                decay = min(recipe.ema_decay, (1 + step) / (10 + step))
+                for e, p in zip(ema.parameters(), unet.parameters()):
+                    e.lerp_(p, 1 - decay)
         step += 1
         losses.append(loss.item())
         if step % log_every == 0:
@@ -231,9 +245,9 @@ def pretrain_root(out_dir: Path, recipe: RootRecipe, *, minutes: float | None = 
             print(rec, flush=True)
             losses = []
         if step % checkpoint_every == 0:
-            save_file(_state_tensors(unet, optimizer, step, generator), str(ckpt))
-    save_file(_state_tensors(unet, optimizer, step, generator), str(ckpt))
-    save_unet(unet, out_dir / "unet")
+            save_file(_state_tensors(unet, optimizer, step, generator, ema), str(ckpt))
+    save_file(_state_tensors(unet, optimizer, step, generator, ema), str(ckpt))
+    save_unet(ema if ema is not None else unet, out_dir / "unet")
     scheduler.save_pretrained(out_dir / "scheduler")
     return out_dir
 
