@@ -8,6 +8,8 @@ the downloaded link) and the generated card file are deleted. Shipped examples a
 """
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -21,7 +23,8 @@ import gradio as gr  # noqa: E402  (after the logging settings, which libraries 
 
 from probex.errors import ProbexError  # noqa: E402
 from probex.plots import concept_bars  # noqa: E402
-from probex.service import MAX_UPLOAD_BYTES, RequestFiles, open_studio  # noqa: E402
+from probex.errors import InputError  # noqa: E402
+from probex.service import MAX_UPLOAD_BYTES, RequestFiles, check_top_k, first_line, open_studio  # noqa: E402
 
 try:  # on a ZeroGPU Space, generation runs inside a GPU allocation; elsewhere the decorator is a no-op
     import spaces
@@ -37,6 +40,9 @@ UPLOAD_SAMPLES = 4        # images of "what does your LoRA draw"
 CONCURRENCY = int(os.environ.get("PROBEX_CONCURRENCY", "2"))  # requests running at once; the rest wait in the queue
 # uploads, downloads and card files are deleted this long after the last request using them is done
 FILES = RequestFiles(grace_s=float(os.environ.get("PROBEX_UPLOAD_GRACE_S", "60")))
+# Gradio's own cache (sample PNGs, card copies, uploads it keeps) is swept every CACHE_TTL_S / 3 of files older than it
+CACHE_TTL_S = int(os.environ.get("PROBEX_CACHE_TTL_S", "900"))
+LOG = logging.getLogger("probex.app")
 
 
 @dataclass
@@ -59,56 +65,80 @@ def user_error(err: ProbexError) -> gr.Error:
     return gr.Error(str(err), duration=12)
 
 
+def answers(fn):
+    """Every handler's one error path: the user's mistakes come back as their one line, anything else as one line
+    naming the failure (logged with its traceback here), never as Gradio's message-less "Error"."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ProbexError as err:
+            raise user_error(err) from None
+        except gr.Error:
+            raise
+        except Exception as err:  # noqa: BLE001 — the contract: one line to the client
+            LOG.exception("request failed")
+            raise gr.Error(f"unexpected {type(err).__name__}: {first_line(err)} (please report this)") from None
+    return wrapper
+
+
 # ----------------------------------------------------------------------------------------------- identify
 def identify(path: str, owned: list[str], top_k: int):
     """Read, route, encode → summary, concept bars, neighbour table, map, card. ``owned``: this request's files,
     released for deletion when the request is done (or now, if it fails)."""
     studio = need_studio()
+    top_k = check_top_k(top_k)
     FILES.hold(*owned)
     try:
         analysis = studio.analyse(path)
-        result = studio.predict(analysis, top_k=int(top_k))
+        result = studio.predict(analysis, top_k=top_k)
         card_dir = tempfile.mkdtemp(prefix="probex-card-")
         FILES.hold(card_dir)
         owned = [*owned, card_dir]
         card_path = Path(card_dir) / "README.md"
-        card_path.write_text(studio.model_card(analysis, top_k=int(top_k)))
+        card_path.write_text(studio.model_card(analysis, top_k=top_k))
         figure = studio.map_figure(analysis)
-    except ProbexError as err:
-        FILES.release(*owned)
-        raise user_error(err) from None
-    except Exception:
+        neighbours = [] if analysis.negligible else studio.drawable_neighbors(analysis, NEIGHBOURS_DRAWN)
+    except BaseException:
         FILES.release(*owned)
         raise
-    request = Request(analysis, path, studio.drawable_neighbors(analysis, NEIGHBOURS_DRAWN), owned)
-    bars = concept_bars(result["classes"], "Top concepts (known: models' mean · unseen: text)",
-                        score_label=SCORE_LABELS[result["score_unit"]])
-    return (summary_markdown(result), gr.update(value=bars, visible=True), model_rows(result["neighbors"], False),
-            figure, str(card_path), card_path.read_text(), request, gr.update(visible=True))
+    request = Request(analysis, path, neighbours, owned)
+    bars = None if result["notice"] else concept_bars(result["classes"], "Top concepts (known: models' mean · unseen: "
+                                                      "text)", score_label=SCORE_LABELS[result["score_unit"]])
+    return (summary_markdown(result), gr.update(value=bars, visible=bars is not None),
+            model_rows(result["neighbors"], False), figure, str(card_path), card_path.read_text(), request,
+            gr.update(visible=True))
 
 
 SCORE_LABELS = {"z": "score (z: cosine above its usual on known models)", "probability": "probability"}
 
 
+@answers
 def identify_upload(file: str | None, top_k: int):
     if not file:
         raise gr.Error("Drop a .safetensors LoRA file first.")
     return identify(file, [file], top_k)
 
 
+@answers
 def identify_link(link: str, top_k: int):
-    from probex.fetch import fetch_to_temp
-
-    link = (link or "").strip()
-    if not link:
-        raise gr.Error("Paste a Hub repo id (user/name) or an https:// link first.")
-    try:
-        fetched = fetch_to_temp(link, max_bytes=MAX_UPLOAD_BYTES, timeout=60)
-    except ProbexError as err:
-        raise user_error(err) from None
+    check_top_k(top_k)
+    fetched = fetch_link(link)
     return identify(str(fetched.path), [str(fetched.directory)], top_k)
 
 
+def fetch_link(link) -> object:
+    """The link / Hub id checked and fetched into a temp dir (probex.fetch's rules), or a one-line refusal."""
+    from probex.fetch import fetch_to_temp
+
+    if not isinstance(link, str) or not link.strip():
+        raise InputError("paste a Hub repo id (user/name) or an https:// link first")
+    if len(link) > 2048:
+        raise InputError(f"the link is {len(link):,} characters; links and Hub ids are at most 2,048")
+    return fetch_to_temp(link.strip(), max_bytes=MAX_UPLOAD_BYTES, timeout=60)
+
+
+@answers
 def identify_example(index: int, top_k: int):
     examples = need_studio().examples()
     if index is None or not 0 <= int(index) < len(examples):
@@ -116,6 +146,7 @@ def identify_example(index: int, top_k: int):
     return identify(str(examples[int(index)]["path"]), [], top_k)  # shipped files: never deleted
 
 
+@answers
 @on_gpu
 def draw_samples(request: Request | None, progress=gr.Progress()):
     """Images of the uploaded LoRA and of its nearest known models, drawn live by the tree's root pipeline."""
@@ -139,6 +170,7 @@ def draw_samples(request: Request | None, progress=gr.Progress()):
     return own, neighbours
 
 
+
 def forget_upload(request: Request | None):
     """The request is over: release what it owned (upload, download, card file) for deletion; clear the upload box."""
     if request is not None:
@@ -148,27 +180,24 @@ def forget_upload(request: Request | None):
 
 
 # --------------------------------------------------------------------------------------------- follow-ups
+@answers
 def custom_labels(request: Request | None, labels: str):
     if request is None or request.analysis is None:
         raise gr.Error("Identify a LoRA first, then score it against your own labels.")
-    try:
-        scores = need_studio().zero_shot(request.analysis, labels)
-    except ProbexError as err:
-        raise user_error(err) from None
+    scores = need_studio().zero_shot(request.analysis, labels)
     return gr.update(value=concept_bars(scores, "Your labels", score_label="cosine score"), visible=True)
 
 
+@answers
 def run_search(text: str, top_k: int, request: Request | None):
     studio = need_studio()
-    try:
-        result = studio.search(text, top_k=int(top_k))
-        figure = studio.map_figure(request.analysis if request else None, query=text,
-                                   tree=result["models"][0]["tree"] if result["models"] else None)
-    except ProbexError as err:
-        raise user_error(err) from None
+    result = studio.search(text, top_k=check_top_k(top_k))
+    figure = studio.map_figure(request.analysis if request else None, query=text,
+                               tree=result["models"][0]["tree"] if result["models"] else None)
     return model_rows(result["models"], True), figure, result["models"]
 
 
+@answers
 @on_gpu
 def draw_search_samples(models: list[dict] | None, progress=gr.Progress()):
     if not models:
@@ -184,31 +213,39 @@ def draw_search_samples(models: list[dict] | None, progress=gr.Progress()):
     return images
 
 
+@answers
 def show_map(query: str, request: Request | None):
-    studio = need_studio()
-    try:
-        return studio.map_figure(request.analysis if request else None, query=query or None)
-    except ProbexError as err:
-        raise user_error(err) from None
+    return need_studio().map_figure(request.analysis if request else None, query=query or None)
 
 
 # ------------------------------------------------------------------------------------------ API endpoints
+@answers
 def api_predict(file: gr.FileData, top_k: int = 5) -> dict:
     """Tree, router confidence, top-k concepts and nearest known models of a .safetensors LoRA."""
-    path = file["path"] if isinstance(file, dict) else file.path
+    top_k = check_top_k(top_k)
+    path = file.get("path") if isinstance(file, dict) else getattr(file, "path", None)
+    if not isinstance(path, str) or not path:
+        raise InputError("file must be an uploaded .safetensors file (gradio_client: handle_file(path))")
+    with FILES.holding(path):  # deleted once no request uses it (identical uploads share one path)
+        return need_studio().predict(path, top_k=top_k)
+
+
+@answers
+def api_predict_link(link: str, top_k: int = 5) -> dict:
+    """The same answer as /predict for an https link or a Hub repo id (user/name[/file.safetensors]); the download is
+    deleted afterwards."""
+    top_k = check_top_k(top_k)
+    fetched = fetch_link(link)
     try:
-        with FILES.holding(path):  # deleted once no request uses it (identical uploads share one path)
-            return need_studio().predict(path, top_k=int(top_k))
-    except ProbexError as err:
-        raise gr.Error(str(err)) from None
+        return need_studio().predict(fetched.path, top_k=top_k)
+    finally:
+        fetched.cleanup()
 
 
+@answers
 def api_search(text: str, top_k: int = 5) -> dict:
     """Known models whose weights best match a text."""
-    try:
-        return need_studio().search(text, top_k=int(top_k))
-    except ProbexError as err:
-        raise gr.Error(str(err)) from None
+    return need_studio().search(text, top_k=check_top_k(top_k))
 
 
 # ------------------------------------------------------------------------------------------ presentation
@@ -216,7 +253,9 @@ def summary_markdown(result: dict) -> str:
     top = result["classes"][0] if result["classes"] else {"name": "—", "score": 0.0}
     confidence = result["router"]["confidence"]
     sure = "sure" if confidence >= 0.5 else ("fairly sure" if confidence >= 0.2 else "unsure")
-    return (f"### Most likely concept: **{top['name']}**\n"
+    headline = (f"### No concept: {result['notice'][:1].upper()}{result['notice'][1:]}.\n" if result.get("notice")
+                else f"### Most likely concept: **{top['name']}**\n")
+    return (headline +
             f"Tree **{result['tree']}** (base model `{result['base_model']}`), the router is {sure} "
             f"(confidence {confidence:.2f}).  \n"
             f"`{result['file']}` · {result['description']} · {layers_read(result['layer'])}")
@@ -260,6 +299,7 @@ CLIENT_EXAMPLE = """
 from gradio_client import Client, handle_file
 client = Client("http://127.0.0.1:7860/")          # or the Space id
 print(client.predict(handle_file("my_lora.safetensors"), 5, api_name="/predict"))
+print(client.predict("user/name", 5, api_name="/predict_link"))   # a Hub repo id or an https link
 print(client.predict("a striped wild cat", 5, api_name="/search"))
 ```
 """
@@ -280,7 +320,7 @@ START_HINT = ("👈 **Drop a LoRA**, paste a Hub id or link, or **click an examp
 # ---------------------------------------------------------------------------------------------------- UI
 def build_demo() -> gr.Blocks:
     examples = STUDIO.examples() if STUDIO else []
-    with gr.Blocks(title="ProbeX Studio", delete_cache=(600, 1800)) as demo:
+    with gr.Blocks(title="ProbeX Studio", delete_cache=(max(60, CACHE_TTL_S // 3), CACHE_TTL_S)) as demo:
         gr.Markdown(HEADER)
         gr.Markdown(banner_markdown(), elem_classes=["banner"] + ([] if STUDIO else ["warn"]), elem_id="banner")
         request = gr.State(None)
@@ -375,6 +415,7 @@ def build_demo() -> gr.Blocks:
         gr.on([map_btn.click, map_query.submit], show_map, [map_query, request], weight_map,
               api_visibility="private")
         gr.api(api_predict, api_name="predict")
+        gr.api(api_predict_link, api_name="predict_link")
         gr.api(api_search, api_name="search")
     return demo
 

@@ -1,13 +1,14 @@
-"""Load on the app: many concurrent gradio_client `predict` calls against `python app.py` on localhost.
+"""Load on the app: many concurrent gradio_client calls of every API endpoint against `python app.py` on localhost.
 
-    python bench/load.py [--bundle DIR] [--clients 16] [--requests 500] [--max-seconds 300] [--bad-every 10]
+    python bench/load.py [--bundle DIR] [--clients 16] [--rounds 5] [--requests 200] [--max-seconds 300]
 
-Each of ``--clients`` threads has its own client and calls `/predict` until ``--requests`` calls are done in all or
-``--max-seconds`` pass. Every ``--bad-every``-th call uploads a broken file on purpose: it must come back as an error
-answer (counted apart), and the app must keep serving. Reported: calls sent / answered, unexpected failures, latency
-p50 / p95 (queueing included: the app runs a bounded number of requests at once), the server's resident memory
-(VmRSS) after a warm-up, after the run and after a second identical run (growth that levels off is caches; growth
-that repeats is a leak), whether the server is still alive, and whether uploads were deleted.
+Each round, ``--clients`` threads (one client each) make ``--requests`` calls in all, mixed in a fixed cycle of ten:
+six `/predict` uploads of the bundle's examples, two `/search` texts, one `/predict_link` to a link that cannot be
+fetched here and one broken upload. The last two must come back as error answers (counted apart) and the app must
+keep serving. Printed per round: calls answered, unexpected failures, latency p50 / p95 (queueing included) and the
+server's resident memory (VmRSS); then the growth after the first round (caches fill in round 1; growth that repeats
+every round is a leak; target ≤ 50 MB), whether the server is still alive, and what Gradio's upload cache still holds
+once the deletion grace time and a sweep have passed.
 """
 from __future__ import annotations
 
@@ -32,8 +33,11 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def run_load(url: str, files: list[Path], broken: Path, clients: int, requests: int, max_seconds: float,
-             bad_every: int) -> dict:
+MIX = ("predict", "predict", "search", "predict", "predict", "link", "predict", "search", "predict", "broken")
+SEARCHES = ("a striped wild cat", "red apple", "something that flies", "a musical instrument")
+
+
+def run_load(url: str, files: list[Path], broken: Path, clients: int, requests: int, max_seconds: float) -> dict:
     from gradio_client import Client, handle_file
 
     counter = itertools.count()
@@ -42,25 +46,38 @@ def run_load(url: str, files: list[Path], broken: Path, clients: int, requests: 
     deadline = time.monotonic() + max_seconds
     errors: list[str] = []
 
+    def call(client, kind: str, i: int) -> bool:
+        """True when the answer is the one this kind of call must get."""
+        if kind == "predict":
+            return "tree" in client.predict(handle_file(str(files[i % len(files)])), 5, api_name="/predict")
+        if kind == "search":
+            return "models" in client.predict(SEARCHES[i % len(SEARCHES)], 5, api_name="/search")
+        try:
+            if kind == "link":
+                client.predict("https://unreachable.invalid/lora.safetensors", 5, api_name="/predict_link")
+            else:
+                client.predict(handle_file(str(broken)), 5, api_name="/predict")
+        except Exception as err:  # noqa: BLE001 — the expected error answer
+            return "unexpected" not in str(err) and bool(str(err).strip())
+        return False
+
     def worker():
         client = Client(url, verbose=False)
         while time.monotonic() < deadline:
             i = next(counter)
             if i >= requests:
                 return
-            bad = bad_every > 0 and i % bad_every == bad_every - 1
+            kind = MIX[i % len(MIX)]
             start = time.perf_counter()
             try:
-                result = client.predict(handle_file(str(broken if bad else files[i % len(files)])), 5,
-                                        api_name="/predict")
-                kind = "unexpected" if bad or "tree" not in result else "ok"
-            except Exception as err:  # noqa: BLE001 — an error answer is data here
-                kind = "refused_as_expected" if bad and "broken.safetensors" in str(err) else "unexpected"
-                if kind == "unexpected":
-                    errors.append(f"{type(err).__name__}: {str(err)[:200]}")
+                good = call(client, kind, i)
+            except Exception as err:  # noqa: BLE001 — a failure is data here
+                good = False
+                errors.append(f"{kind}: {type(err).__name__}: {str(err)[:200]}")
             with lock:
                 latencies.append(time.perf_counter() - start)
-                outcomes[kind] += 1
+                outcomes["unexpected" if not good else "ok" if kind in ("predict", "search")
+                         else "refused_as_expected"] += 1
 
     threads = [threading.Thread(target=worker) for _ in range(clients)]
     start = time.perf_counter()
@@ -78,9 +95,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", default=None, help="bundle dir (default: the shipped one of PROBEX_PROFILE)")
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=500)
-    parser.add_argument("--max-seconds", type=float, default=300)
-    parser.add_argument("--bad-every", type=int, default=10, help="every n-th call sends a broken file (0: never)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=200, help="calls per round")
+    parser.add_argument("--max-seconds", type=float, default=300, help="per round")
     args = parser.parse_args()
     from probex.service import Studio
     from test_app import running_app
@@ -89,34 +106,34 @@ def main() -> None:
     files = [e["path"] for e in studio.examples()]
     if not files:
         sys.exit("the bundle lists no example LoRAs to predict on")
+    rounds = []
     with tempfile.TemporaryDirectory(prefix="probex-load-") as tmp:
         broken = Path(tmp) / "broken.safetensors"
         broken.write_bytes(b"\x00" * 256)
         # the app's own deletion grace time (60 s), not the tests' short one
         with running_app(studio.bundle_dir, Path(tmp) / "app", env={"PROBEX_UPLOAD_GRACE_S": "60"}) as app:
             pid = app.process.pid
-            warm = run_load(app.url, files, broken, 4, 40, args.max_seconds, args.bad_every)
-            before = rss_mb(pid)
-            result = run_load(app.url, files, broken, args.clients, args.requests, args.max_seconds, args.bad_every)
-            after = rss_mb(pid)
-            # a second run tells growth that levels off (caches, allocator pools) from a per-request leak
-            again = run_load(app.url, files, broken, args.clients, args.requests, args.max_seconds, args.bad_every)
-            after_again = rss_mb(pid)
+            started = rss_mb(pid)
+            for _ in range(args.rounds):
+                rounds.append({**run_load(app.url, files, broken, args.clients, args.requests, args.max_seconds),
+                               "rss_mb": rss_mb(pid)})
             alive = app.process.poll() is None
             time.sleep(80)  # one grace time, one sweep interval (15 s) and a margin
-            left = len(list(app.temp_dir.rglob("*.safetensors")))
-    print(f"warm-up: {warm['answered']} calls, {warm['unexpected']} unexpected")
-    print(f"{args.clients} concurrent clients, {result['sent']} calls sent in {result['seconds']:.1f} s "
-          f"(every {args.bad_every}th a broken file)")
-    print(f"answered {result['answered']}/{result['sent']}: ok {result['ok']}, refused as expected "
-          f"{result['refused_as_expected']}, unexpected failures {result['unexpected']}")
-    for line in result["errors"]:
-        print(f"  e.g. {line}")
-    print(f"latency p50 {result['p50_ms']:.0f} ms, p95 {result['p95_ms']:.0f} ms (queueing included)")
-    print(f"server RSS {before:.0f} MB after warm-up → {after:.0f} MB after the run ({after - before:+.0f} MB) → "
-          f"{after_again:.0f} MB after a second run of {again['answered']} calls ({after_again - after:+.0f} MB; "
-          f"{again['unexpected']} unexpected failures)")
-    print(f"server alive after the run: {alive}; uploads left on disk 80 s later: {left}")
+            left = sorted(p.suffix or p.name for p in app.temp_dir.rglob("*") if p.is_file())
+    print(f"{args.clients} concurrent clients, {args.rounds} rounds of {args.requests} mixed calls "
+          f"({', '.join(f'{MIX.count(k)} {k}' for k in dict.fromkeys(MIX))} in every ten)")
+    print(f"server RSS {started:.0f} MB after start-up")
+    for n, r in enumerate(rounds, 1):
+        print(f"round {n}: answered {r['answered']}/{r['sent']} in {r['seconds']:.1f} s: ok {r['ok']}, refused as "
+              f"expected {r['refused_as_expected']}, unexpected {r['unexpected']}; p50 {r['p50_ms']:.0f} ms, "
+              f"p95 {r['p95_ms']:.0f} ms; RSS {r['rss_mb']:.0f} MB")
+        for line in r["errors"]:
+            print(f"  e.g. {line}")
+    growth = rounds[-1]["rss_mb"] - rounds[0]["rss_mb"]
+    calls = sum(r["answered"] for r in rounds[1:])
+    print(f"memory growth after round 1: {growth:+.0f} MB over {calls} calls (target ≤ 50 MB)")
+    print(f"server alive after the run: {alive}; files left in Gradio's upload cache 80 s later: {len(left)} "
+          f"{dict((s, left.count(s)) for s in set(left)) if left else ''}")
 
 
 if __name__ == "__main__":

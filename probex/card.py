@@ -6,6 +6,9 @@ YAML front matter comes from ``huggingface_hub.ModelCardData`` so the Hub reads 
 """
 from __future__ import annotations
 
+import html
+import re
+import unicodedata
 from dataclasses import dataclass, field
 
 from huggingface_hub import ModelCard, ModelCardData
@@ -28,6 +31,29 @@ class CardFacts:
     instance_prompt: str | None = None   # the trigger prompt, when the file's metadata names one
     metadata: dict[str, str] = field(default_factory=dict)
     score_unit: str = "z"            # what concept scores are: "z" (z-normed cosine, align experts) or "probability"
+    notice: str | None = None        # set when no concept is claimed (a LoRA that changes nothing)
+
+
+MAX_FIELD_CHARS = 200  # one value copied from the file (metadata, prompt, name) as the card shows it
+MARKDOWN_INLINE = re.compile(r"([\\`*_\[\]|~!#])")
+
+
+def as_text(value, limit: int = MAX_FIELD_CHARS) -> str:
+    """A value from the user's file as inert card text: one line, no control characters, at most ``limit``
+    characters, HTML escaped and Markdown's inline markup (links, images, emphasis, code, tables) escaped."""
+    text = "".join(" " if unicodedata.category(c)[0] in "CZ" else c for c in str(value))
+    text = " ".join(text.split())
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return MARKDOWN_INLINE.sub(r"\\\1", html.escape(text, quote=False))
+
+
+def front_matter_text(value, limit: int = MAX_FIELD_CHARS) -> str:
+    """A value from the file as a YAML scalar's content: one line, no control characters, capped, HTML escaped (the
+    YAML writer quotes it; without newlines nothing in it can end the front matter, and no tag survives into a page
+    that shows it)."""
+    text = " ".join("".join(" " if unicodedata.category(c)[0] in "CZ" else c for c in str(value)).split())
+    return html.escape(text if len(text) <= limit else text[: limit - 1] + "…", quote=False)
 
 
 # metadata keys worth repeating in the card (kohya, diffusers, our jungle); everything else stays in the file
@@ -40,8 +66,9 @@ def front_matter(facts: CardFacts) -> ModelCardData:
     tags = ["lora", "text-to-image", "diffusers", "probex-inferred", f"tree:{facts.tree}"]
     if top:
         tags.append(f"concept:{top}")
+    prompt = front_matter_text(facts.instance_prompt) if facts.instance_prompt else None
     return ModelCardData(base_model=facts.base_model, library_name="diffusers", pipeline_tag="text-to-image",
-                         tags=tags, instance_prompt=facts.instance_prompt)
+                         tags=tags, instance_prompt=prompt)
 
 
 def concepts_table(classes: list[dict]) -> str:
@@ -88,18 +115,25 @@ def render_card(facts: CardFacts) -> str:
     classes = facts.classes
     top = classes[0]["name"] if classes else "unknown"
     gap = classes[0]["score"] - classes[1]["score"] if len(classes) > 1 else 1.0
-    trigger = (f"The file's metadata names the trigger prompt **`{facts.instance_prompt}`**."
+    trigger = (f"The file's metadata names the trigger prompt **\u201c{as_text(facts.instance_prompt)}\u201d**."
                if facts.instance_prompt else "The file names no trigger prompt; try the concept's name.")
-    shown_meta = [f"- `{k}`: {facts.metadata[k]}" for k in METADATA_SHOWN if k in facts.metadata]
+    shown_meta = [f"- `{k}`: {as_text(facts.metadata[k])}" for k in METADATA_SHOWN if k in facts.metadata]
+    name = as_text(facts.file_name, 120)
+    if facts.notice:
+        headline = f"# {name}: a LoRA for **{facts.base_model}** that changes (almost) nothing"
+        verdict = f"- **Concept:** none — {as_text(facts.notice, 400)}"
+    else:
+        headline = f"# {name}: a LoRA for **{facts.base_model}** that most likely draws *{top}*"
+        verdict = f"- **Most likely concept:** {top} ({confidence_words(gap, facts.score_unit)})"
     body = f"""
-# {facts.file_name}: a LoRA for **{facts.base_model}** that most likely draws *{top}*
+{headline}
 
 > Draft card written by ProbeX Studio from the weights alone. Check it and edit before publishing.
 
 - **Base model (Model Tree):** `{facts.base_model}` (tree `{facts.tree}`, router confidence \
 {facts.router_confidence:.2f})
 - **File:** {facts.description}
-- **Most likely concept:** {top} ({confidence_words(gap, facts.score_unit)})
+{verdict}
 
 {trigger}
 

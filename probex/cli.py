@@ -52,20 +52,20 @@ def read_file(ref: str):
 def run_predict(args) -> int:
     weights = read_file(args.file)
     result = open_studio(args).predict(weights, top_k=args.top_k)
-    print(json.dumps(result, indent=1) if args.json else format_prediction(result))
+    print(as_json(result) if args.json else format_prediction(result))
     return 0
 
 
 def run_zero_shot(args) -> int:
     weights = read_file(args.file)
     scores = open_studio(args).zero_shot(weights, args.labels)
-    print(json.dumps(scores, indent=1) if args.json else format_scores(scores))
+    print(as_json(scores) if args.json else format_scores(scores))
     return 0
 
 
 def run_search(args) -> int:
     result = open_studio(args).search(args.text, top_k=args.top_k)
-    print(json.dumps(result, indent=1) if args.json else format_models(result["models"]))
+    print(as_json(result) if args.json else format_models(result["models"]))
     return 0
 
 
@@ -73,7 +73,7 @@ def run_route(args) -> int:
     weights = read_file(args.file)
     result = open_studio(args).route(weights)
     if args.json:
-        print(json.dumps(result, indent=1))
+        print(as_json(result))
     else:
         how = "by its root's listeners" if result["router"]["method"] == "root" else "nearest tree centre"
         print(f"tree {result['tree']}  ({how}; router confidence {result['router']['confidence']:.2f}, "
@@ -126,7 +126,7 @@ def run_train(args) -> int:
     summary = train_bundle(args.zoo, args.out, layers=args.layers, config=config, profile=args.profile,
                            task=args.task, cache_dir=args.cache, routing_layer=args.routing_layer)
     if args.json:
-        print(json.dumps(summary, indent=1, default=str))
+        print(as_json(summary))
     else:
         for tree, row in summary["trees"].items():
             scores = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float))
@@ -152,7 +152,7 @@ def run_eval(args) -> int:
     text = tree.class_text_input() if tree.expert.head_kind == "align" else None
     report = {"tree": tree.name, **evaluate_tree(tree, cache, tree.task, text)}
     if args.json:
-        print(json.dumps(report, indent=1, default=str))
+        print(as_json(report))
     else:
         for key, value in report.items():
             print(f"{key:>24}: {value:.4f}" if isinstance(value, float) else f"{key:>24}: {value}")
@@ -160,10 +160,18 @@ def run_eval(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- output
+def as_json(result) -> str:
+    """Strict JSON: a NaN or Inf is an error here rather than invalid JSON on stdout."""
+    return json.dumps(result, indent=1, default=str, allow_nan=False)
+
+
 def format_prediction(result: dict) -> str:
     router = result["router"]
     lines = [f"tree      {result['tree']}  (router confidence {router['confidence']:.2f})",
-             f"layer     {result['layer']}", "", "concepts"]
+             f"layer     {result['layer']}", ""]
+    if result.get("notice"):
+        return "\n".join([*lines, f"notice    {result['notice']}"])
+    lines.append("concepts")
     lines += format_scores(result["classes"]).splitlines()
     lines += ["", "nearest known models"]
     lines += format_models(result["neighbors"]).splitlines()
@@ -289,7 +297,10 @@ def mount_optional_parsers(verbs) -> None:
 
 
 def positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number ≥ 1, got {text!r}"[:120]) from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
     return value
@@ -317,6 +328,10 @@ def main(argv=None) -> int:
         return 130
     except BrokenPipeError:  # `… | head` closed the pipe: not an error of ours
         return 0
+    except OSError as err:  # a path the user named (--out in a missing or read-only folder, a name too long…)
+        where = f": {err.filename}" if err.filename else ""
+        print(f"error: {err.strerror or type(err).__name__}{where}"[:400], file=sys.stderr)
+        return 2
     except Exception as err:  # noqa: BLE001 — the contract: one line, never a traceback
         detail = " ".join(str(err).split())[:300]
         print(f"error: unexpected {type(err).__name__}: {detail} (please report this)", file=sys.stderr)

@@ -17,6 +17,7 @@ uploads are the app's temp files. Nothing here writes into the bundle, so a requ
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import threading
@@ -30,13 +31,17 @@ import torch
 import torch.nn.functional as F
 
 from probex.errors import InputError, NoExpertError, ProbexError
-from probex.weights import LoraFactors, ModelWeights, describe, read_weights
+from probex.weights import NEGLIGIBLE_UPDATE_NORM, LoraFactors, ModelWeights, describe, negligible, read_weights, short
 
 MAX_UPLOAD_BYTES = int(float(os.environ.get("PROBEX_MAX_UPLOAD_MB", "256")) * 2**20)  # rank-128 SD LoRAs ≈ 150 MB
 FETCH_TIMEOUT_S = float(os.environ.get("PROBEX_FETCH_TIMEOUT_S", "60"))
 MAX_LABELS = 64            # custom zero-shot labels per request
 MAX_TEXT_CHARS = 200       # a label or a search text
 SAMPLE_CACHE_SIZE = 256    # known models' samples are deterministic: drawn once, then served from memory
+MAX_TOP_K = 50             # concepts / neighbours / search results per request
+NEGLIGIBLE_NOTICE = (f"this LoRA changes (almost) nothing: every layer's update scale·B·A has norm below "
+                     f"{NEGLIGIBLE_UPDATE_NORM:g} (all-zero or untrained factors, or alpha 0), so there is no concept "
+                     "to read from its weights")
 
 
 @dataclass
@@ -59,6 +64,7 @@ class Analysis:
     distance: float
     confidence: float
     encoding: torch.Tensor      # (r_T,), unit norm
+    negligible: bool = False    # the LoRA changes (almost) nothing: no concept is claimed for it
 
 
 class Studio:
@@ -148,6 +154,9 @@ class Studio:
             return source
         weights = self.read(source)
         route = self.router().route(weights)
+        if not (math.isfinite(route.distance) and math.isfinite(route.confidence)):
+            raise InputError(f"{weights.source}: its weights are too extreme to compare with any tree (the router's "
+                             "distance overflowed)")
         tree = self.bundle.trees.get(route.tree)
         if tree is None:
             raise NoExpertError(f"{weights.source} routes to tree {route.tree}, which has no expert in this bundle")
@@ -157,8 +166,11 @@ class Studio:
             raise InputError(f"{weights.source}: has no {missing[0]} module, a layer the {route.tree} expert reads "
                              f"({describe(weights)})")
         encoding = self.encode(route.tree, [weights.layers.get(n) for n in names])
+        if not torch.isfinite(encoding).all():
+            raise InputError(f"{weights.source}: the {route.tree} expert's reading of this file is not finite; its "
+                             "weights are too extreme to read")
         return Analysis(weights.source, describe(weights), dict(weights.metadata), route.tree, ", ".join(names),
-                        route.distance, route.confidence, encoding)
+                        route.distance, route.confidence, encoding, negligible(weights))
 
     @torch.no_grad()
     def encode(self, tree: str, layers: list[LoraFactors | torch.Tensor | None]) -> torch.Tensor:
@@ -209,12 +221,15 @@ class Studio:
 
     @torch.no_grad()
     def predict(self, source: str | Path | ModelWeights | Analysis, top_k: int = 5) -> dict:
+        """Tree, concepts and nearest known models. A LoRA that changes nothing gets ``notice`` and no concepts."""
+        top_k = check_top_k(top_k)
         a = self.analyse(source)
-        return {"tree": a.tree, "layer": a.layer,
-                "router": {"distance": a.distance, "confidence": a.confidence},
-                "classes": self.concepts(a, top_k), "score_unit": self.score_unit(a.tree),
-                "neighbors": self.nearest(a.tree, a.encoding, top_k),
-                "file": a.source, "description": a.description, "base_model": self.base_model(a.tree)}
+        return require_finite({
+            "tree": a.tree, "layer": a.layer, "router": {"distance": a.distance, "confidence": a.confidence},
+            "classes": [] if a.negligible else self.concepts(a, top_k), "score_unit": self.score_unit(a.tree),
+            "neighbors": [] if a.negligible else self.nearest(a.tree, a.encoding, top_k),
+            "notice": NEGLIGIBLE_NOTICE if a.negligible else None,
+            "file": a.source, "description": a.description, "base_model": self.base_model(a.tree)})
 
     @torch.no_grad()
     def concepts(self, a: Analysis, top_k: int) -> list[dict]:
@@ -239,6 +254,8 @@ class Studio:
         """Cosine scores over exactly the user's labels, best first (true zero-shot: any text)."""
         labels = clean_labels(labels)
         a = self.analyse(source)
+        if a.negligible:
+            raise InputError(f"{a.source}: {NEGLIGIBLE_NOTICE}")
         return top_scores(labels, self.text_features(a.tree, labels) @ a.encoding, len(labels))
 
     @torch.no_grad()
@@ -246,6 +263,7 @@ class Studio:
         """Known models whose encodings best match the text, over every tree with a text head: each model's cosine
         to the text as a z-score against its cosines with the tree's class captions (Gallery.search_scores)."""
         text = clean_text(text)
+        top_k = check_top_k(top_k)
         found = []
         for name, t in self.bundle.trees.items():
             if t.expert.head_kind != "align":
@@ -256,7 +274,7 @@ class Studio:
         if not found and self.bundle.trees:
             raise ProbexError("no tree in this bundle has a text head; text search needs an aligned expert")
         found.sort(key=lambda m: m["score"], reverse=True)
-        return {"models": found[:top_k]}
+        return require_finite({"models": found[:top_k]})
 
     def nearest(self, tree: str, vector: torch.Tensor, top_k: int) -> list[dict]:
         return self.ranked(tree, self.gallery_similarity(tree, vector), top_k)
@@ -318,11 +336,13 @@ class Studio:
     def model_card(self, source: str | Path | ModelWeights | Analysis, top_k: int = 5) -> str:
         from probex.card import CardFacts, render_card
 
+        top_k = check_top_k(top_k)
         a = self.analyse(source)
         return render_card(CardFacts(
             file_name=a.source, description=a.description, tree=a.tree, base_model=self.base_model(a.tree),
-            layer=a.layer, router_confidence=a.confidence, classes=self.concepts(a, top_k),
-            neighbors=self.nearest(a.tree, a.encoding, top_k), profile=self.profile.name,
+            layer=a.layer, router_confidence=a.confidence, classes=[] if a.negligible else self.concepts(a, top_k),
+            neighbors=[] if a.negligible else self.nearest(a.tree, a.encoding, top_k), profile=self.profile.name,
+            notice=NEGLIGIBLE_NOTICE if a.negligible else None,
             text_encoder=self.text.name, instance_prompt=a.metadata.get("prompt") or a.metadata.get("instance_prompt"),
             metadata=a.metadata, score_unit=self.score_unit(a.tree)))
 
@@ -574,6 +594,26 @@ def top_scores(names: list[str], scores: torch.Tensor, k: int) -> list[dict]:
     return [{"name": names[i], "score": float(scores[i])} for i in order]
 
 
+def check_top_k(value) -> int:
+    """``top_k`` as API clients send it (an int, or a float slider value that is whole), else a one-line refusal."""
+    whole = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value) and value.is_integer())
+    if isinstance(value, bool) or not whole or not 1 <= value <= MAX_TOP_K:
+        raise InputError(f"top_k must be a whole number from 1 to {MAX_TOP_K}; got {short(value)}")
+    return int(value)
+
+
+def require_finite(result):
+    """The answer itself, once every number in it is finite (strict JSON, no NaN on screen); else a refusal."""
+    def walk(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError("the weights are too extreme to read: a score came out as "
+                             f"{value} (the file's values overflow the expert's arithmetic)")
+        for item in value.values() if isinstance(value, dict) else value if isinstance(value, list) else ():
+            walk(item)
+    walk(result)
+    return result
+
+
 def clean_text(text: str) -> str:
     text = " ".join(str(text or "").split())
     if not text:
@@ -618,9 +658,17 @@ def is_remote(ref: str | Path) -> bool:
     folder exists here is a local path, even though it has the shape of ``user/name``."""
     from probex.fetch import HUB_ID
 
-    if not isinstance(ref, str) or Path(ref).exists():
+    if not isinstance(ref, str) or exists(ref):
         return False
     ref = ref.strip()
     if "://" in ref:
         return True
-    return bool(HUB_ID.match(ref)) and not ref.startswith((".", "/")) and not Path(ref.split("/")[0]).exists()
+    return bool(HUB_ID.match(ref)) and not ref.startswith((".", "/")) and not exists(ref.split("/")[0])
+
+
+def exists(path: str | Path) -> bool:
+    """Path.exists that answers False for names the OS refuses to look up (too long, NUL bytes)."""
+    try:
+        return Path(path).exists()
+    except (OSError, ValueError):
+        return False

@@ -115,8 +115,13 @@ def read_weights(path, *, max_bytes: int | None = None) -> ModelWeights:
 
 
 def check_file(path: Path, max_bytes: int | None) -> int:
-    if not path.is_file():
-        raise InputError(f"{path.name}: no such file")
+    try:
+        is_file = path.is_file()
+    except (OSError, ValueError) as err:  # a name too long to look up, a NUL byte
+        reason = getattr(err, "strerror", None) or first_line(err)
+        raise InputError(f"{short(path.name)}: not a usable file name ({reason})") from None
+    if not is_file:
+        raise InputError(f"{short(path.name)}: no such file")
     size = path.stat().st_size
     if size == 0:
         raise InputError(f"{path.name}: the file is empty (0 bytes)")
@@ -126,30 +131,69 @@ def check_file(path: Path, max_bytes: int | None) -> int:
 
 
 def refuse_non_safetensors(path: Path) -> None:
-    """Refuse pickles and archives by their first bytes (a renamed pickle is still a pickle), then by extension."""
+    """Refuse pickles, archives and other formats by their first bytes (a renamed pickle is still a pickle), then by
+    extension."""
     with path.open("rb") as f:
-        head = f.read(9)
+        head = f.read(SNIFF_BYTES)
     # A safetensors length prefix can look like pickle magic (a 1,152-byte header starts 0x80 0x04); a "{" right
     # after a length that fits the file settles it.
     declared = int.from_bytes(head[:8], "little")
-    if not (len(head) == 9 and head[8:] == b"{" and 8 + declared <= path.stat().st_size):
+    if not (len(head) >= 9 and head[8:9] == b"{" and 8 + declared <= path.stat().st_size):
         refuse_by_magic(path.name, head)
     if path.suffix.lower() in PICKLE_EXTENSIONS:
         raise InputError(f"{path.name}: {path.suffix} files are pickles, which ProbeX never opens (unpickling can "
                          "run code); convert it to .safetensors")
 
 
+SNIFF_BYTES = 512
+# first bytes of formats people upload by mistake (a saved error page, a compressed download, a text pickle)
+MAGIC = ((b"GGUF", "a GGUF file"), (b"\x89HDF", "an HDF5 (Keras .h5) file"), (b"\x93NUMPY", "a NumPy .npy file"),
+         (b"\x1f\x8b", "a gzip-compressed file (decompress it first)"), (b"BZh", "a bzip2-compressed file"),
+         (b"\xfd7zXZ\x00", "an xz-compressed file"), (b"7z\xbc\xaf", "a 7-Zip archive"),
+         (b"(\xb5/\xfd", "a zstd-compressed file"), (b"\x7fELF", "an executable (ELF)"), (b"%PDF", "a PDF document"),
+         (b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+         (b"\x08\x01\x12", "an ONNX / protobuf file"))
+# protocol 0–1 pickles are text-like: MARK then a dict/list/tuple, or a GLOBAL opcode "c<module>\n<name>\n"
+TEXT_PICKLE = re.compile(rb"^(?:\((?:dp|lp|tp|I|S'|V|F|N)|c[A-Za-z_][\w.]*\n[A-Za-z_]\w*\n|[}\]]q?\x00?)")
+
+
 def refuse_by_magic(name: str, head: bytes) -> None:
     if len(head) >= 2 and head[0] == 0x80 and 1 <= head[1] <= 5:
         raise InputError(f"{name}: this is a Python pickle (PyTorch .ckpt/.bin/.pt); ProbeX never unpickles "
                          "files because unpickling can run code — convert it to .safetensors")
+    if TEXT_PICKLE.match(head):
+        raise InputError(f"{name}: this is a text (protocol 0) Python pickle; ProbeX never unpickles files because "
+                         "unpickling can run code — convert it to .safetensors")
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         raise InputError(f"{name}: this is a zip archive (a PyTorch .pt/.ckpt checkpoint is a zip of pickles); "
                          "ProbeX only reads .safetensors")
-    for magic, what in ((b"GGUF", "a GGUF file"), (b"\x89HDF", "an HDF5 (Keras .h5) file"),
-                        (b"\x93NUMPY", "a NumPy .npy file")):
+    for magic, what in MAGIC:
         if head.startswith(magic):
             raise InputError(f"{name}: this is {what}; ProbeX only reads .safetensors")
+    if len(head) > 262 and head[257:262] == b"ustar":
+        raise InputError(f"{name}: this is a tar archive; extract the .safetensors file from it first")
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<body")) or b"<html" in text[:200]:
+        raise InputError(f"{name}: this is an HTML page, not a model (a download link that led to a web page?); "
+                         "link the .safetensors file itself")
+    if text.startswith(b"<?xml"):
+        raise InputError(f"{name}: this is an XML document; ProbeX only reads .safetensors")
+    if text[:1] in (b"{", b"[") and len(head) >= 9 and head[8:9] != b"{":
+        raise InputError(f"{name}: this is a JSON text file, not a .safetensors model")
+    if head and is_text(head):
+        raise InputError(f"{name}: this is a text file, not a .safetensors model")
+
+
+def is_text(data: bytes) -> bool:
+    """Printable UTF-8 throughout (a safetensors file starts with an 8-byte length: NUL bytes)."""
+    try:
+        decoded = data.decode("utf-8")
+    except UnicodeDecodeError:
+        try:  # the sniffed block may end inside a multi-byte character
+            decoded = data[:-3].decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+    return all(c.isprintable() or c in "\t\r\n" for c in decoded)
 
 
 def read_safetensors_header(path: Path, size: int) -> tuple[dict[str, dict], dict[str, str]]:
@@ -160,7 +204,7 @@ def read_safetensors_header(path: Path, size: int) -> tuple[dict[str, dict], dic
     with path.open("rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
         if header_len > MAX_HEADER_BYTES:
-            raise InputError(f"{name}: declares a {header_len:,}-byte header (limit {MAX_HEADER_BYTES // 2**20} MB); "
+            raise InputError(f"{name}: declares a {header_len:,}-byte header (limit {human_bytes(MAX_HEADER_BYTES)}); "
                              "not a safetensors file")
         if 8 + header_len > size:
             raise InputError(f"{name}: header length {header_len:,} exceeds the file size {size:,}; truncated "
@@ -282,10 +326,11 @@ def load_float_tensors(path: Path, entries: dict[str, dict]) -> dict[str, torch.
 
 
 def human_bytes(n: int) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+    """Sizes in binary units everywhere (the upload limit is set in MiB): 256 MiB, never "268.4 MB"."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} bytes"
+            return f"{n / size:.1f} {unit}".replace(".0 ", " ")
+    return f"{n:,} B"
 
 
 def short(value, limit: int = 80) -> str:
@@ -409,7 +454,32 @@ def lora_factors(source: str, module: str, roles: dict[str, tuple[str, torch.Ten
         if alpha.numel() != 1:
             raise InputError(f"{where} has an alpha of shape {tuple(alpha.shape)}; expected one number")
         scale = float(alpha.reshape(())) / down.shape[0]
-    return LoraFactors(up.contiguous(), down.contiguous(), scale)
+    factors = LoraFactors(up.contiguous(), down.contiguous(), scale)
+    norm = update_norm(factors)
+    if not norm <= MAX_UPDATE_NORM:  # also catches inf: finite factors and alpha whose product overflows float32
+        raise InputError(f"{where}: its weight update has norm {norm:.3g}, beyond anything trained (limit "
+                         f"{MAX_UPDATE_NORM:.0e}); the values or alpha are corrupt or crafted")
+    return factors
+
+
+# Frobenius norms of a LoRA's update scale·B·A. Trained LoRAs sit near 1e-3…1e2; beyond MAX the arithmetic of any
+# reader overflows float32, below NEGLIGIBLE the file changes nothing a reader could see.
+MAX_UPDATE_NORM = 1e8
+NEGLIGIBLE_UPDATE_NORM = 1e-6
+
+
+def update_norm(f: LoraFactors) -> float:
+    """‖scale · up @ down‖_F in float64 from the r×r Gram matrices, without forming the d_out × d_in update."""
+    up, down = f.up.double(), f.down.double()
+    gram = ((up.T @ up) * (down @ down.T)).sum().clamp_min(0).sqrt()
+    return abs(f.scale) * float(gram)
+
+
+def negligible(weights: "ModelWeights") -> bool:
+    """A LoRA whose every update is (almost) zero: all-zero or untrained (B = 0) factors, alpha 0, denormals."""
+    layers = [*weights.layers.values(), *weights.text_encoder.values()]
+    return weights.kind == "lora" and all(update_norm(f) < NEGLIGIBLE_UPDATE_NORM for f in layers
+                                          if isinstance(f, LoraFactors))
 
 
 def full_checkpoint_layers(source: str, tensors: dict[str, torch.Tensor]):

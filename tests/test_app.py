@@ -206,3 +206,39 @@ def test_a_link_is_fetched_identified_and_deleted_afterwards(app_module, built, 
     app_module.FILES.grace_s = 0
     app_module.FILES.sweep()
     assert not (tmp_path / "fetched").exists() and not card.exists()
+
+
+@pytest.mark.parametrize("top_k", [0, -1, -1000, True, 51, 1.5, "abc", None, [1]])
+def test_api_arguments_are_checked_with_a_message(client, built, top_k):
+    from gradio_client import handle_file
+
+    path = str(zoo_file(built["zoos"]["tree-b"], "test", "lion"))
+    for call in (lambda: client.predict(handle_file(path), top_k, api_name="/predict"),
+                 lambda: client.predict("tiger", top_k, api_name="/search")):
+        with pytest.raises(Exception) as err:
+            call()
+        assert "top_k must be a whole number from 1 to 50" in str(err.value), str(err.value)
+
+
+def test_predict_link_is_a_named_endpoint_with_the_same_checks(client, app):
+    assert "/predict_link" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    for link, fragment in (("", "paste a Hub repo id"), ("not a link at all", "neither an https:// link"),
+                           ("x" * 3000, "at most 2,048"), ("http://127.0.0.1/lora.safetensors", "https"),
+                           ("someone/some-lora", "")):
+        with pytest.raises(Exception) as err:
+            client.predict(link, 5, api_name="/predict_link")
+        message = str(err.value)
+        assert fragment in message and "unexpected" not in message, (link[:40], message)
+    with pytest.raises(Exception, match="top_k"):
+        client.predict("someone/some-lora", 0, api_name="/predict_link")
+    assert app.process.poll() is None
+
+
+@pytest.mark.parametrize("file", [{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}},
+                                  {"path": "", "meta": {"_type": "gradio.FileData"}},
+                                  {"meta": {"_type": "gradio.FileData"}}])
+def test_crafted_file_arguments_get_a_message_and_delete_nothing(client, app, file):
+    with pytest.raises(Exception) as err:
+        client.predict(file, 5, api_name="/predict")
+    assert str(err.value).strip(), "an error with no message"
+    assert Path("/etc/passwd").exists() and app.process.poll() is None

@@ -166,8 +166,8 @@ def test_redirects_are_followed_by_hand(server, dns):
     ("/redirect-private", "resolves to 10.0.0.7, a private address", {}),
     ("/loop", "more than 5 redirects", {}),
     ("/missing", "answered HTTP 404", {}),
-    ("/lora.safetensors", "10.2 kB, over the 1.0 kB limit", {"max_bytes": 1000}),  # Content-Length says so
-    ("/no-length.safetensors", "passed the 1.0 kB limit", {"max_bytes": 1000}),  # counted while streaming
+    ("/lora.safetensors", "10 KiB, over the 1,000 B limit", {"max_bytes": 1000}),  # Content-Length says so
+    ("/no-length.safetensors", "passed the 1,000 B limit", {"max_bytes": 1000}),  # counted while streaming
     ("/slow", "timed out after 0.5 s", {"timeout": 0.5}),
     ("/drip", "took longer than 1 s", {"timeout": 1}),
 ])
@@ -213,7 +213,7 @@ def test_hub_file_download_and_size_cap(monkeypatch, temp_dirs):
         assert f.path.stat().st_size == 500 and f.path.is_relative_to(f.directory)
     assert not f.directory.exists()
     fake_hub(monkeypatch, size=5000)
-    refused("someone/some-lora/pytorch_lora_weights.safetensors", "5.0 kB, over the 1.0 kB limit", max_bytes=1000)
+    refused("someone/some-lora/pytorch_lora_weights.safetensors", "4.9 KiB, over the 1,000 B limit", max_bytes=1000)
     assert not any(d.exists() for d in temp_dirs)
 
 
