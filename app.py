@@ -8,6 +8,8 @@ the downloaded link) and the generated card file are deleted. Shipped examples a
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import logging
 import os
@@ -79,7 +81,26 @@ def answers(fn):
         except Exception as err:  # noqa: BLE001 — the contract: one line to the client
             LOG.exception("request failed")
             raise gr.Error(f"unexpected {type(err).__name__}: {first_line(err)} (please report this)") from None
+        finally:
+            give_back_memory()
     return wrapper
+
+
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+MALLOC_TRIM = _malloc_trim()
+
+
+def give_back_memory() -> None:
+    """Return freed heap pages to the OS after a request: concurrent requests leave glibc's heaps fragmented, and a
+    long-running Space's resident memory otherwise creeps up (bench/load.py prints it per round)."""
+    if MALLOC_TRIM is not None:
+        MALLOC_TRIM(0)
 
 
 # ----------------------------------------------------------------------------------------------- identify

@@ -25,12 +25,16 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process from /proc (Linux), in MB."""
+def proc_status(pid: int, field: str) -> int:
+    """A number from /proc/PID/status (Linux): VmRSS in kB, Threads…"""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} for pid {pid}")
+
+
+def rss_mb(pid: int) -> float:
+    return proc_status(pid, "VmRSS") / 1024
 
 
 MIX = ("predict", "predict", "search", "predict", "predict", "link", "predict", "search", "predict", "broken")
@@ -116,7 +120,7 @@ def main() -> None:
             started = rss_mb(pid)
             for _ in range(args.rounds):
                 rounds.append({**run_load(app.url, files, broken, args.clients, args.requests, args.max_seconds),
-                               "rss_mb": rss_mb(pid)})
+                               "rss_mb": rss_mb(pid), "threads": proc_status(pid, "Threads")})
             alive = app.process.poll() is None
             time.sleep(80)  # one grace time, one sweep interval (15 s) and a margin
             left = sorted(p.suffix or p.name for p in app.temp_dir.rglob("*") if p.is_file())
@@ -126,7 +130,7 @@ def main() -> None:
     for n, r in enumerate(rounds, 1):
         print(f"round {n}: answered {r['answered']}/{r['sent']} in {r['seconds']:.1f} s: ok {r['ok']}, refused as "
               f"expected {r['refused_as_expected']}, unexpected {r['unexpected']}; p50 {r['p50_ms']:.0f} ms, "
-              f"p95 {r['p95_ms']:.0f} ms; RSS {r['rss_mb']:.0f} MB")
+              f"p95 {r['p95_ms']:.0f} ms; RSS {r['rss_mb']:.0f} MB, {r['threads']} threads")
         for line in r["errors"]:
             print(f"  e.g. {line}")
     growth = rounds[-1]["rss_mb"] - rounds[0]["rss_mb"]
