@@ -1,5 +1,6 @@
 """Build the Mini Model Jungle, resumably.
 
+    python -m probex.jungle judge [--steps N | --eval]
     python -m probex.jungle root --name emoji-root-1 --seed 0 [--minutes M] [--steps N]
     python -m probex.jungle build pilot|emoji-mini [--zoo zoo] [--roots emoji-root-1] [--shard 0/2]
     python -m probex.jungle ship pilot [--roots emoji-root-1] [--out checkpoints/emoji-mini]
@@ -33,6 +34,10 @@ def main(argv=None):
     root.add_argument("--widths", default="64,128",
                       help="UNet block widths. (32,64) trains 2x faster but its first conv squeezes each 48-channel "
                            "4x4-pixel patch into 32 channels, and its samples keep per-pixel noise (measured)")
+    judge = sub.add_parser("judge", help="train the image judge on the atlas and print its held-out accuracy")
+    judge.add_argument("--steps", type=int, default=3000)
+    judge.add_argument("--threads", type=int, default=1)
+    judge.add_argument("--eval", action="store_true", help="only print the committed judge's held-out accuracy")
     build = sub.add_parser("build", help="train a preset's LoRA population (resumable)")
     build.add_argument("preset", choices=sorted(PRESETS))
     build.add_argument("--zoo", default="zoo")
@@ -50,7 +55,11 @@ def main(argv=None):
     ship.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.cmd == "root":
+    if args.cmd == "judge":
+        from .judge import evaluate_judge, load_judge, train_judge
+
+        print(json.dumps(evaluate_judge(load_judge()) if args.eval else train_judge(steps=args.steps)))
+    elif args.cmd == "root":
         out = Path(args.out) if args.out else ROOTS_DIR / args.name
         if (out / "recipe.json").exists():
             recipe = RootRecipe.load(out / "recipe.json")

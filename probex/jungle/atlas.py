@@ -72,7 +72,7 @@ def _render(font, char: str) -> np.ndarray:
 
 
 def build_atlas(out_dir: Path = ATLAS_DIR) -> dict:
-    """Render every kept emoji; write ``atlas.npy`` (N,32,32,4 uint8), ``classes.json`` and a preview sheet."""
+    """Render every kept emoji; write ``atlas.npy`` (N,32,32,4 uint8), and ``classes.json``."""
     from PIL import Image, ImageFont
 
     font = ImageFont.truetype(str(FONT), FONT_SIZE)
@@ -99,10 +99,6 @@ def build_atlas(out_dir: Path = ATLAS_DIR) -> dict:
         "classes": classes,
     }
     (out_dir / "classes.json").write_text(json.dumps(info, indent=1))
-    sheet = atlas[: 32 * 24].reshape(-1, 32, SIZE, SIZE, 4) if len(atlas) >= 32 * 24 else None
-    if sheet is not None:
-        grid = sheet.transpose(0, 2, 1, 3, 4).reshape(sheet.shape[0] * SIZE, 32 * SIZE, 4)
-        Image.fromarray(grid).save(out_dir / "preview.png")
     return info
 
 
