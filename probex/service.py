@@ -38,6 +38,12 @@ FETCH_TIMEOUT_S = float(os.environ.get("PROBEX_FETCH_TIMEOUT_S", "60"))
 MAX_LABELS = 64            # custom zero-shot labels per request
 MAX_TEXT_CHARS = 200       # a label or a search text
 SAMPLE_CACHE_SIZE = 256    # known models' samples are deterministic: drawn once, then served from memory
+# A search text is read as vocabulary classes whose names are this close to it (all-MiniLM-L6-v2 cosine: unrelated
+# phrases mostly sit below 0.3, a paraphrase or a kind of the same thing above 0.45), at most TOP of them
+VOCAB_MATCH_MIN = {"all-MiniLM-L6-v2": 0.45}  # per text encoder; others search every text as typed
+VOCAB_MATCH_TOP = 3
+VOCAB_TEMPERATURE = 0.05
+CLASS_MATCH_BOOST = 100.0  # ranks a read-as class's models above every weights-only match (z-scores are ≪ 100)
 MAX_TOP_K = 50             # concepts / neighbours / search results per request
 NEGLIGIBLE_NOTICE = (f"this LoRA changes (almost) nothing: every layer's update scale·B·A has norm below "
                      f"{NEGLIGIBLE_UPDATE_NORM:g} (all-zero or untrained factors, or alpha 0), so there is no concept "
@@ -80,6 +86,7 @@ class Studio:
         self._pipeline_locks: dict[str, threading.Lock] = {name: threading.Lock() for name in bundle.trees}
         self._pipelines_lock = threading.Lock()
         self._sample_cache: OrderedDict[tuple, list] = OrderedDict()
+        self._vocab_embeddings: dict[str, torch.Tensor] = {}  # tree → MiniLM embeddings of its class names
         if warm:  # the app: text encoder and class texts ready before the first request, not during it
             _ = self.text
             for name in bundle.trees:
@@ -261,28 +268,64 @@ class Studio:
     @torch.no_grad()
     def search(self, text: str, top_k: int = 5) -> dict:
         """Known models whose encodings best match the text, over every tree with a text head: each model's cosine
-        to the text as a z-score against its cosines with the tree's class captions (Gallery.search_scores)."""
+        to the query as a z-score against its cosines with the tree's class captions (Gallery.search_scores).
+
+        The query is first read against the tree's vocabulary, text to text (``query_features``): a description of
+        a known class is searched as that class's caption, which the weight-side reading understands; a text unlike
+        every class is searched as typed. ``read_as`` says which happened (the best-matching tree's reading)."""
         text = clean_text(text)
         top_k = check_top_k(top_k)
-        found = []
+        found, readings = [], []
         for name, t in self.bundle.trees.items():
             if t.expert.head_kind != "align":
                 continue
-            query = self.text_features(name, [text])
+            query, read_as = self.query_features(name, text)
             scores = t.gallery.search_scores(query, self.class_text(name).search_calibration)[0]
-            found += self.ranked(name, scores, top_k)
+            # models of the classes the text was read as come first (known models' classes are known), each group
+            # ordered by its weights' reading of the query
+            weight = {r["class"]: r["weight"] for r in read_as}
+            boost = torch.tensor([CLASS_MATCH_BOOST * weight.get(class_text(c), 0.0) for c in t.gallery.classes])
+            ranked = self.ranked(name, scores, top_k, order_by=scores + boost)
+            for m in ranked:
+                m["found_by"] = "class" if m["class"] in weight else "weights"
+            found += [{**m, "rank": m["score"] + CLASS_MATCH_BOOST * weight.get(m["class"], 0.0)} for m in ranked]
+            readings.append(read_as)
         if not found and self.bundle.trees:
             raise ProbexError("no tree in this bundle has a text head; text search needs an aligned expert")
-        found.sort(key=lambda m: m["score"], reverse=True)
-        return require_finite({"models": found[:top_k]})
+        found.sort(key=lambda m: m.pop("rank"), reverse=True)
+        best = max(readings, key=lambda r: r[0]["similarity"] if r else -1.0, default=[])
+        return require_finite({"models": found[:top_k], "read_as": best})
+
+    @torch.no_grad()
+    def query_features(self, tree: str, text: str) -> tuple[torch.Tensor, list[dict]]:
+        """(1, r_T) weight-side features of a search text, and the vocabulary classes it was read as (empty: as typed).
+
+        Classes whose names are within VOCAB_MATCH_MIN (MiniLM cosine, text to text) of the query stand in for it,
+        weighted by a softmax of their similarities; with none that close, the query's own features are used."""
+        names = self.bundle.trees[tree].gallery.classes_vocabulary
+        threshold = VOCAB_MATCH_MIN.get(self.text.name)
+        if threshold is None:
+            return self.text_features(tree, [text]), []
+        if tree not in self._vocab_embeddings:
+            self._vocab_embeddings[tree] = self.text.embed(names)
+        similarity = self._vocab_embeddings[tree] @ self.text.embed([text])[0]
+        close = torch.nonzero(similarity >= threshold).flatten()
+        close = close[torch.argsort(similarity[close], descending=True)][:VOCAB_MATCH_TOP]
+        if len(close) == 0:
+            return self.text_features(tree, [text]), []
+        weights = torch.softmax(similarity[close] / VOCAB_TEMPERATURE, 0)
+        features = self.text_features(tree, [names[i] for i in close.tolist()])
+        read_as = [{"class": names[i], "similarity": float(similarity[i]), "weight": float(w)}
+                   for i, w in zip(close.tolist(), weights)]
+        return F.normalize(weights @ features, dim=-1)[None], read_as
 
     def nearest(self, tree: str, vector: torch.Tensor, top_k: int) -> list[dict]:
         return self.ranked(tree, self.gallery_similarity(tree, vector), top_k)
 
-    def ranked(self, tree: str, scores: torch.Tensor, top_k: int) -> list[dict]:
-        """The tree's top_k gallery models by ``scores`` (one per model), best first."""
+    def ranked(self, tree: str, scores: torch.Tensor, top_k: int, order_by: torch.Tensor | None = None) -> list[dict]:
+        """The tree's top_k gallery models by ``scores`` (one per model; or by ``order_by``), best first."""
         g = self.bundle.trees[tree].gallery
-        order = torch.argsort(scores, descending=True)[:top_k].tolist()
+        order = torch.argsort(scores if order_by is None else order_by, descending=True)[:top_k].tolist()
         return [{"id": g.ids[i], "class": class_text(g.classes[i]), "split": g.splits[i], "score": float(scores[i]),
                  "tree": tree} for i in order]
 
@@ -307,7 +350,7 @@ class Studio:
             focus = a.encoding
             labelled = [c["name"] for c in self.concepts(a, 5)]
         if query:
-            q = self.text_features(tree, [clean_text(query)])[0]
+            q = self.query_features(tree, clean_text(query))[0][0]
             marks.append(self.mark(tree, q, f"“{query.strip()}”", "query"))
             focus = q if focus is None else focus
         scores = self.gallery_similarity(tree, focus).tolist() if focus is not None else None

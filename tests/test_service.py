@@ -171,6 +171,20 @@ def test_search_finds_models_of_the_class(studio, cls):
     assert [m["score"] for m in models] == sorted((m["score"] for m in models), reverse=True)
 
 
+@pytest.mark.parametrize("text, cls", [("a night bird that hoots", "owl"), ("a yellow fruit monkeys eat", "banana"),
+                                       ("a slow garden creature with a shell", "snail")])
+def test_a_description_is_read_as_its_class_and_finds_its_models(studio, text, cls):
+    result = studio.search(text, top_k=3)
+    assert result["read_as"][0]["class"] == cls
+    assert [m["class"] for m in result["models"]] == [cls] * 3 and {m["found_by"] for m in result["models"]} == {"class"}
+
+
+def test_a_text_unlike_every_class_is_searched_by_the_weights_alone(studio):
+    result = studio.search("the tax code of a small country", top_k=4)
+    assert result["read_as"] == [] and {m["found_by"] for m in result["models"]} == {"weights"}
+    assert [m["score"] for m in result["models"]] == sorted((m["score"] for m in result["models"]), reverse=True)
+
+
 @pytest.mark.parametrize("text", ["", "   ", "x" * 1000])
 def test_search_refuses_empty_or_huge_text(studio, text):
     with pytest.raises(InputError):
