@@ -215,7 +215,15 @@ def run_search(text: str, top_k: int, request: Request | None):
     result = studio.search(text, top_k=check_top_k(top_k))
     figure = studio.map_figure(request.analysis if request else None, query=text,
                                tree=result["models"][0]["tree"] if result["models"] else None)
-    return model_rows(result["models"], True), figure, result["models"]
+    return model_rows(result["models"], True), figure, result["models"], reading_markdown(result["read_as"])
+
+
+def reading_markdown(read_as: list[dict]) -> str:
+    """Which search ran: the text read as known classes (text to text), or by the weights alone."""
+    if not read_as:
+        return "No known class is close to this text: the models below are found by their weights alone."
+    classes = ", ".join(f"**{r['class']}** ({r['similarity']:.2f})" for r in read_as)
+    return f"Read as {classes}: models of {'this class' if len(read_as) == 1 else 'these classes'} first."
 
 
 @answers
@@ -394,8 +402,11 @@ def build_demo() -> gr.Blocks:
                                        placeholder="a striped wild cat", elem_id="query")
                     search_k = gr.Slider(1, 20, value=5, step=1, label="results", scale=1)
                     search_btn = gr.Button("Search", variant="primary", scale=1)
-                gr.Markdown("Score: how much more a model matches your text than it usually matches the tree's class "
-                            "names (z). The query is also placed on the **Map** tab.")
+                gr.Markdown("Your text is first compared with the known class names; models of the classes it "
+                            "reads as come first, each ordered by how well its weights match. Score: how much more a "
+                            "model matches than it usually matches the tree's class names (z). The query is also "
+                            "placed on the **Map** tab.")
+                search_reading = gr.Markdown(elem_id="search-reading")
                 search_gallery = gr.Gallery(label="best matches, drawn live", columns=6, height=220, format="png",
                                             object_fit="contain", fit_columns=False, elem_classes=["pixel"],
                                             elem_id="search-gallery")
@@ -431,7 +442,7 @@ def build_demo() -> gr.Blocks:
         gr.on([labels_btn.click, labels.submit], custom_labels, [request, labels], label_plot,
               api_visibility="private")
         gr.on([search_btn.click, query.submit], run_search, [query, search_k, request],
-              [search_table, weight_map, search_models], api_visibility="private") \
+              [search_table, weight_map, search_models, search_reading], api_visibility="private") \
             .success(draw_search_samples, search_models, search_gallery, api_visibility="private")
         gr.on([map_btn.click, map_query.submit], show_map, [map_query, request], weight_map,
               api_visibility="private")
