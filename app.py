@@ -8,9 +8,11 @@ the downloaded link) and the generated card file are deleted. Shipped examples a
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
+import inspect
 import logging
 import os
 import tempfile
@@ -69,21 +71,35 @@ def user_error(err: ProbexError) -> gr.Error:
 
 def answers(fn):
     """Every handler's one error path: the user's mistakes come back as their one line, anything else as one line
-    naming the failure (logged with its traceback here), never as Gradio's message-less "Error"."""
+    naming the failure (logged with its traceback here), never as Gradio's message-less "Error". Streaming handlers
+    (generators) get the same around every step."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def streaming(*args, **kwargs):
+            with one_line_errors():
+                yield from fn(*args, **kwargs)
+        return streaming
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        try:
+        with one_line_errors():
             return fn(*args, **kwargs)
-        except ProbexError as err:
-            raise user_error(err) from None
-        except gr.Error:
-            raise
-        except Exception as err:  # noqa: BLE001 — the contract: one line to the client
-            LOG.exception("request failed")
-            raise gr.Error(f"unexpected {type(err).__name__}: {first_line(err)} (please report this)") from None
-        finally:
-            give_back_memory()
     return wrapper
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    try:
+        yield
+    except ProbexError as err:
+        raise user_error(err) from None
+    except gr.Error:
+        raise
+    except Exception as err:  # noqa: BLE001 — the contract: one line to the client
+        LOG.exception("request failed")
+        raise gr.Error(f"unexpected {type(err).__name__}: {first_line(err)} (please report this)") from None
+    finally:
+        give_back_memory()
 
 
 def _malloc_trim():
@@ -170,26 +186,32 @@ def identify_example(index: int, top_k: int):
 @answers
 @on_gpu
 def draw_samples(request: Request | None, progress=gr.Progress()):
-    """Images of the uploaded LoRA and of its nearest known models, drawn live by the tree's root pipeline."""
+    """Images of the uploaded LoRA and of its nearest known models, drawn live by the tree's root pipeline and shown
+    as they come: the LoRA's own first, then each neighbour. A neighbour whose file does not ship is drawn from a
+    shipped model of its class, and its caption says so."""
     if request is None or request.analysis is None:
-        return gr.skip(), gr.skip()
+        yield gr.skip(), gr.skip()
+        return
     studio = need_studio()
     steps = 1 + len(request.neighbours)
     progress(0, desc="Loading the tree's image generator…")
-    own = []
+    own, neighbours = [], []
     try:
         if request.lora and Path(request.lora).exists():
             progress(0.05, desc="Drawing your LoRA…")
             own = [(im, f"seed {i}") for i, im in enumerate(studio.samples(request.lora, n=UPLOAD_SAMPLES))]
-        neighbours = []
+            yield own, list(neighbours)
         for i, n in enumerate(request.neighbours, start=1):
             progress(i / steps, desc=f"Drawing neighbour {i}/{len(request.neighbours)}: {n['class']}")
             image = studio.samples(n["id"], n=1, tree=n["tree"])[0]
-            neighbours.append((image, f"{n['class']} {n['score']:.2f}"))
+            stand_in = studio.sample_source(n["tree"], n["id"]) != n["id"]
+            neighbours.append((image, f"{n['class']} {n['score']:.2f}" + (" · drawn by a stand-in of its class"
+                                                                          if stand_in else "")))
+            yield own, list(neighbours)
     except ProbexError as err:
         raise gr.Error(f"Samples could not be drawn: {err}", duration=12) from None
-    return own, neighbours
-
+    if not own and not neighbours:
+        yield own, neighbours
 
 
 def forget_upload(request: Request | None):

@@ -198,8 +198,10 @@ def test_a_link_is_fetched_identified_and_deleted_afterwards(app_module, built, 
     outputs = app_module.identify_link("someone/rocket-lora", 5)
     summary, request = outputs[0], outputs[6]
     assert "rocket" in summary and "tree-b" in summary
-    own, neighbours = app_module.draw_samples(request, progress=lambda *a, **k: None)
-    assert len(own) == app_module.UPLOAD_SAMPLES and neighbours
+    steps = list(app_module.draw_samples(request, progress=lambda *a, **k: None))
+    assert len(steps[0][0]) == app_module.UPLOAD_SAMPLES and steps[0][1] == []  # the LoRA's own samples come first
+    own, neighbours = steps[-1]
+    assert len(own) == app_module.UPLOAD_SAMPLES and len(neighbours) == len(steps) - 1
     card = Path(outputs[4])
     assert card.read_text().startswith("---")
     app_module.forget_upload(request)
