@@ -306,6 +306,10 @@ def summary_markdown(result: dict) -> str:
     sure = "sure" if confidence >= 0.5 else ("fairly sure" if confidence >= 0.2 else "unsure")
     headline = (f"### No concept: {result['notice'][:1].upper()}{result['notice'][1:]}.\n" if result.get("notice")
                 else f"### Most likely concept: **{top['name']}**\n")
+    known = result.get("known_as")
+    if known:
+        headline += (f"This file is known model `{known['id']}` ({known['class']}, {known['split']} split) of the "
+                     f"gallery (read at cosine {known['score']:.4f}): its first neighbour below is itself.  \n")
     return (headline +
             f"Tree **{result['tree']}** (base model `{result['base_model']}`), the router is {sure} "
             f"(confidence {confidence:.2f}).  \n"

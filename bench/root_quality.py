@@ -159,6 +159,9 @@ def main() -> None:
     parser.add_argument("--readme-grid", help="also write the v2 root A grid here (PNG)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoder": expected, once per LoRA
     quick = args.quick
     out = Path(args.out) / ("quick" if quick else "full")
     out.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,7 @@ VOCAB_MATCH_MIN = {"all-MiniLM-L6-v2": 0.45}  # per text encoder; others search 
 VOCAB_MATCH_TOP = 3
 VOCAB_TEMPERATURE = 0.05
 CLASS_MATCH_BOOST = 100.0  # ranks a read-as class's models above every weights-only match (z-scores are ≪ 100)
+SAME_FILE_COSINE = 0.999  # an upload read this close to a gallery model is that model (distinct LoRAs: ≤ 0.75)
 MAX_TOP_K = 50             # concepts / neighbours / search results per request
 NEGLIGIBLE_NOTICE = (f"this LoRA changes (almost) nothing: every layer's update scale·B·A has norm below "
                      f"{NEGLIGIBLE_UPDATE_NORM:g} (all-zero or untrained factors, or alpha 0), so there is no concept "
@@ -86,7 +87,7 @@ class Studio:
         self._pipeline_locks: dict[str, threading.Lock] = {name: threading.Lock() for name in bundle.trees}
         self._pipelines_lock = threading.Lock()
         self._sample_cache: OrderedDict[tuple, list] = OrderedDict()
-        self._vocab_embeddings: dict[str, torch.Tensor] = {}  # tree → MiniLM embeddings of its class names
+        self._vocabulary: tuple[list[str], torch.Tensor] | None = None  # every text tree's class names, embedded
         if warm:  # the app: text encoder and class texts ready before the first request, not during it
             _ = self.text
             for name in bundle.trees:
@@ -235,7 +236,7 @@ class Studio:
             "tree": a.tree, "layer": a.layer, "router": {"distance": a.distance, "confidence": a.confidence},
             "classes": [] if a.negligible else self.concepts(a, top_k), "score_unit": self.score_unit(a.tree),
             "neighbors": [] if a.negligible else self.nearest(a.tree, a.encoding, top_k),
-            "notice": NEGLIGIBLE_NOTICE if a.negligible else None,
+            "notice": NEGLIGIBLE_NOTICE if a.negligible else None, "known_as": self.known_as(a),
             "file": a.source, "description": a.description, "base_model": self.base_model(a.tree)})
 
     @torch.no_grad()
@@ -270,16 +271,16 @@ class Studio:
         """Known models whose encodings best match the text, over every tree with a text head: each model's cosine
         to the query as a z-score against its cosines with the tree's class captions (Gallery.search_scores).
 
-        The query is first read against the tree's vocabulary, text to text (``query_features``): a description of
-        a known class is searched as that class's caption, which the weight-side reading understands; a text unlike
-        every class is searched as typed. ``read_as`` says which happened (the best-matching tree's reading)."""
+        The query is first read against the vocabulary, text to text (``read_query``): a description of a known class
+        is searched as that class's caption, which the weight-side reading understands, and that class's models come
+        first; a text unlike every class is searched as typed. ``read_as`` says which happened."""
         text = clean_text(text)
         top_k = check_top_k(top_k)
-        found, readings = [], []
+        found, read_as = [], self.read_query(text)
         for name, t in self.bundle.trees.items():
             if t.expert.head_kind != "align":
                 continue
-            query, read_as = self.query_features(name, text)
+            query = self.query_features(name, text, read_as)
             scores = t.gallery.search_scores(query, self.class_text(name).search_calibration)[0]
             # models of the classes the text was read as come first (known models' classes are known), each group
             # ordered by its weights' reading of the query
@@ -289,35 +290,47 @@ class Studio:
             for m in ranked:
                 m["found_by"] = "class" if m["class"] in weight else "weights"
             found += [{**m, "rank": m["score"] + CLASS_MATCH_BOOST * weight.get(m["class"], 0.0)} for m in ranked]
-            readings.append(read_as)
         if not found and self.bundle.trees:
             raise ProbexError("no tree in this bundle has a text head; text search needs an aligned expert")
         found.sort(key=lambda m: m.pop("rank"), reverse=True)
-        best = max(readings, key=lambda r: r[0]["similarity"] if r else -1.0, default=[])
-        return require_finite({"models": found[:top_k], "read_as": best})
+        return require_finite({"models": found[:top_k], "read_as": read_as})
 
     @torch.no_grad()
-    def query_features(self, tree: str, text: str) -> tuple[torch.Tensor, list[dict]]:
-        """(1, r_T) weight-side features of a search text, and the vocabulary classes it was read as (empty: as typed).
-
-        Classes whose names are within VOCAB_MATCH_MIN (MiniLM cosine, text to text) of the query stand in for it,
-        weighted by a softmax of their similarities; with none that close, the query's own features are used."""
-        names = self.bundle.trees[tree].gallery.classes_vocabulary
+    def read_query(self, text: str) -> list[dict]:
+        """The vocabulary classes (over every tree with a text head) a search text reads as, text to text: those whose
+        names are within VOCAB_MATCH_MIN (MiniLM cosine) of it, best first, at most VOCAB_MATCH_TOP, with softmax
+        weights of their similarities. Empty: no class is that close (or the text encoder has no threshold here)."""
         threshold = VOCAB_MATCH_MIN.get(self.text.name)
         if threshold is None:
-            return self.text_features(tree, [text]), []
-        if tree not in self._vocab_embeddings:
-            self._vocab_embeddings[tree] = self.text.embed(names)
-        similarity = self._vocab_embeddings[tree] @ self.text.embed([text])[0]
+            return []
+        if self._vocabulary is None:
+            names = sorted({c for t in self.bundle.trees.values() if t.expert.head_kind == "align"
+                            for c in t.gallery.classes_vocabulary})
+            self._vocabulary = (names, self.text.embed(names) if names else torch.zeros(0, self.text.dim))
+        names, embeddings = self._vocabulary
+        similarity = embeddings @ self.text.embed([text])[0]
         close = torch.nonzero(similarity >= threshold).flatten()
         close = close[torch.argsort(similarity[close], descending=True)][:VOCAB_MATCH_TOP]
-        if len(close) == 0:
-            return self.text_features(tree, [text]), []
         weights = torch.softmax(similarity[close] / VOCAB_TEMPERATURE, 0)
-        features = self.text_features(tree, [names[i] for i in close.tolist()])
-        read_as = [{"class": names[i], "similarity": float(similarity[i]), "weight": float(w)}
-                   for i, w in zip(close.tolist(), weights)]
-        return F.normalize(weights @ features, dim=-1)[None], read_as
+        return [{"class": names[i], "similarity": float(similarity[i]), "weight": float(w)}
+                for i, w in zip(close.tolist(), weights)]
+
+    @torch.no_grad()
+    def query_features(self, tree: str, text: str, read_as: list[dict]) -> torch.Tensor:
+        """(1, r_T) weight-side features of a search text: the weighted captions of the classes it reads as, else
+        the text's own."""
+        if not read_as:
+            return self.text_features(tree, [text])
+        features = self.text_features(tree, [r["class"] for r in read_as])
+        return F.normalize(torch.tensor([r["weight"] for r in read_as]) @ features, dim=-1)[None]
+
+    def known_as(self, a: Analysis) -> dict | None:
+        """The gallery model this file is (read within SAME_FILE_COSINE of it: the same file, up to the gallery's fp16
+        storage), else None. Its first neighbour is then itself, which says nothing about a file the gallery lacks."""
+        if a.negligible:
+            return None
+        best = self.nearest(a.tree, a.encoding, 1)
+        return best[0] if best and best[0]["score"] >= SAME_FILE_COSINE else None
 
     def nearest(self, tree: str, vector: torch.Tensor, top_k: int) -> list[dict]:
         return self.ranked(tree, self.gallery_similarity(tree, vector), top_k)
@@ -350,7 +363,7 @@ class Studio:
             focus = a.encoding
             labelled = [c["name"] for c in self.concepts(a, 5)]
         if query:
-            q = self.query_features(tree, clean_text(query))[0][0]
+            q = self.query_features(tree, clean_text(query), self.read_query(clean_text(query)))[0]
             marks.append(self.mark(tree, q, f"“{query.strip()}”", "query"))
             focus = q if focus is None else focus
         scores = self.gallery_similarity(tree, focus).tolist() if focus is not None else None
