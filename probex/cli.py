@@ -65,7 +65,12 @@ def run_zero_shot(args) -> int:
 
 def run_search(args) -> int:
     result = open_studio(args).search(args.text, top_k=args.top_k)
-    print(as_json(result) if args.json else format_models(result["models"]))
+    if args.json:
+        print(as_json(result))
+    else:
+        read = ", ".join(f"{r['class']} ({r['similarity']:.2f})" for r in result["read_as"])
+        print(f"read as   {read}" if read else "read as   no known class: found by the weights alone")
+        print(format_models(result["models"]))
     return 0
 
 

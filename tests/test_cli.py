@@ -60,9 +60,9 @@ def test_search_json_shape(built, capsys):
     code, out, err = call(capsys, "search", "tiger", "--bundle", str(built["bundle"]), "--top-k", "4", "--json")
     assert code == 0, err
     result = json.loads(out)
-    assert list(result) == ["models"] and len(result["models"]) == 4
-    assert all({"id", "class", "score"} <= set(m) for m in result["models"])
-    assert result["models"][0]["class"] == "tiger"
+    assert list(result) == ["models", "read_as"] and len(result["models"]) == 4
+    assert all({"id", "class", "score", "found_by"} <= set(m) for m in result["models"])
+    assert result["models"][0]["class"] == "tiger" and result["read_as"][0]["class"] == "tiger"
 
 
 def test_route_and_zero_shot_json(built, capsys):
