@@ -204,14 +204,17 @@ def draw_samples(request: Request | None, progress=gr.Progress()):
         for i, n in enumerate(request.neighbours, start=1):
             progress(i / steps, desc=f"Drawing neighbour {i}/{len(request.neighbours)}: {n['class']}")
             image = studio.samples(n["id"], n=1, tree=n["tree"])[0]
-            stand_in = studio.sample_source(n["tree"], n["id"]) != n["id"]
-            neighbours.append((image, f"{n['class']} {n['score']:.2f}" + (" · drawn by a stand-in of its class"
-                                                                          if stand_in else "")))
+            neighbours.append((image, f"{n['class']} {n['score']:.2f}" + stand_in_note(studio, n)))
             yield own, list(neighbours)
     except ProbexError as err:
         raise gr.Error(f"Samples could not be drawn: {err}", duration=12) from None
     if not own and not neighbours:
         yield own, neighbours
+
+
+def stand_in_note(studio, model: dict) -> str:
+    """Said under a picture drawn by another shipped LoRA of the model's class (its own file does not ship)."""
+    return "" if studio.sample_source(model["tree"], model["id"]) == model["id"] else " · drawn by a stand-in of its class"
 
 
 def forget_upload(request: Request | None):
@@ -255,13 +258,16 @@ def draw_search_samples(models: list[dict] | None, progress=gr.Progress()):
         return []
     studio = need_studio()
     images, drawn = [], studio.drawable(models, NEIGHBOURS_DRAWN)  # held-out-class models ship no LoRA to draw
+    if not drawn:
+        return gr.update(value=[], label="best matches: none of them can be drawn (their class ships no LoRA)")
     for i, m in enumerate(drawn):
         progress(i / len(drawn), desc=f"Drawing {m['class']}…")
         try:
-            images.append((studio.samples(m["id"], n=1, tree=m["tree"])[0], f"{m['class']} {m['score']:.2f}"))
+            images.append((studio.samples(m["id"], n=1, tree=m["tree"])[0],
+                           f"{m['class']} {m['score']:.2f}" + stand_in_note(studio, m)))
         except ProbexError as err:
             raise gr.Error(f"Samples could not be drawn: {err}") from None
-    return images
+    return gr.update(value=images, label="best matches, drawn live")
 
 
 @answers
