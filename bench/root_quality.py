@@ -251,14 +251,14 @@ def main() -> None:
     seconds_file = out / "lora_seconds.json"
     seconds = json.loads(seconds_file.read_text()) if seconds_file.exists() else {}
     for jobs, root_dir in zip(timing, (v2[0], TODAY[0])):
-        record = build_population(root_dir, jobs, Path(args.out) / "loras" / root_dir.name, adapters_per_pass=10)
+        record = build_population(root_dir, jobs, out / "loras" / root_dir.name, adapters_per_pass=10)
         if record["trained"] == len(jobs):
             seconds[root_dir.name] = record["seconds"] / len(jobs)
     seconds_file.write_text(json.dumps(seconds))
     plan = [("v2", v2[0], jobs_a), ("v2", v2[1], jobs_b), ("today", TODAY[0], timing[1])]
     lora_rows, zoos = {}, {}
     for set_name, root_dir, jobs in plan:
-        zoo = Path(args.out) / "loras" / root_dir.name
+        zoo = out / "loras" / root_dir.name
         build_population(root_dir, jobs, zoo, adapters_per_pass=10)
         zoos[root_dir.name] = zoo
         correct, images, _ = lora_samples(root_dir, zoo, jobs, judge, row_of, 2 if quick else 4, chosen[set_name])
@@ -281,7 +281,7 @@ def main() -> None:
     v2_top1 = np.mean([summary[("v2", r.name)]["top1"] for r in v2])
     today_top1 = np.mean([summary[("today", r.name)]["top1"] for r in TODAY])
     lora_top1 = lora_rows[v2[0].name]
-    print("\n4. gates")
+    print("\n4. gates" + (" (--quick: few classes and seeds, indicative only; the full run decides)" if quick else ""))
     print(f"   1. v2 samples of the jungle's classes, judge top-1 {v2_top1:.3f} (today's roots {today_top1:.3f}; "
           f"gate ≥ {GATE_SAMPLES}): {'pass' if v2_top1 >= GATE_SAMPLES else 'FAIL'}")
     print(f"   2. LoRA samples on v2 root A, judge names the class {lora_top1:.3f} over {len(jobs_a)} LoRAs "
