@@ -312,6 +312,12 @@ def summary_markdown(result: dict) -> str:
     sure = "sure" if confidence >= 0.5 else ("fairly sure" if confidence >= 0.2 else "unsure")
     headline = (f"### No concept: {result['notice'][:1].upper()}{result['notice'][1:]}.\n" if result.get("notice")
                 else f"### Most likely concept: **{top['name']}**\n")
+    novelty = result.get("novelty")
+    if novelty and novelty["unlike_known"] and not result.get("known_as"):
+        headline += (f"This LoRA looks unlike the known classes' models (nearest training model at cosine "
+                     f"{novelty['nearest_known_cosine']:.2f}, below the {novelty['threshold']:.2f} that 95 % of "
+                     "validation models reach): its concept may be none of them — weigh the unseen classes "
+                     "(read from text) and try your own labels below.  \n")
     known = result.get("known_as")
     if known:
         headline += (f"This file is known model `{known['id']}` ({known['class']}, {known['split']} split) of the "

@@ -44,6 +44,9 @@ VOCAB_MATCH_MIN = {"all-MiniLM-L6-v2": 0.45}  # per text encoder; others search 
 VOCAB_MATCH_TOP = 3
 VOCAB_TEMPERATURE = 0.05
 CLASS_MATCH_BOOST = 100.0  # ranks a read-as class's models above every weights-only match (z-scores are ≪ 100)
+# an upload is "unlike every known class" below the cosine to the nearest train model that this share of validation
+# models (known classes) reach
+NOVELTY_KEPT = 0.95
 SAME_FILE_COSINE = 0.999  # an upload read this close to a gallery model is that model (distinct LoRAs: ≤ 0.75)
 MAX_TOP_K = 50             # concepts / neighbours / search results per request
 NEGLIGIBLE_NOTICE = (f"this LoRA changes (almost) nothing: every layer's update scale·B·A has norm below "
@@ -87,6 +90,7 @@ class Studio:
         self._pipeline_locks: dict[str, threading.Lock] = {name: threading.Lock() for name in bundle.trees}
         self._pipelines_lock = threading.Lock()
         self._sample_cache: OrderedDict[tuple, list] = OrderedDict()
+        self._novelty_threshold: dict[str, float | None] = {}  # tree → calibrated on its validation models
         self._vocabulary: tuple[list[str], torch.Tensor] | None = None  # every text tree's class names, embedded
         if warm:  # the app: text encoder and class texts ready before the first request, not during it
             _ = self.text
@@ -237,6 +241,7 @@ class Studio:
             "classes": [] if a.negligible else self.concepts(a, top_k), "score_unit": self.score_unit(a.tree),
             "neighbors": [] if a.negligible else self.nearest(a.tree, a.encoding, top_k),
             "notice": NEGLIGIBLE_NOTICE if a.negligible else None, "known_as": self.known_as(a),
+            "novelty": self.novelty(a),
             "file": a.source, "description": a.description, "base_model": self.base_model(a.tree)})
 
     @torch.no_grad()
@@ -323,6 +328,26 @@ class Studio:
             return self.text_features(tree, [text])
         features = self.text_features(tree, [r["class"] for r in read_as])
         return F.normalize(torch.tensor([r["weight"] for r in read_as]) @ features, dim=-1)[None]
+
+    @torch.no_grad()
+    def novelty(self, a: Analysis) -> dict | None:
+        """Whether the upload looks unlike every known class: its cosine to the nearest train-split model of its tree,
+        against the threshold that NOVELTY_KEPT of the tree's validation models (known classes) reach. None without
+        train and val models (or for a LoRA that changes nothing)."""
+        g = self.bundle.trees[a.tree].gallery
+        train = [i for i, s in enumerate(g.splits) if s == "train"]
+        if a.negligible or not train:
+            return None
+        if a.tree not in self._novelty_threshold:
+            x = F.normalize(g.encodings.float(), dim=-1)
+            val = [i for i, s in enumerate(g.splits) if s == "val"]
+            self._novelty_threshold[a.tree] = (
+                float(torch.quantile((x[val] @ x[train].T).max(1).values, 1 - NOVELTY_KEPT)) if len(val) >= 5 else None)
+        threshold = self._novelty_threshold[a.tree]
+        if threshold is None:
+            return None
+        nearest = float((F.normalize(g.encodings[train].float(), dim=-1) @ F.normalize(a.encoding.float(), dim=-1)).max())
+        return {"nearest_known_cosine": nearest, "threshold": threshold, "unlike_known": nearest < threshold}
 
     def known_as(self, a: Analysis) -> dict | None:
         """The gallery model this file is (read within SAME_FILE_COSINE of it: the same file, up to the gallery's fp16

@@ -41,3 +41,18 @@ def test_a_description_finds_models_of_its_class(studio):
     result = studio.search("a planet with rings around it", top_k=3)
     assert result["read_as"][0]["class"] == "ringed planet"
     assert [m["class"] for m in result["models"]] == ["ringed planet"] * 3
+
+
+def test_novelty_is_calibrated_on_validation_models_and_spares_known_classes(studio):
+    import torch
+    import torch.nn.functional as F
+
+    results = [(Path(e["path"]).name, studio.predict(str(e["path"]))["novelty"]) for e in studio.examples()]
+    assert all(n is not None for _, n in results)
+    assert not any(n["unlike_known"] for name, n in results if "__test__" in name)  # known classes pass
+    g = studio.bundle.trees["emoji-root-1"].gallery
+    x = F.normalize(g.encodings.float(), dim=-1)
+    train = [i for i, s in enumerate(g.splits) if s == "train"]
+    val = [i for i, s in enumerate(g.splits) if s == "val"]
+    kept = (x[val] @ x[train].T).max(1).values >= results[0][1]["threshold"]
+    assert abs(float(kept.float().mean()) - 0.95) < 0.02
