@@ -93,7 +93,8 @@ def save_grid(path: Path, images: torch.Tensor, rows: int, clean: np.ndarray | N
 
 def clean_renders(rgba: np.ndarray, rows: list[int]) -> np.ndarray:
     x = rgba[rows].astype(np.float32) / 255
-    return (x[..., :3] * x[..., 3:] + (1 - x[..., 3:])).__mul__(255).round().astype(np.uint8)
+    on_white = x[..., :3] * x[..., 3:] + (1 - x[..., 3:])
+    return (on_white * 255).round().astype(np.uint8)
 
 
 def sweep(pipe, judge, names, labels, seeds, configs) -> list[dict]:
@@ -121,14 +122,13 @@ def lora_samples(root_dir: Path, zoo: Path, jobs, judge, row_of: dict, seeds: in
     pipe = load_emoji(str(root_dir))
     set_scheduler(pipe, settings["scheduler"])
     correct, images_all = [], []
-    started = time.perf_counter()
     for job in jobs:
         images = sample(pipe, zoo / job.model_id / "pytorch_lora_weights.safetensors", INSTANCE_PROMPT, n=seeds,
                         seed=0, num_inference_steps=settings["steps"], guidance_scale=settings["guidance"])
         x = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).float() / 127.5 - 1
         images_all.append(x)
         correct.append(grade(judge, x, [row_of[job.class_id]] * seeds)[0])
-    return np.stack(correct), torch.cat(images_all), (time.perf_counter() - started) / (len(jobs) * seeds)
+    return np.stack(correct), torch.cat(images_all)
 
 
 def routed_to_own_root(v2: list[Path], zoos: list[Path], jobs: list[list]) -> float:
@@ -228,13 +228,12 @@ def main() -> None:
                                                   "s_per_image": per_image}
             grid_rows = list(range(0, len(jungle_here), max(1, len(jungle_here) // 12)))[:12]
             picked = torch.cat([images[r * seeds:(r + 1) * seeds] for r in grid_rows])
+            clean = clean_renders(rgba, [row_of[jungle_here[r]["id"]] for r in grid_rows])
             grid_path = out / f"grid_{set_name}_{root_dir.name}.png"
-            save_grid(grid_path, picked, len(grid_rows), clean_renders(rgba, [row_of[jungle_here[r]["id"]]
-                                                                                 for r in grid_rows]))
+            save_grid(grid_path, picked, len(grid_rows), clean)
             if args.readme_grid and set_name == "v2" and root_dir == v2[0]:
                 Path(args.readme_grid).parent.mkdir(parents=True, exist_ok=True)
-                save_grid(Path(args.readme_grid), picked, len(grid_rows),
-                          clean_renders(rgba, [row_of[jungle_here[r]["id"]] for r in grid_rows]))
+                save_grid(Path(args.readme_grid), picked, len(grid_rows), clean)
             print(f"   {set_name:>5} {root_dir.name:<16} jungle top-1 {top1.mean():.3f} top-5 {top5.mean():.3f}  |  "
                   f"pretraining ({len(pretrain)}) top-1 {p_top1.mean():.3f} top-5 {p_top5.mean():.3f}  |  "
                   f"{per_image:.3f} s per image  grid {grid_path.relative_to(REPO) if grid_path.is_relative_to(REPO) else grid_path}")
@@ -261,7 +260,7 @@ def main() -> None:
         zoo = out / "loras" / root_dir.name
         build_population(root_dir, jobs, zoo, adapters_per_pass=10)
         zoos[root_dir.name] = zoo
-        correct, images, _ = lora_samples(root_dir, zoo, jobs, judge, row_of, 2 if quick else 4, chosen[set_name])
+        correct, images = lora_samples(root_dir, zoo, jobs, judge, row_of, 2 if quick else 4, chosen[set_name])
         new = np.array([j.class_id in {c["id"] for c in people} for j in jobs])
         lora_rows[root_dir.name] = correct.mean()
         save_grid(out / f"grid_loras_{root_dir.name}.png", images[: 12 * correct.shape[1]],

@@ -38,22 +38,22 @@ MAX_FIELD_CHARS = 200  # one value copied from the file (metadata, prompt, name)
 MARKDOWN_INLINE = re.compile(r"([\\`*_\[\]|~!#])")
 
 
+def one_line(value, limit: int = MAX_FIELD_CHARS) -> str:
+    """A value from the user's file as one line of at most ``limit`` characters, control characters dropped."""
+    text = " ".join("".join(" " if unicodedata.category(c)[0] in "CZ" else c for c in str(value)).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def as_text(value, limit: int = MAX_FIELD_CHARS) -> str:
-    """A value from the user's file as inert card text: one line, no control characters, at most ``limit``
-    characters, HTML escaped and Markdown's inline markup (links, images, emphasis, code, tables) escaped."""
-    text = "".join(" " if unicodedata.category(c)[0] in "CZ" else c for c in str(value))
-    text = " ".join(text.split())
-    if len(text) > limit:
-        text = text[: limit - 1] + "…"
-    return MARKDOWN_INLINE.sub(r"\\\1", html.escape(text, quote=False))
+    """A value from the user's file as inert card text: ``one_line``, HTML escaped and Markdown's inline markup
+    (links, images, emphasis, code, tables) escaped."""
+    return MARKDOWN_INLINE.sub(r"\\\1", html.escape(one_line(value, limit), quote=False))
 
 
 def front_matter_text(value, limit: int = MAX_FIELD_CHARS) -> str:
-    """A value from the file as a YAML scalar's content: one line, no control characters, capped, HTML escaped (the
-    YAML writer quotes it; without newlines nothing in it can end the front matter, and no tag survives into a page
-    that shows it)."""
-    text = " ".join("".join(" " if unicodedata.category(c)[0] in "CZ" else c for c in str(value)).split())
-    return html.escape(text if len(text) <= limit else text[: limit - 1] + "…", quote=False)
+    """A value from the file as a YAML scalar's content: ``one_line``, HTML escaped (the YAML writer quotes it;
+    without newlines nothing in it can end the front matter, and no tag survives into a page that shows it)."""
+    return html.escape(one_line(value, limit), quote=False)
 
 
 # metadata keys worth repeating in the card (kohya, diffusers, our jungle); everything else stays in the file

@@ -236,12 +236,13 @@ class Studio:
         """Tree, concepts and nearest known models. A LoRA that changes nothing gets ``notice`` and no concepts."""
         top_k = check_top_k(top_k)
         a = self.analyse(source)
+        similarity = None if a.negligible else self.gallery_similarity(a.tree, a.encoding)  # one pass, three uses
+        neighbors = [] if similarity is None else self.ranked(a.tree, similarity, top_k)
         return require_finite({
             "tree": a.tree, "layer": a.layer, "router": {"distance": a.distance, "confidence": a.confidence},
             "classes": [] if a.negligible else self.concepts(a, top_k), "score_unit": self.score_unit(a.tree),
-            "neighbors": [] if a.negligible else self.nearest(a.tree, a.encoding, top_k),
-            "notice": NEGLIGIBLE_NOTICE if a.negligible else None, "known_as": self.known_as(a),
-            "novelty": self.novelty(a),
+            "neighbors": neighbors, "notice": NEGLIGIBLE_NOTICE if a.negligible else None,
+            "known_as": known_as(neighbors), "novelty": self.novelty(a.tree, similarity),
             "file": a.source, "description": a.description, "base_model": self.base_model(a.tree)})
 
     @torch.no_grad()
@@ -282,19 +283,19 @@ class Studio:
         text = clean_text(text)
         top_k = check_top_k(top_k)
         found, read_as = [], self.read_query(text)
+        # models of the classes the text was read as come first (known models' classes are known), each group
+        # ordered by its weights' reading of the query
+        weight = {r["class"]: r["weight"] for r in read_as}
+        boost = lambda cls: CLASS_MATCH_BOOST * weight.get(cls, 0.0)  # noqa: E731
         for name, t in self.bundle.trees.items():
             if t.expert.head_kind != "align":
                 continue
             query = self.query_features(name, text, read_as)
             scores = t.gallery.search_scores(query, self.class_text(name).search_calibration)[0]
-            # models of the classes the text was read as come first (known models' classes are known), each group
-            # ordered by its weights' reading of the query
-            weight = {r["class"]: r["weight"] for r in read_as}
-            boost = torch.tensor([CLASS_MATCH_BOOST * weight.get(class_text(c), 0.0) for c in t.gallery.classes])
-            ranked = self.ranked(name, scores, top_k, order_by=scores + boost)
-            for m in ranked:
-                m["found_by"] = "class" if m["class"] in weight else "weights"
-            found += [{**m, "rank": m["score"] + CLASS_MATCH_BOOST * weight.get(m["class"], 0.0)} for m in ranked]
+            order = scores + torch.tensor([boost(class_text(c)) for c in t.gallery.classes])
+            found += [{**m, "found_by": "class" if m["class"] in weight else "weights",
+                       "rank": m["score"] + boost(m["class"])}
+                      for m in self.ranked(name, scores, top_k, order_by=order)]
         if not found and self.bundle.trees:
             raise ProbexError("no tree in this bundle has a text head; text search needs an aligned expert")
         found.sort(key=lambda m: m.pop("rank"), reverse=True)
@@ -329,33 +330,24 @@ class Studio:
         features = self.text_features(tree, [r["class"] for r in read_as])
         return F.normalize(torch.tensor([r["weight"] for r in read_as]) @ features, dim=-1)[None]
 
-    @torch.no_grad()
-    def novelty(self, a: Analysis) -> dict | None:
-        """Whether the upload looks unlike every known class: its cosine to the nearest train-split model of its tree,
-        against the threshold that NOVELTY_KEPT of the tree's validation models (known classes) reach. None without
-        train and val models (or for a LoRA that changes nothing)."""
-        g = self.bundle.trees[a.tree].gallery
+    def novelty(self, tree: str, similarity: torch.Tensor | None) -> dict | None:
+        """Whether an upload looks unlike every known class: its cosine to the nearest train-split model of its tree
+        (from its ``similarity`` to every gallery model), against the threshold that NOVELTY_KEPT of the tree's
+        validation models (known classes) reach. None without train and val models, or without a reading."""
+        g = self.bundle.trees[tree].gallery
         train = [i for i, s in enumerate(g.splits) if s == "train"]
-        if a.negligible or not train:
+        if similarity is None or not train:
             return None
-        if a.tree not in self._novelty_threshold:
+        if tree not in self._novelty_threshold:
             x = F.normalize(g.encodings.float(), dim=-1)
             val = [i for i, s in enumerate(g.splits) if s == "val"]
-            self._novelty_threshold[a.tree] = (
+            self._novelty_threshold[tree] = (
                 float(torch.quantile((x[val] @ x[train].T).max(1).values, 1 - NOVELTY_KEPT)) if len(val) >= 5 else None)
-        threshold = self._novelty_threshold[a.tree]
+        threshold = self._novelty_threshold[tree]
         if threshold is None:
             return None
-        nearest = float((F.normalize(g.encodings[train].float(), dim=-1) @ F.normalize(a.encoding.float(), dim=-1)).max())
+        nearest = float(similarity[train].max())
         return {"nearest_known_cosine": nearest, "threshold": threshold, "unlike_known": nearest < threshold}
-
-    def known_as(self, a: Analysis) -> dict | None:
-        """The gallery model this file is (read within SAME_FILE_COSINE of it: the same file, up to the gallery's fp16
-        storage), else None. Its first neighbour is then itself, which says nothing about a file the gallery lacks."""
-        if a.negligible:
-            return None
-        best = self.nearest(a.tree, a.encoding, 1)
-        return best[0] if best and best[0]["score"] >= SAME_FILE_COSINE else None
 
     def nearest(self, tree: str, vector: torch.Tensor, top_k: int) -> list[dict]:
         return self.ranked(tree, self.gallery_similarity(tree, vector), top_k)
@@ -388,7 +380,8 @@ class Studio:
             focus = a.encoding
             labelled = [c["name"] for c in self.concepts(a, 5)]
         if query:
-            q = self.query_features(tree, clean_text(query), self.read_query(clean_text(query)))[0]
+            text = clean_text(query)
+            q = self.query_features(tree, text, self.read_query(text))[0]
             marks.append(self.mark(tree, q, f"“{query.strip()}”", "query"))
             focus = q if focus is None else focus
         scores = self.gallery_similarity(tree, focus).tolist() if focus is not None else None
@@ -417,15 +410,14 @@ class Studio:
     def model_card(self, source: str | Path | ModelWeights | Analysis, top_k: int = 5) -> str:
         from probex.card import CardFacts, render_card
 
-        top_k = check_top_k(top_k)
         a = self.analyse(source)
+        r = self.predict(a, top_k)
         return render_card(CardFacts(
-            file_name=a.source, description=a.description, tree=a.tree, base_model=self.base_model(a.tree),
-            layer=a.layer, router_confidence=a.confidence, classes=[] if a.negligible else self.concepts(a, top_k),
-            neighbors=[] if a.negligible else self.nearest(a.tree, a.encoding, top_k), profile=self.profile.name,
-            notice=NEGLIGIBLE_NOTICE if a.negligible else None,
-            text_encoder=self.text.name, instance_prompt=a.metadata.get("prompt") or a.metadata.get("instance_prompt"),
-            metadata=a.metadata, score_unit=self.score_unit(a.tree)))
+            file_name=a.source, description=a.description, tree=a.tree, base_model=r["base_model"], layer=a.layer,
+            router_confidence=a.confidence, classes=r["classes"], neighbors=r["neighbors"], profile=self.profile.name,
+            notice=r["notice"], text_encoder=self.text.name,
+            instance_prompt=a.metadata.get("prompt") or a.metadata.get("instance_prompt"), metadata=a.metadata,
+            score_unit=r["score_unit"]))
 
     def base_model(self, tree: str) -> str:
         """The tree's root as a card names it: a Hub id as is, a local root folder by its name."""
@@ -673,6 +665,13 @@ def first_line(err: Exception) -> str:
 def top_scores(names: list[str], scores: torch.Tensor, k: int) -> list[dict]:
     order = torch.argsort(scores, descending=True)[:k].tolist()
     return [{"name": names[i], "score": float(scores[i])} for i in order]
+
+
+def known_as(neighbors: list[dict]) -> dict | None:
+    """The gallery model an upload is: its first neighbour when read within SAME_FILE_COSINE of it (the same file, up
+    to the gallery's fp16 storage), else None. That neighbour is then itself, which says nothing about a file the
+    gallery lacks."""
+    return neighbors[0] if neighbors and neighbors[0]["score"] >= SAME_FILE_COSINE else None
 
 
 def check_top_k(value) -> int:
