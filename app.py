@@ -26,6 +26,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import gradio as gr  # noqa: E402  (after the logging settings, which libraries read at import)
 
 from probex.errors import ProbexError  # noqa: E402
+from probex.card import as_text  # noqa: E402
 from probex.plots import concept_bars  # noqa: E402
 from probex.errors import InputError  # noqa: E402
 from probex.service import MAX_UPLOAD_BYTES, RequestFiles, check_top_k, first_line, open_studio  # noqa: E402
@@ -134,20 +135,23 @@ def identify(path: str, owned: list[str], top_k: int):
         owned = [*owned, card_dir]
         card_path = Path(card_dir) / "README.md"
         card_path.write_text(studio.model_card(analysis, top_k=top_k))
-        figure = studio.map_figure(analysis)
+        figure = studio.map_figure(analysis) if studio.has_gallery(analysis.tree) else None
         neighbours = [] if analysis.negligible else studio.drawable_neighbors(analysis, NEIGHBOURS_DRAWN)
     except BaseException:
         FILES.release(*owned)
         raise
     request = Request(analysis, path, neighbours, owned)
-    bars = None if result["notice"] else concept_bars(result["classes"], "Top concepts (known: models' mean · unseen: "
-                                                      "text)", score_label=SCORE_LABELS[result["score_unit"]])
+    title = ("Top concepts (read from their captions)" if result["score_unit"] == "cosine" else
+             "Top concepts (known: models' mean · unseen: text)")
+    bars = None if result["notice"] else concept_bars(result["classes"], title,
+                                                      score_label=SCORE_LABELS[result["score_unit"]])
     return (summary_markdown(result), gr.update(value=bars, visible=bars is not None),
             model_rows(result["neighbors"], False), figure, str(card_path), card_path.read_text(), request,
             gr.update(visible=True))
 
 
-SCORE_LABELS = {"z": "score (z: cosine above its usual on known models)", "probability": "probability"}
+SCORE_LABELS = {"z": "score (z: cosine above its usual on known models)", "cosine": "cosine to the caption",
+                "probability": "probability"}
 
 
 @answers
@@ -325,7 +329,19 @@ def summary_markdown(result: dict) -> str:
     return (headline +
             f"Tree **{result['tree']}** (base model `{result['base_model']}`), the router is {sure} "
             f"(confidence {confidence:.2f}).  \n"
-            f"`{result['file']}` · {result['description']} · {layers_read(result['layer'])}")
+            f"`{result['file']}` · {result['description']} · {layers_read(result['layer'])}"
+            + reading_markdown(result))
+
+
+def reading_markdown(result: dict) -> str:
+    """Which expert read the file and, for a reader that takes the file's trigger, with which prompt."""
+    if not result.get("instance_prompt"):
+        return ""
+    source = ("the file names none: the default" if result["prompt_source"] == "default"
+              else f"from the file's `{result['prompt_source']}`")
+    unknown = "" if result["neighbors"] else " This tree has no known models: no neighbours, map or search."
+    return (f"  \n{result['expert'][:1].upper()}{result['expert'][1:]}.  \n"
+            f"Instance prompt “{as_text(result['instance_prompt'])}” ({source}).{unknown}")
 
 
 def layers_read(layer: str) -> str:
@@ -351,7 +367,9 @@ def model_rows(models: list[dict], with_tree: bool) -> list[list]:
 def banner_markdown() -> str:
     if STUDIO is None:
         return f"⚠️ **No model bundle is loaded.** {NOTICE}"
-    return f"⚠️ {NOTICE}  \n🟢 {STUDIO.describe_bundle()}" if NOTICE else f"🟢 {STUDIO.describe_bundle()}"
+    readers = "".join(f"  \nℹ️ Tree {t}: {STUDIO.expert_note(t)}." for t in STUDIO.training_free_trees())
+    ready = f"🟢 {STUDIO.describe_bundle()}{readers}"
+    return f"⚠️ {NOTICE}  \n{ready}" if NOTICE else ready
 
 
 HEADER = """
@@ -460,7 +478,7 @@ def build_demo() -> gr.Blocks:
                                            scale=4)
                     map_btn = gr.Button("Place", scale=1)
                 weight_map = gr.Plot(show_label=False, elem_id="map",
-                                     value=STUDIO.map_figure() if STUDIO else None)
+                                     value=STUDIO.map_figure() if STUDIO and STUDIO.has_gallery() else None)
             with gr.Tab("How it works & API", id="about"):
                 gr.Markdown(ABOUT + CLIENT_EXAMPLE)
 

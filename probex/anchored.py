@@ -21,6 +21,8 @@ on fixed synthetic image features (what the emoji bundle ships; README, "How it 
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -70,26 +72,42 @@ class AttentionReader(Expert):
     @classmethod
     def from_root(cls, unet, names: list[str], instance_states: Tensor, n_queries: int, seed: int = 0,
                   scale: float = 4.0) -> "AttentionReader":
-        """The cross-attention blocks of ``unet`` whose to_k and to_v are both among ``names`` (the layers the expert
-        reads, in the order it is handed them); their to_q / to_out.0 are read where ``names`` has them.
-        ``scale``: the standard deviation of the synthetic image features (rounded to fp16 precision, so the saved
-        expert stores them losslessly in fp16, as it does the root's fp16 weights)."""
-        blocks, weights = [], []
+        """The cross-attention blocks of ``unet`` (a loaded diffusers UNet) whose to_k and to_v are both among
+        ``names``; see ``from_weights``."""
+        weights, heads = {}, {}
+        for name in names:
+            if name.endswith(".to_k"):
+                attn = unet.get_submodule(name[:-len(".to_k")])
+                heads[name[:-len("to_k")]] = attn.heads
+                for p in PROJECTIONS:
+                    weights[name[:-len("to_k")] + p] = attn.get_submodule(p).weight.detach()
+        return cls.from_weights(weights, heads, names, instance_states, n_queries, seed, scale)
+
+    @classmethod
+    def from_weights(cls, weights: dict[str, Tensor], heads: dict[str, int], names: list[str],
+                     instance_states: Tensor, n_queries: int, seed: int = 0, scale: float = 4.0) -> "AttentionReader":
+        """The cross-attention blocks whose to_k and to_v are both among ``names`` (the layers the expert reads, in
+        the order it is handed them); their to_q / to_out.0 are read where ``names`` has them.
+
+        ``weights``: the root's projection matrices by module name (all four of every such block); ``heads``: each
+        block's head count by its prefix ("….attn2."). ``scale``: the standard deviation of the synthetic image
+        features (rounded to fp16 precision, so the saved expert stores them losslessly in fp16, as it does the
+        root's fp16 weights)."""
+        blocks, block_weights = [], []
         for name in names:
             prefix = name[:-len("to_k")]
             if not (name.endswith(".to_k") and prefix + "to_v" in names):
                 continue
-            attn = unet.get_submodule(prefix[:-1])
+            wq, wk, wv, wo = (weights[prefix + p] for p in PROJECTIONS)
             at = [names.index(prefix + p) if prefix + p in names else -1 for p in PROJECTIONS]
-            blocks.append(at + [attn.heads, attn.to_q.weight.shape[0], attn.to_out[0].weight.shape[0],
-                                attn.to_q.weight.shape[1]])
-            weights.append([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight, attn.to_out[0].weight])
+            blocks.append(at + [heads[prefix], wq.shape[0], wo.shape[0], wq.shape[1]])
+            block_weights.append([wq, wk, wv, wo])
         if not blocks:
             raise ValueError("no cross-attention block has both its to_k and to_v among the read layers")
         reader = cls(blocks, n_queries, *instance_states.shape)
         reader.probes.copy_(instance_states)
         g = torch.Generator().manual_seed(seed)
-        for i, (wq, wk, wv, wo) in enumerate(weights):
+        for i, (wq, wk, wv, wo) in enumerate(block_weights):
             x = scale * torch.randn(n_queries, wq.shape[1], generator=g)
             getattr(reader, f"x{i}").copy_(x.half().float())  # at fp16 precision: stored in half the bytes
             for kind, w in zip("qkvo", (wq, wk, wv, wo)):
@@ -122,12 +140,30 @@ class AttentionReader(Expert):
 
     def text_changes(self, text_states: Tensor) -> list[Tensor]:
         """Per block the change a caption's token states (C, n_tokens, d_h) ask of its output: (C, n_queries, out)."""
+        return self.output_changes(self.text_outputs(text_states))
+
+    def text_outputs(self, text_states: Tensor) -> list[Tensor]:
+        """Per block the root's attention output on a caption's token states: (C, n_queries, out). It does not depend
+        on the instance prompt, so readers that differ only in their probes (``with_probes``) can share it."""
         out, h_c = [], text_states.transpose(1, 2)
         for i, block in enumerate(self.blocks):
-            _, wo, q, _, _, base = self._root_block(i)
-            wk, wv = getattr(self, f"wk{i}"), getattr(self, f"wv{i}")
-            out.append(_attend(q.expand(len(h_c), -1, -1), wk @ h_c, wv @ h_c, block[4]) @ wo.T - base)
+            x, wq, wk, wv, wo = (getattr(self, f"{k}{i}") for k in ("x", "wq", "wk", "wv", "wo"))
+            out.append(_attend((x @ wq.T)[None].expand(len(h_c), -1, -1), wk @ h_c, wv @ h_c, block[4]) @ wo.T)
         return out
+
+    def output_changes(self, outputs: list[Tensor]) -> list[Tensor]:
+        """Block outputs (``text_outputs``) as changes of the root's output on the instance prompt."""
+        return [o - self._root_block(i)[-1] for i, o in enumerate(outputs)]
+
+    def with_probes(self, instance_states: Tensor) -> "AttentionReader":
+        """The same reader with another instance prompt's token states (n_tokens, d_h); the root's weights and the
+        synthetic features are shared, not copied."""
+        if tuple(instance_states.shape) != tuple(self.probes.shape):
+            raise ValueError(f"instance states of shape {tuple(instance_states.shape)}; this reader takes "
+                             f"{tuple(self.probes.shape)}")
+        reader = copy.copy(self)
+        reader._buffers = {**self._buffers, "probes": instance_states.to(self.probes)}
+        return reader
 
     def _root_block(self, i: int) -> tuple[Tensor, ...]:
         """Block i as the root has it on the instance prompt: its features x, output weight, queries (1, n, inner),
@@ -149,6 +185,10 @@ class AttentionReader(Expert):
 
     def text_features(self, text_states: Tensor) -> Tensor:
         return self._read(self.text_changes(text_states))
+
+    def features_of_outputs(self, outputs: list[Tensor]) -> Tensor:
+        """``text_features`` from block outputs already computed (``text_outputs``)."""
+        return self._read(self.output_changes(outputs))
 
     def config(self) -> dict:
         return dict(blocks=self.blocks, n_queries=self.n_queries, n_tokens=self.n_tokens, d_h=self.d_h)

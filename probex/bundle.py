@@ -105,6 +105,8 @@ class Gallery:
         """Z-norm of text search, the other way round: each gallery model's mean and standard deviation of cosine
         over the class vocabulary's text features, (N,) each. Some models sit close to every caption (hubs) and by
         raw cosine would top most searches; a model is found for a text that it matches more than its usual."""
+        if not len(self.encodings):
+            return torch.zeros(0), torch.ones(0)
         cos = F.normalize(self.encodings, dim=-1) @ F.normalize(text_features, dim=-1).T
         return cos.mean(1), cos.std(1).clamp_min(1e-6)
 
@@ -148,6 +150,9 @@ class TreeBundle:
     prompt_template: str = DEFAULT_PROMPT
     root_model: str | None = None   # diffusers model id or dir of the tree's root (for drawing samples)
     instance_prompt: str | None = None
+    # probex.sd15.PromptedReading: a training-free reader that takes each file's own instance prompt (built in
+    # memory, never saved)
+    prompted: object | None = None
 
     @property
     def layers(self) -> list[str]:
@@ -162,6 +167,8 @@ class TreeBundle:
 
     def class_text_features(self) -> torch.Tensor | None:
         """(C, r_T) the vocabulary's captions in the expert's space; None without a text head."""
+        if self.prompted is not None:
+            return self.prompted.class_features(self.instance_prompt)
         return self.expert.text_features(self.class_text_input()) if self.expert.head_kind == "align" else None
 
     def concept_anchors(self) -> torch.Tensor | None:

@@ -30,8 +30,10 @@ class CardFacts:
     text_encoder: str
     instance_prompt: str | None = None   # the trigger prompt, when the file's metadata names one
     metadata: dict[str, str] = field(default_factory=dict)
-    score_unit: str = "z"            # what concept scores are: "z" (z-normed cosine, align experts) or "probability"
+    score_unit: str = "z"            # what concept scores are: "z" / "cosine" (align experts) or "probability"
     notice: str | None = None        # set when no concept is claimed (a LoRA that changes nothing)
+    expert: str | None = None        # which expert read the file, in words (Studio.expert_note)
+    prompt_source: str | None = None  # where the reading's instance prompt came from ("default": none in the file)
 
 
 MAX_FIELD_CHARS = 200  # one value copied from the file (metadata, prompt, name) as the card shows it
@@ -77,13 +79,15 @@ def concepts_table(classes: list[dict]) -> str:
 
 
 def neighbors_table(neighbors: list[dict]) -> str:
+    if not neighbors:
+        return "None: this tree has no known models to compare with."
     rows = [f"| `{n['id']}` | {n['class']} | {n.get('split', '')} | {n['score']:.3f} |" for n in neighbors]
     return "\n".join(["| model | class | split | similarity |", "|---|---|---|---:|", *rows])
 
 
 # gaps between the two best concept scores that read as "clear" and "likely", per score unit: a z-score's unit is
 # one standard deviation of an anchor's cosine over known models (about 0.1 cosine on the emoji trees)
-CONFIDENCE_GAPS = {"z": (1.0, 0.3), "probability": (0.1, 0.03)}
+CONFIDENCE_GAPS = {"z": (1.0, 0.3), "cosine": (0.05, 0.01), "probability": (0.1, 0.03)}
 
 
 def confidence_words(score_gap: float, unit: str = "z") -> str:
@@ -100,6 +104,8 @@ SCORE_WORDS = {
     "z": "Each concept's score is the cosine between the LoRA's encoding and the concept's anchor — the mean encoding "
          "of the known LoRAs of that concept, or its text where none is known — as a z-score against that anchor's "
          "usual cosine on the tree's known models (0: typical, 1: one standard deviation above).",
+    "cosine": "Each concept's score is the cosine between the LoRA's reading and the reading of the concept's "
+              "caption: no known models calibrate it, so compare the scores of one file with each other only.",
     "probability": "Concept scores are the probabilities of the expert's classifier head.",
 }
 
@@ -115,8 +121,13 @@ def render_card(facts: CardFacts) -> str:
     classes = facts.classes
     top = classes[0]["name"] if classes else "unknown"
     gap = classes[0]["score"] - classes[1]["score"] if len(classes) > 1 else 1.0
-    trigger = (f"The file's metadata names the trigger prompt **\u201c{as_text(facts.instance_prompt)}\u201d**."
-               if facts.instance_prompt else "The file names no trigger prompt; try the concept's name.")
+    if facts.prompt_source == "default":
+        trigger = (f"The file names no trigger prompt; it was read with the default "
+                   f"\u201c{as_text(facts.instance_prompt)}\u201d. Try the concept's name.")
+    elif facts.instance_prompt:
+        trigger = f"The file's metadata names the trigger prompt **\u201c{as_text(facts.instance_prompt)}\u201d**."
+    else:
+        trigger = "The file names no trigger prompt; try the concept's name."
     shown_meta = [f"- `{k}`: {as_text(facts.metadata[k])}" for k in METADATA_SHOWN if k in facts.metadata]
     name = as_text(facts.file_name, 120)
     if facts.notice:
@@ -125,6 +136,10 @@ def render_card(facts: CardFacts) -> str:
     else:
         headline = f"# {name}: a LoRA for **{facts.base_model}** that most likely draws *{top}*"
         verdict = f"- **Most likely concept:** {top} ({confidence_words(gap, facts.score_unit)})"
+    routing = (f"The router recognised the LoRA's base by its module names and shapes and sent it to `{facts.tree}`, "
+               "the base's training-free reader." if facts.prompt_source else
+               f"A router compared the LoRA's weights with the centres of the Model Trees it knows and sent it to "
+               f"`{facts.tree}`.")
     body = f"""
 {headline}
 
@@ -148,8 +163,8 @@ def render_card(facts: CardFacts) -> str:
 ## How this was inferred
 
 ProbeX ("Learning on Model Weights using Tree Experts", Horwitz et al., CVPR 2025) reads the weights, not images.
-A router compared the LoRA's weights with the centres of the Model Trees it knows and sent it to `{facts.tree}`.
-That tree's expert read {layers_read(facts.layer)} and mapped the weights into a space shared with text
+{routing}
+{facts.expert[:1].upper() + facts.expert[1:] + ". " if facts.expert else ""}That tree's expert read {layers_read(facts.layer)} and mapped the weights into a space shared with text
 ({facts.text_encoder}, profile `{facts.profile}`). {SCORE_WORDS[facts.score_unit]} Nearest models are the known LoRAs
 with the most similar encodings. No image was generated to produce this card.
 

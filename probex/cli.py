@@ -173,13 +173,17 @@ def as_json(result) -> str:
 def format_prediction(result: dict) -> str:
     router = result["router"]
     lines = [f"tree      {result['tree']}  (router confidence {router['confidence']:.2f})",
-             f"layer     {result['layer']}", ""]
+             f"layer     {result['layer']}"]
+    if result.get("instance_prompt"):
+        lines += [f"expert    {result['expert']}",
+                  f"prompt    {result['instance_prompt']}  ({result['prompt_source']})"]
+    lines.append("")
     if result.get("notice"):
         return "\n".join([*lines, f"notice    {result['notice']}"])
     lines.append("concepts")
     lines += format_scores(result["classes"]).splitlines()
     lines += ["", "nearest known models"]
-    lines += format_models(result["neighbors"]).splitlines()
+    lines += format_models(result["neighbors"]).splitlines() or ["  none: this tree has no known models"]
     return "\n".join(lines)
 
 

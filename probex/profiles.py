@@ -2,8 +2,9 @@
 
 - ``emoji-mini`` (default): everything embedded and CPU-sized — MiniLM text, our tiny emoji roots, the bundle in
   ``checkpoints/emoji-mini``.
-- ``sd15-modelj``: the paper's setting — CLIP ViT-L/14 text, Stable Diffusion 1.5 as the root, experts trained on
-  Model-J; the bundle is a local dir or a Hub repo id (a Space with Hub access downloads it once).
+- ``sd15-modelj``: the paper's setting — CLIP ViT-L/14 text, Stable Diffusion 1.5 as the root. Every SD 1.5 LoRA is
+  read without training (probex.sd15, from the root's cross-attention blocks); experts trained on Model-J join it
+  when their bundle is there: a local dir or a Hub repo id (a Space with Hub access downloads it once).
 
 ``PROBEX_PROFILE`` picks the profile; ``PROBEX_BUNDLE``, ``PROBEX_SD15_MODEL`` and ``PROBEX_CLIP_MODEL`` override
 its bundle, its SD 1.5 model id and its CLIP model id without code changes (a Space sets them as variables).
@@ -34,6 +35,7 @@ class Profile:
     pipeline: str            # which `probex.generate` loader draws samples: "emoji" | "sd15"
     root_model: str | None   # the tree's root for generation: a diffusers model id or dir
     roots_dir: str | None = None   # where locally trained roots live (emoji-mini builds its own)
+    reader: str | None = None      # a base family read without training (probex.sd15), beside any bundle's trees
 
     def prompt(self, class_name: str) -> str:
         return self.prompt_template.format(name=class_name)
@@ -45,7 +47,7 @@ PROFILES = {
         bundle="checkpoints/emoji-mini", pipeline="emoji", root_model=None, roots_dir="checkpoints/roots"),
     "sd15-modelj": Profile(
         name="sd15-modelj", text_encoder=f"clip:{CLIP_MODEL_ID}", prompt_template="a photo of a {name}",
-        bundle="checkpoints/sd15-modelj", pipeline="sd15", root_model=SD15_MODEL_ID),
+        bundle="checkpoints/sd15-modelj", pipeline="sd15", root_model=SD15_MODEL_ID, reader="sd15"),
 }
 
 

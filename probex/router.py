@@ -217,6 +217,9 @@ class Router:
     def __init__(self, groups: list[Group] | None = None):
         self.groups = list(groups or [])
         self.labels_: list[str] = []
+        # base family → the tree that reads every LoRA of that base no group takes (a training-free reader, which has
+        # no population and so no centre); in memory only, not part of the saved state
+        self.base_trees: dict[str, str] = {}
 
     @property
     def trees(self) -> list[str]:
@@ -277,7 +280,15 @@ class Router:
 
     # ------------------------------------------------------------------------------------------- routing
     def route(self, weights: ModelWeights) -> Route:
-        group, exact = self.matching_group(weights)
+        """The tree of the nearest centre in the model's architecture group; a LoRA no group takes goes to its base's
+        reader where there is one (method "base": distance 0 and confidence 1, as there is no centre to measure)."""
+        try:
+            group, exact = self.matching_group(weights)
+        except NoExpertError:
+            tree = self.base_trees.get(weights.signature.family) if weights.kind == "lora" else None
+            if tree is None:
+                raise
+            return Route(tree, 0.0, 1.0, "", weights.signature.family is not None, "base")
         return self.route_layers(group, weights.layers, exact)
 
     def route_layers(self, group: Group, layers: dict[str, Item], exact: bool = True) -> Route:
@@ -326,6 +337,9 @@ class Router:
         family = FAMILY_NAMES.get(weights.signature.family)
         n = len(weights.layers)
         looks = f"{family} UNet {kind}" if family else f"this architecture ({kind}, {n} layer{'s' * (n != 1)})"
+        if self.base_trees and not self.groups:
+            read = " and ".join(FAMILY_NAMES.get(f, f) for f in self.base_trees)
+            return f"no tree expert for {looks}: this bundle reads {read} LoRAs only"
         if not self.groups:
             return f"no tree expert for {looks}: no trees are loaded"
         for g in self.groups:

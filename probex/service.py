@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from probex.errors import InputError, NoExpertError, ProbexError
-from probex.weights import NEGLIGIBLE_UPDATE_NORM, LoraFactors, ModelWeights, describe, negligible, read_weights, short
+from probex.weights import FAMILY_NAMES, NEGLIGIBLE_UPDATE_NORM, LoraFactors, ModelWeights, describe, negligible, read_weights, short
 
 MAX_UPLOAD_BYTES = int(float(os.environ.get("PROBEX_MAX_UPLOAD_MB", "256")) * 2**20)  # rank-128 SD LoRAs ≈ 150 MB
 FETCH_TIMEOUT_S = float(os.environ.get("PROBEX_FETCH_TIMEOUT_S", "60"))
@@ -75,6 +75,8 @@ class Analysis:
     confidence: float
     encoding: torch.Tensor      # (r_T,), unit norm
     negligible: bool = False    # the LoRA changes (almost) nothing: no concept is claimed for it
+    instance_prompt: str | None = None   # the probe a prompted reader pushed through the LoRA (sd15.instance_prompt)
+    prompt_source: str | None = None     # where that prompt came from: a metadata key, or "default"
 
 
 class Studio:
@@ -82,7 +84,9 @@ class Studio:
     read; each tree's image pipeline is guarded by its own lock (diffusers swaps LoRAs in and out of one model)."""
 
     def __init__(self, bundle, bundle_dir: Path, profile, warm: bool = True):
-        self.bundle, self.bundle_dir, self.profile = bundle, Path(bundle_dir), profile
+        self.bundle, self.profile = bundle, profile
+        self.notice = ""  # why a part of the profile is missing (e.g. its reader could not load), for the banner
+        self.bundle_dir = None if bundle_dir is None else Path(bundle_dir)  # None: only in-memory trees (sd15)
         self._text = None
         self._class_text: dict[str, ClassText | None] = {}  # tree → its class vocabulary read (None: no text head)
         self._text_lock = threading.Lock()
@@ -119,13 +123,31 @@ class Studio:
         from dataclasses import replace
 
         profile = get_profile()
+        named = bundle_dir is not None or bool(os.environ.get("PROBEX_BUNDLE"))
         if bundle_dir is not None:
             profile = replace(profile, bundle=str(bundle_dir))
-        if is_missing_local_dir(profile.bundle):  # else "checkpoints/emoji-mini" would be looked up on the Hub
-            raise ProbexError(f"no bundle at {profile.bundle}: the folder does not exist (build one with "
-                              "`python -m probex train`, or point --bundle / PROBEX_BUNDLE at one)")
-        directory = resolve_bundle_dir(profile)
-        return cls(Bundle.load(directory), directory, profile, warm)
+        if profile.reader and not named and is_missing_local_dir(profile.bundle):
+            # a training-free reader needs no trained bundle: it is the whole studio until one is built
+            bundle, directory = Bundle(profile.name, profile.text_encoder, {}), None
+        else:
+            if is_missing_local_dir(profile.bundle):  # else "checkpoints/emoji-mini" would be looked up on the Hub
+                raise ProbexError(f"no bundle at {profile.bundle}: the folder does not exist (build one with "
+                                  "`python -m probex train`, or point --bundle / PROBEX_BUNDLE at one)")
+            directory = resolve_bundle_dir(profile)
+            bundle = Bundle.load(directory)
+        notice = ""
+        if profile.reader:
+            from probex.sd15 import add_reader_tree
+
+            try:
+                add_reader_tree(bundle, profile)
+            except InputError as err:  # offline, or no such base: the trained trees still answer
+                if not bundle.trees:
+                    raise ProbexError(f"the training-free {profile.reader} reader could not load: {err}") from None
+                notice = f"the training-free {profile.reader} reader could not load ({err}); trained trees only"
+        studio = cls(bundle, directory, profile, warm)
+        studio.notice = notice
+        return studio
 
     @property
     def trees(self) -> list[str]:
@@ -133,9 +155,27 @@ class Studio:
 
     def describe_bundle(self) -> str:
         """One line for the app's banner and the CLI."""
-        sizes = ", ".join(f"{name} ({len(tree.gallery.ids)} models, {len(tree.gallery.classes_vocabulary)} classes)"
+        sizes = ", ".join(f"{name} ({self.tree_size(name)}, {len(tree.gallery.classes_vocabulary)} classes)"
                           for name, tree in self.bundle.trees.items())
-        return f"profile {self.profile.name} · bundle {self.bundle_dir.name} · trees: {sizes}"
+        bundle = self.bundle_dir.name if self.bundle_dir else "none (training-free reader only)"
+        return f"profile {self.profile.name} · bundle {bundle} · trees: {sizes}"
+
+    def tree_size(self, tree: str) -> str:
+        if tree in self.training_free_trees():
+            return "training-free reader"
+        return f"{len(self.bundle.trees[tree].gallery.ids)} models"
+
+    def training_free_trees(self) -> list[str]:
+        return [name for name, t in self.bundle.trees.items() if t.prompted is not None]
+
+    def expert_note(self, tree: str) -> str:
+        """Which expert reads the tree's files, in words for the banner, results and card."""
+        t = self.bundle.trees[tree]
+        if t.prompted is not None:
+            return (f"read by the training-free {FAMILY_NAMES.get(t.family, t.family)} reader: the base UNet's "
+                    f"{len(t.expert.blocks)} cross-attention blocks against {self.text.name} token states (no "
+                    "training; the method is validated on the emoji jungle, not on SD 1.5 LoRAs here)")
+        return f"read by the {tree} tree's {type(t.expert).__name__} expert"
 
     def examples(self) -> list[dict]:
         """The bundle's example LoRAs that exist on disk: [{"label", "path"}], labelled from their metadata,
@@ -156,7 +196,7 @@ class Studio:
 
     def router(self):
         if self.bundle.router is None:
-            raise ProbexError(f"bundle {self.bundle_dir.name} has no router; rebuild it with `python -m probex train`")
+            raise ProbexError(f"bundle {self.bundle_dir and self.bundle_dir.name} has no router; rebuild it with `python -m probex train`")
         return self.bundle.router
 
     # ---------------------------------------------------------------------------------------- the pipeline
@@ -177,28 +217,45 @@ class Studio:
         if missing and (len(missing) == len(names) or not tree.expert.absent_layers_unchanged):
             raise InputError(f"{weights.source}: has no {missing[0]} module, a layer the {route.tree} expert reads "
                              f"({describe(weights)})")
-        encoding = self.encode(route.tree, [weights.layers.get(n) for n in names])
+        prompt, prompt_source = None, None
+        if tree.prompted is not None:
+            from probex.sd15 import instance_prompt
+
+            prompt, prompt_source = instance_prompt(weights.metadata)
+        encoding = self.encode(route.tree, [weights.layers.get(n) for n in names], prompt)
         if not torch.isfinite(encoding).all():
             raise InputError(f"{weights.source}: the {route.tree} expert's reading of this file is not finite; its "
                              "weights are too extreme to read")
         return Analysis(weights.source, describe(weights), dict(weights.metadata), route.tree, ", ".join(names),
-                        route.distance, route.confidence, encoding, negligible(weights))
+                        route.distance, route.confidence, encoding, negligible(weights), prompt, prompt_source)
+
+    def expert(self, tree: str, prompt: str | None = None):
+        """The tree's expert; for a prompted reader, its reader for that instance prompt (None: the tree's own)."""
+        t = self.bundle.trees[tree]
+        return t.prompted.reader_for(prompt) if t.prompted is not None and prompt is not None else t.expert
 
     @torch.no_grad()
-    def encode(self, tree: str, layers: list[LoraFactors | torch.Tensor | None]) -> torch.Tensor:
+    def encode(self, tree: str, layers: list[LoraFactors | torch.Tensor | None],
+               prompt: str | None = None) -> torch.Tensor:
         """The expert's unit-norm encoding of one model; multi-layer experts take the list, the others one item.
-        None: a layer the model does not adapt (only for experts with ``absent_layers_unchanged``)."""
+        None: a layer the model does not adapt (only for experts with ``absent_layers_unchanged``). ``prompt``: the
+        instance prompt of a prompted reader."""
         t = self.bundle.trees[tree]
         batch = [None if layer is None else as_batch_of_one(layer) for layer in layers]
         try:
-            e = t.expert.encode(batch[0] if isinstance(t.layer, str) else batch)
+            e = self.expert(tree, prompt).encode(batch[0] if isinstance(t.layer, str) else batch)
         except (InputError, RuntimeError) as err:  # the layer exists with another shape than the expert reads
             raise InputError(f"the {tree} expert cannot read this file's layer: {first_line(err)}") from None
         return F.normalize(e[0], dim=-1)
 
     @torch.no_grad()
-    def class_text(self, tree: str) -> ClassText | None:
-        """The tree's class vocabulary read by its expert, with both z-norms; None without a text head. Cached."""
+    def class_text(self, tree: str, prompt: str | None = None) -> ClassText | None:
+        """The tree's class vocabulary read by its expert, with both z-norms; None without a text head. Cached.
+        ``prompt``: a prompted reader's instance prompt (its reader keeps the features per prompt)."""
+        t = self.bundle.trees[tree]
+        if t.prompted is not None and prompt not in (None, t.instance_prompt):
+            features = t.prompted.class_features(prompt)
+            return ClassText(features, t.gallery.calibration(features), t.gallery.model_calibration(features))
         if tree not in self._class_text:
             t = self.bundle.trees[tree]
             text = t.class_text_features()
@@ -213,8 +270,9 @@ class Studio:
         return None if read is None else read.anchors
 
     @torch.no_grad()
-    def text_features(self, tree: str, texts: list[str]) -> torch.Tensor:
-        """(len(texts), r_T) unit vectors of free texts, put in the tree's prompt template first."""
+    def text_features(self, tree: str, texts: list[str], instance: str | None = None) -> torch.Tensor:
+        """(len(texts), r_T) unit vectors of free texts, put in the tree's prompt template first. ``instance``: a
+        prompted reader's instance prompt."""
         from probex.train import prompt
 
         t = self.bundle.trees[tree]
@@ -222,7 +280,8 @@ class Studio:
             raise ProbexError(f"the {tree} expert has no text head (it was trained on labels, not text); "
                               "zero-shot labels and text search need an aligned expert")
         prompts = [prompt(t.prompt_template, text) for text in texts]
-        return t.expert.text_features(t.expert.text_input(self.text, prompts))
+        expert = self.expert(tree, instance)
+        return expert.text_features(expert.text_input(self.text, prompts))
 
     # ------------------------------------------------------------------------------------------- verbs
     def route(self, source: str | Path | ModelWeights) -> dict:
@@ -243,7 +302,9 @@ class Studio:
             "classes": [] if a.negligible else self.concepts(a, top_k), "score_unit": self.score_unit(a.tree),
             "neighbors": neighbors, "notice": NEGLIGIBLE_NOTICE if a.negligible else None,
             "known_as": known_as(neighbors), "novelty": self.novelty(a.tree, similarity),
-            "file": a.source, "description": a.description, "base_model": self.base_model(a.tree)})
+            "file": a.source, "description": a.description, "base_model": self.base_model(a.tree),
+            "expert": self.expert_note(a.tree), "instance_prompt": a.instance_prompt,
+            "prompt_source": a.prompt_source})
 
     @torch.no_grad()
     def concepts(self, a: Analysis, top_k: int) -> list[dict]:
@@ -251,7 +312,7 @@ class Studio:
         text (align) — z-normed per anchor (Gallery.concept_scores), or the classifier head's probabilities."""
         t = self.bundle.trees[a.tree]
         names = t.gallery.classes_vocabulary
-        read = self.class_text(a.tree)
+        read = self.class_text(a.tree, a.instance_prompt)
         if read is not None:
             scores = t.gallery.concept_scores(a.encoding[None], read.anchors, read.calibration)[0]
         else:
@@ -260,8 +321,11 @@ class Studio:
         return top_scores(names, scores, top_k)
 
     def score_unit(self, tree: str) -> str:
-        """What the tree's concept scores are: "z" (z-normed cosine to class anchors) or "probability" (a head's)."""
-        return "z" if self.class_text(tree) is not None else "probability"
+        """What the tree's concept scores are: "z" (z-normed cosine to class anchors), "cosine" (a tree without
+        known models to z-norm on) or "probability" (a classifier head's)."""
+        if self.class_text(tree) is None:
+            return "probability"
+        return "z" if sum(s == "train" for s in self.bundle.trees[tree].gallery.splits) >= 2 else "cosine"
 
     @torch.no_grad()
     def zero_shot(self, source: str | Path | ModelWeights | Analysis, labels: list[str]) -> list[dict]:
@@ -270,7 +334,7 @@ class Studio:
         a = self.analyse(source)
         if a.negligible:
             raise InputError(f"{a.source}: {NEGLIGIBLE_NOTICE}")
-        return top_scores(labels, self.text_features(a.tree, labels) @ a.encoding, len(labels))
+        return top_scores(labels, self.text_features(a.tree, labels, a.instance_prompt) @ a.encoding, len(labels))
 
     @torch.no_grad()
     def search(self, text: str, top_k: int = 5) -> dict:
@@ -287,17 +351,21 @@ class Studio:
         # ordered by its weights' reading of the query
         weight = {r["class"]: r["weight"] for r in read_as}
         boost = lambda cls: CLASS_MATCH_BOOST * weight.get(cls, 0.0)  # noqa: E731
-        for name, t in self.bundle.trees.items():
-            if t.expert.head_kind != "align":
-                continue
+        searchable = [name for name, t in self.bundle.trees.items() if t.expert.head_kind == "align" and t.gallery.ids]
+        if not any(t.expert.head_kind == "align" for t in self.bundle.trees.values()):
+            raise ProbexError("no tree in this bundle has a text head; text search needs an aligned expert")
+        if not searchable:
+            raise ProbexError("no tree in this bundle has known models to search"
+                              + (" (the training-free reader has none: it gives concepts and zero-shot scores)"
+                                 if any(t.prompted is not None for t in self.bundle.trees.values()) else ""))
+        for name in searchable:
+            t = self.bundle.trees[name]
             query = self.query_features(name, text, read_as)
             scores = t.gallery.search_scores(query, self.class_text(name).search_calibration)[0]
             order = scores + torch.tensor([boost(class_text(c)) for c in t.gallery.classes])
             found += [{**m, "found_by": "class" if m["class"] in weight else "weights",
                        "rank": m["score"] + boost(m["class"])}
                       for m in self.ranked(name, scores, top_k, order_by=order)]
-        if not found and self.bundle.trees:
-            raise ProbexError("no tree in this bundle has a text head; text search needs an aligned expert")
         found.sort(key=lambda m: m.pop("rank"), reverse=True)
         return require_finite({"models": found[:top_k], "read_as": read_as})
 
@@ -374,6 +442,9 @@ class Studio:
         tree = a.tree if a else (tree or self.default_tree())
         t = self.bundle.trees[tree]
         g = t.gallery
+        if not g.ids:
+            raise ProbexError(f"tree {tree} has no known models to map (a training-free reader: concepts and zero-shot "
+                              "only; a bundle trained on a population adds the map)")
         marks, focus, labelled = [], None, []
         if a is not None:
             marks.append(self.mark(tree, a.encoding, "your LoRA", "upload"))
@@ -402,6 +473,11 @@ class Studio:
         x, y = self.bundle.place(tree, vector[None])[0]
         return Mark(label, float(x), float(y), kind)
 
+    def has_gallery(self, tree: str | None = None) -> bool:
+        """Whether the tree (None: any tree) has known models: neighbours, the map and search need them."""
+        names = [tree] if tree else list(self.bundle.trees)
+        return any(len(self.bundle.trees[n].gallery.ids) for n in names)
+
     def default_tree(self) -> str:
         """The tree the map shows before anything is uploaded: the largest one."""
         return max(self.bundle.trees, key=lambda name: len(self.bundle.trees[name].gallery.ids))
@@ -416,8 +492,8 @@ class Studio:
             file_name=a.source, description=a.description, tree=a.tree, base_model=r["base_model"], layer=a.layer,
             router_confidence=a.confidence, classes=r["classes"], neighbors=r["neighbors"], profile=self.profile.name,
             notice=r["notice"], text_encoder=self.text.name,
-            instance_prompt=a.metadata.get("prompt") or a.metadata.get("instance_prompt"), metadata=a.metadata,
-            score_unit=r["score_unit"]))
+            instance_prompt=a.instance_prompt or a.metadata.get("prompt") or a.metadata.get("instance_prompt"),
+            metadata=a.metadata, score_unit=r["score_unit"], expert=r["expert"], prompt_source=a.prompt_source))
 
     def base_model(self, tree: str) -> str:
         """The tree's root as a card names it: a Hub id as is, a local root folder by its name."""
@@ -609,7 +685,8 @@ def open_studio(bundle_dir: str | Path | None = None) -> tuple[Studio | None, st
     from probex.profiles import DEFAULT_PROFILE, get_profile
 
     try:
-        return Studio.load(bundle_dir), ""
+        studio = Studio.load(bundle_dir)
+        return studio, studio.notice
     except ProbexError as err:
         first = str(err)
     profile = get_profile().name

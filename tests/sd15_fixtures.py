@@ -198,13 +198,14 @@ def byte_level_vocab() -> dict[str, int]:
     return vocab
 
 
-def tiny_clip_parts(seed: int = 0, hidden: int = 32, projection: int = 24):
+def tiny_clip_parts(seed: int = 0, hidden: int = 32, projection: int = 24, layers: int = 2, heads: int = 4,
+                    mlp: int | None = None):
     from transformers import CLIPTextConfig, CLIPTokenizer
 
     vocab = byte_level_vocab()
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
-                            num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77,
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=mlp or 2 * hidden,
+                            num_attention_heads=heads, num_hidden_layers=layers, max_position_embeddings=77,
                             projection_dim=projection, bos_token_id=vocab["<|startoftext|>"],
                             # random weights at the default scale embed "a photo of a X" nearly alike for every X
                             # (mean cosine 0.93); a larger init spreads the prompts (0.55), as a trained CLIP does
@@ -214,15 +215,30 @@ def tiny_clip_parts(seed: int = 0, hidden: int = 32, projection: int = 24):
     return tokenizer, config
 
 
-def save_tiny_clip_text(directory, seed: int = 0) -> Path:
-    """A randomly initialised CLIPTextModelWithProjection + tokenizer, loadable by `CLIPText(directory)`."""
+def save_tiny_clip_text(directory, seed: int = 0, **dims) -> Path:
+    """A randomly initialised CLIPTextModelWithProjection + tokenizer, loadable by `CLIPText(directory)`; ``dims``
+    as ``tiny_clip_parts`` takes them (CLIP_L_TEXT_DIMS: ViT-L/14's text tower, SD 1.5's token width)."""
     from transformers import CLIPTextModelWithProjection
 
-    tokenizer, config = tiny_clip_parts(seed)
+    tokenizer, config = tiny_clip_parts(seed, **dims)
     directory = Path(directory)
     CLIPTextModelWithProjection(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+# ViT-L/14's text tower as SD 1.5 uses it (width 768; 12 layers, 12 heads, MLP 3072); tests take 2 of its layers
+CLIP_L_TEXT_DIMS = dict(hidden=CLIP_L_TEXT["width"], projection=768, layers=CLIP_L_TEXT["layers"], heads=12,
+                        mlp=CLIP_L_TEXT["mlp"])
+
+
+def save_random_sd15(directory, seed: int = 0) -> Path:
+    """A randomly initialised SD 1.5 UNet saved as a pipeline folder would hold it (``unet/config.json`` and the
+    fp16 ``diffusion_pytorch_model.fp16.safetensors``, 1.7 GB): what the training-free reader reads from."""
+    torch.manual_seed(seed)
+    unet = build_unet("sd15").half()
+    unet.save_pretrained(Path(directory) / "unet", variant="fp16")
+    return Path(directory)
 
 
 def save_tiny_sd_pipeline(directory, seed: int = 0) -> Path:

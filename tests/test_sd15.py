@@ -300,6 +300,8 @@ def test_fake_modelj_tree_end_to_end(modelj_tree, tiny_clip, tmp_path, monkeypat
 
     # Uploads as Civitai users make them (kohya keys, fp16, text-encoder parts), read and routed by the service.
     studio = Studio.load(tmp_path / "bundle")
+    # no SD 1.5 UNet here for the training-free reader: the trained tree answers alone, and the studio says why
+    assert studio.trees == ["modelj-sd_200"] and "reader could not load" in studio.notice
     known, zero_shot, in_top3 = 0, 0, 0
     held_out_names = [imagenet_names()[w] for w in MODELJ_HOLDOUT_WNIDS]
     for model in modelj_tree.models:
