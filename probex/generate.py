@@ -33,8 +33,12 @@ def load_sd15(model_id: str, device: str | None = None, dtype: torch.dtype | Non
 
     device = device or default_device()
     dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
-    pipe = StableDiffusionPipeline.from_pretrained(model_id, dtype=dtype, safety_checker=None,
-                                                   requires_safety_checker=False)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(model_id, dtype=dtype, safety_checker=None,
+                                                       requires_safety_checker=False)
+    except (OSError, ValueError) as exc:  # offline, a UNet-only folder, a repo that is not a pipeline
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ProbexError(f"cannot load the SD 1.5 pipeline {model_id}: {first}") from None
     pipe.set_progress_bar_config(disable=True)
     pipe.sampling_defaults = dict(SD15_SAMPLING)
     return pipe.to(device)

@@ -171,3 +171,10 @@ def test_caption_outputs_come_back_from_the_disk_cache(reader_studio, sd15_parts
     assert all(torch.equal(x, y) for x, y in zip(first.caption_outputs, second.caption_outputs))
     assert torch.equal(first.class_features(sd15.DEFAULT_INSTANCE_PROMPT),
                        second.class_features(sd15.DEFAULT_INSTANCE_PROMPT))
+
+
+def test_samples_need_the_whole_pipeline_and_say_so(reader_studio, tmp_path):
+    """Reading needs only the UNet's attn2 tensors; drawing needs the pipeline, absent from a UNet-only folder."""
+    path = write_lora(tmp_path / "lora.safetensors", random_factors(lora_shapes("sd15"), 4, 5), "diffusers")
+    with pytest.raises(ProbexError, match="cannot load the SD 1.5 pipeline .*model_index.json"):
+        reader_studio.samples(path, n=1)
