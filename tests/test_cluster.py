@@ -1,14 +1,22 @@
-"""probex.cluster: jobs on a local Ray instance come back in order with their own errors, and a run that cannot use
-Ray says why in one line."""
+"""probex.cluster: jobs on a local Ray instance give exactly what they give here — the layer sweep (rows and experts)
+and the layer cache (every tensor and the index) — and a run that cannot use Ray says why in one line."""
+import json
 import socket
 import sys
 from functools import partial
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from probex.cluster import check_reachable, map_jobs
 from probex.errors import InputError, ProbexError
-from probex.zoo import select_layers
+from probex.train import TrainConfig, sweep_layers
+from probex.zoo import build_cache, select_layers
+from synthetic import make_lora_zoo
+
+LAYERS = {"down_blocks.0.attn2.to_k": (12, 10), "down_blocks.1.attn2.to_q": (12, 12), "up_blocks.0.attn2.to_v": (10, 12)}
+CONFIG = TrainConfig(epochs=15, batch_size=16, lr=1e-2, r_u=8, r_v=8, r_t=8)
 
 
 @pytest.fixture(scope="module")
@@ -17,6 +25,36 @@ def ray_instance():
     ray.init(num_cpus=2, include_dashboard=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    return make_lora_zoo(tmp_path_factory.mktemp("cluster") / "zoo", n_classes=5, per_class=6, layers=LAYERS,
+                         ranks=(2, 3), informative=[*LAYERS][1:2], signal=0.6, seed=3)
+
+
+def test_a_sweep_on_ray_equals_the_local_sweep(ray_instance, zoo, tmp_path):
+    cache = build_cache(zoo.root, tmp_path / "cache")
+    here = sweep_layers(cache, "all", "multiclass", config=CONFIG, out_dir=tmp_path / "here", progress=False)
+    there = sweep_layers(cache, "all", "multiclass", config=CONFIG, out_dir=tmp_path / "there", progress=False,
+                         ray=True)
+    timeless = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert timeless(there.rows) == timeless(here.rows) and len(here.rows) == 3
+    assert there.best_layer == here.best_layer
+    for key, value in here.best.expert.state_dict().items():
+        assert torch.equal(there.best.expert.state_dict()[key], value), key
+    written = [json.loads((tmp_path / side / "sweep.json").read_text())["layers"] for side in ("here", "there")]
+    assert timeless(written[0]) == timeless(written[1])
+
+
+def test_a_cache_built_on_ray_equals_the_local_cache(ray_instance, zoo, tmp_path):
+    # a tiny memory budget: one pass, and so one Ray task, per layer
+    here = build_cache(zoo.root, tmp_path / "here", memory_budget_gb=1e-9)
+    there = build_cache(zoo.root, tmp_path / "there", memory_budget_gb=1e-9, ray=True)
+    assert there.index == here.index
+    for layer in LAYERS:
+        a, b = load_file(tmp_path / "here" / f"{layer}.safetensors"), load_file(tmp_path / "there" / f"{layer}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), layer
 
 
 def test_ray_jobs_come_back_in_order_and_a_failing_job_raises_its_own_error(ray_instance):
