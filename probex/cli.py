@@ -8,6 +8,7 @@
     samples MODEL [--bundle DIR] [-n N] [--seed S] --out DIR   images drawn by a known model (id) or a LoRA file
     train --zoo DIR --out DIR … [--ray [ADDRESS]]        fit a tree's expert (layer sweep) and build a bundle
     eval --bundle DIR --zoo DIR [--json] [--ray [ADDR]]  the bundle's accuracy on a population
+    zoo build --preset P [--ray [ADDRESS]]               train an emoji LoRA population (resumable)
     modelj download …                                    Model-J from the Hub (when probex.modelj is present)
 
 FILE may be a local path, an https URL or a Hub repo id (`user/name[/file.safetensors]`).
@@ -289,10 +290,9 @@ def add_zoo_parser(verbs) -> None:
     build.add_argument("--preset", default="emoji-mini", choices=sorted(PRESETS))
     build.add_argument("--zoo", default="zoo", help="parent folder (LoRAs go to <zoo>/<preset>/<root>/)")
     build.add_argument("--roots", nargs="*", help="only these roots' trees")
-    build.add_argument("--shard", default="0/1", help="i/n: every n-th job from i, to run n processes side by side")
-    build.add_argument("--threads", type=positive, default=1, help="torch threads of this process")
     build.add_argument("--adapters-per-pass", type=positive, default=10)
-    build.add_argument("--device", default="cpu", help="cpu or cuda")
+    build.add_argument("--device", default="cpu", help="cpu or cuda (a Ray task then reserves one GPU)")
+    add_job_options(build, "pass")
     build.set_defaults(run=run_zoo_build)
 
 
@@ -303,8 +303,8 @@ def run_zoo_build(args) -> int:
     from probex.jungle.root import ROOTS_DIR
 
     torch.set_num_threads(args.threads)
-    for record in build_preset(args.preset, Path(args.zoo), ROOTS_DIR, args.roots, args.shard,
-                               args.adapters_per_pass, args.device):
+    for record in build_preset(args.preset, Path(args.zoo), ROOTS_DIR, args.roots, args.adapters_per_pass,
+                               args.device, args.ray):
         print(json.dumps(record))
     return 0
 

@@ -161,7 +161,8 @@ def test_train_options_become_the_training_config():
     assert not paper.centre and paper.init == "random" and not paper.relu and paper.r_t == 16
 
 
-@pytest.mark.parametrize("verb", [["train", "--zoo", "z", "--out", "o"], ["eval", "--bundle", "b", "--zoo", "z"]])
+@pytest.mark.parametrize("verb", [["train", "--zoo", "z", "--out", "o"], ["eval", "--bundle", "b", "--zoo", "z"],
+                                  ["zoo", "build"]])
 def test_ray_takes_an_optional_address_and_tasks_one_thread_by_default(verb):
     parse = cli.build_parser().parse_args
     assert (parse(verb).ray, parse(verb).threads) == (False, 1)

@@ -1,5 +1,6 @@
-"""probex.cluster: jobs on a local Ray instance give exactly what they give here — the layer sweep (rows and experts)
-and the layer cache (every tensor and the index) — and a run that cannot use Ray says why in one line."""
+"""probex.cluster: jobs on a local Ray instance give exactly what they give here — the layer sweep (rows and experts),
+the layer cache (every tensor and the index), a LoRA population (every tensor and its metadata) — and a run that
+cannot use Ray says why in one line."""
 import json
 import socket
 import sys
@@ -55,6 +56,32 @@ def test_a_cache_built_on_ray_equals_the_local_cache(ray_instance, zoo, tmp_path
     for layer in LAYERS:
         a, b = load_file(tmp_path / "here" / f"{layer}.safetensors"), load_file(tmp_path / "there" / f"{layer}.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), layer
+
+
+def test_lora_passes_on_ray_write_the_local_files(ray_instance, tmp_path):
+    from safetensors import safe_open
+
+    from probex.jungle.atlas import load_atlas
+    from probex.jungle.lora import LoraJob, build_population
+    from probex.jungle.root import RootRecipe, pretrain_root
+
+    _, classes = load_atlas()   # the real atlas: Ray's workers read it themselves
+    cls = classes[0]
+    root = pretrain_root(tmp_path / "root", RootRecipe(name="tiny", classes=[cls["id"], classes[1]["id"]],
+                                                       block_out_channels=(32, 32), steps=2, batch_size=4))
+    jobs = [LoraJob(model_id=f"train/model_idx_{i:04d}", class_id=cls["id"], class_name=cls["name"], root="tiny",
+                    rank=4, lr=5e-3, steps=2 + i, seed=i, n_images=5) for i in range(3)]
+    build_population(root, jobs, tmp_path / "here", adapters_per_pass=2)    # two passes: 2 LoRAs, then 1
+    build_population(root, jobs, tmp_path / "there", adapters_per_pass=2, ray=True)
+    for job in jobs:
+        files = [tmp_path / side / job.model_id / "pytorch_lora_weights.safetensors" for side in ("here", "there")]
+        a, b = load_file(files[0]), load_file(files[1])
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), job.model_id
+        metadata = []
+        for file in files:   # equal as dicts (safetensors writes metadata in a per-process hash order)
+            with safe_open(str(file), framework="pt") as f:
+                metadata.append(f.metadata())
+        assert metadata[0] == metadata[1]
 
 
 def test_ray_jobs_come_back_in_order_and_a_failing_job_raises_its_own_error(ray_instance):
