@@ -441,13 +441,14 @@ def _first_signature(cache):
 
 def train_bundle(zoo, out_dir: str | Path, layers=None, config: TrainConfig = PAPER, profile: str | None = None,
                  task: str | None = None, cache_dir: str | Path | None = None, routing_layer: str | None = None,
-                 samples_per_class: int = 1, n_examples: int = 3, encoder=None) -> dict:
+                 samples_per_class: int = 1, n_examples: int = 3, encoder=None, ray: bool | str = False) -> dict:
     """Population(s) → bundle: the `probex train` flow.
 
     Each zoo is one tree (named by its tree.json "name", else its folder). For each: cache the swept layers and the
     routing layer, sweep experts over the layers (best on val; align with the profile's text encoder for LoRA
     trees, multilabel for discriminative ones), keep the best; the router's trees are found per architecture with as
-    many trees as zoos and must recover the zoos. Returns a summary (per tree: chosen layer and its scores)."""
+    many trees as zoos and must recover the zoos. Returns a summary (per tree: chosen layer and its scores).
+    `ray` (see probex.cluster.map_jobs) runs the cache passes and the sweep's layers as Ray tasks."""
     from probex.profiles import get_profile
     from probex.text import load_text_encoder
     from probex.weights import read_weights
@@ -463,11 +464,13 @@ def train_bundle(zoo, out_dir: str | Path, layers=None, config: TrainConfig = PA
         name = z.name
         all_layers = sorted(read_weights(z.root / z.models[0].source).layers)
         routing = routing_layer or all_layers[0]   # the router's default: the first layer in sorted order
-        cache = build_cache(z, cache_root / _folder_name(name, set()), layers=[*select_layers(all_layers, layers), routing])
+        cache = build_cache(z, cache_root / _folder_name(name, set()), layers=[*select_layers(all_layers, layers), routing],
+                            ray=ray)
         template = z.tree.get("prompt_template") or prof.prompt_template
         tree_task = task or ("multilabel" if cache.task == "multilabel" else "align")
         text = class_text_embeddings(cache, encoder, template) if tree_task == "align" else None
-        sweep = sweep_layers(cache, layers, tree_task, text, config, out_dir=out_dir / "sweeps" / _folder_name(name, set()))
+        sweep = sweep_layers(cache, layers, tree_task, text, config, out_dir=out_dir / "sweeps" / _folder_name(name, set()),
+                             ray=ray)
         specs.append(TreeSpec(name, sweep.best.expert, cache, sweep.best_layer, template,
                               z.tree.get("root_model") or prof.root_model, z.tree.get("instance_prompt"),
                               samples=_sample_ids(cache, samples_per_class) if cache.kind == "lora" else []))

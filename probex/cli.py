@@ -6,8 +6,9 @@
     route FILE [--bundle DIR] [--json]                   which tree a file belongs to
     card FILE [--bundle DIR] [--out README.md]           a Hub model card draft for a LoRA
     samples MODEL [--bundle DIR] [-n N] [--seed S] --out DIR   images drawn by a known model (id) or a LoRA file
-    train --zoo DIR --out DIR …                          fit a tree's expert (layer sweep) and build a bundle
-    eval --bundle DIR --zoo DIR [--json]                 the bundle's accuracy on a population
+    train --zoo DIR --out DIR … [--ray [ADDRESS]]        fit a tree's expert (layer sweep) and build a bundle
+    eval --bundle DIR --zoo DIR [--json] [--ray [ADDR]]  the bundle's accuracy on a population
+    zoo build --preset P [--ray [ADDRESS]]               train an emoji LoRA population (resumable)
     modelj download …                                    Model-J from the Hub (when probex.modelj is present)
 
 FILE may be a local path, an https URL or a Hub repo id (`user/name[/file.safetensors]`).
@@ -125,11 +126,14 @@ def train_config(args):
 
 
 def run_train(args) -> int:
+    import torch
+
     from probex.bundle import train_bundle
 
+    torch.set_num_threads(args.threads)
     config = train_config(args)
     summary = train_bundle(args.zoo, args.out, layers=args.layers, config=config, profile=args.profile,
-                           task=args.task, cache_dir=args.cache, routing_layer=args.routing_layer)
+                           task=args.task, cache_dir=args.cache, routing_layer=args.routing_layer, ray=args.ray)
     if args.json:
         print(as_json(summary))
     else:
@@ -142,9 +146,12 @@ def run_train(args) -> int:
 
 def run_eval(args) -> int:
     """The bundle's experts on a population: every metric of probex.evaluate that fits each tree's task."""
+    import torch
+
     from probex.evaluate import evaluate_tree
     from probex.zoo import Zoo, build_cache
 
+    torch.set_num_threads(args.threads)
     studio = open_studio(args)
     zoo = Zoo.scan(args.zoo)
     name = zoo.name
@@ -153,7 +160,7 @@ def run_eval(args) -> int:
     if tree is None:
         raise ProbexError(f"the bundle has no tree named {name!r} (trees: {', '.join(studio.trees)}); "
                           "name the zoo's tree in its tree.json")
-    cache = build_cache(zoo, Path(args.cache) / name, layers=tree.layers)
+    cache = build_cache(zoo, Path(args.cache) / name, layers=tree.layers, ray=args.ray)
     text = tree.class_text_input() if tree.expert.head_kind == "align" else None
     report = {"tree": tree.name, **evaluate_tree(tree, cache, tree.task, text)}
     if args.json:
@@ -256,13 +263,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paper-inputs", action="store_true",
                    help="raw weights and random probes, as the paper (default: centred inputs, principal-direction probes)")
     p.add_argument("--seed", type=int, default=0)
+    add_job_options(p, "layer")
     p = verb("eval", run_eval, "the bundle's expert scored on a population (top-1, zero-shot, kNN, AUC…)",
              bundle=False)
     p.add_argument("--bundle", required=True)
     p.add_argument("--zoo", required=True)
     p.add_argument("--cache", default="cache", help="layer cache dir (default ./cache)")
+    add_job_options(p, "cache pass")
     mount_optional_parsers(verbs)
     return parser
+
+
+def add_job_options(parser, job: str, threads: int = 1) -> None:
+    """--ray [ADDRESS] (probex.cluster.map_jobs) and --threads: the thread count fixes the numbers and how many CPUs
+    each Ray task reserves."""
+    parser.add_argument("--ray", nargs="?", const=True, default=False, metavar="ADDRESS",
+                        help=f"run each {job} as a Ray task: on the cluster at ADDRESS (HOST:PORT), or without one "
+                             "on the Ray instance of this machine (pip install 'probex[cluster]')")
+    parser.add_argument("--threads", type=positive, default=threads,
+                        help=f"torch threads per {job}, here or in each Ray task (default {threads})")
 
 
 def add_zoo_parser(verbs) -> None:
@@ -275,10 +294,9 @@ def add_zoo_parser(verbs) -> None:
     build.add_argument("--preset", default="emoji-mini", choices=sorted(PRESETS))
     build.add_argument("--zoo", default="zoo", help="parent folder (LoRAs go to <zoo>/<preset>/<root>/)")
     build.add_argument("--roots", nargs="*", help="only these roots' trees")
-    build.add_argument("--shard", default="0/1", help="i/n: every n-th job from i, to run n processes side by side")
-    build.add_argument("--threads", type=positive, default=1, help="torch threads of this process")
     build.add_argument("--adapters-per-pass", type=positive, default=10)
-    build.add_argument("--device", default="cpu", help="cpu or cuda")
+    build.add_argument("--device", default="cpu", help="cpu or cuda (a Ray task then reserves one GPU)")
+    add_job_options(build, "pass")
     build.set_defaults(run=run_zoo_build)
 
 
@@ -289,8 +307,8 @@ def run_zoo_build(args) -> int:
     from probex.jungle.root import ROOTS_DIR
 
     torch.set_num_threads(args.threads)
-    for record in build_preset(args.preset, Path(args.zoo), ROOTS_DIR, args.roots, args.shard,
-                               args.adapters_per_pass, args.device):
+    for record in build_preset(args.preset, Path(args.zoo), ROOTS_DIR, args.roots, args.adapters_per_pass,
+                               args.device, args.ray):
         print(json.dumps(record))
     return 0
 

@@ -29,12 +29,14 @@ import csv
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from probex.cluster import map_jobs
 from probex.errors import InputError
 from probex.model import DenseExpert, Expert, ProbeX, dense_from_factors
 from probex.zoo import HOLDOUT, IN_DISTRIBUTION, LayerCache, select_layers
@@ -361,20 +363,20 @@ class SweepResult:
 
 def sweep_layers(cache: LayerCache, layers=None, task: str | None = None, text_embeddings: torch.Tensor | None = None,
                  config: TrainConfig = PAPER, out_dir: str | Path | None = None, save_experts: bool = False,
-                 progress: bool = True) -> SweepResult:
+                 progress: bool = True, ray: bool | str = False) -> SweepResult:
     """One expert per layer (a `select_layers` spec: all, a list, "40-47"…); the best layer is the best on val
     (ties: the lower index). With `out_dir`, sweep.csv / sweep.json are rewritten after every layer, so a long sweep
-    leaves its results as it goes; `save_experts` also keeps each layer's expert under out_dir/experts/<layer>/."""
+    leaves its results as it goes; `save_experts` also keeps each layer's expert under out_dir/experts/<layer>/.
+    Each layer is one job of `probex.cluster.map_jobs`: here, or on Ray when `ray` says so (same results)."""
     names = select_layers(cache.all_layers, layers)
     missing = [n for n in names if n not in cache.layers]
     if missing:
         raise InputError(f"{len(missing)} requested layer(s) are not cached (e.g. {missing[0]}); build the cache first")
     targets = task_targets(cache, task, text_embeddings)
+    fit_layer = partial(fit_expert, cache, task=task, text_embeddings=text_embeddings, config=config)
     out_dir = Path(out_dir) if out_dir else None
     rows, best = [], None
-    for name in tqdm(names, desc="layers", disable=not progress):
-        data = LayerData.from_cache(cache, name)
-        fit = train_expert(new_probex(data, targets, config), data, targets, config)
+    for name, fit in zip(names, map_jobs(fit_layer, names, ray, desc="layers", progress=progress)):
         rows.append({"index": cache.all_layers.index(name), "layer": name, **fit.metrics, "best_epoch": fit.best_epoch,
                      "epochs": fit.epochs_run, "seconds": round(fit.seconds, 3),
                      "n_params": sum(p.numel() for p in fit.expert.parameters())})
@@ -384,7 +386,6 @@ def sweep_layers(cache: LayerCache, layers=None, task: str | None = None, text_e
             if save_experts:
                 fit.expert.save_pretrained(out_dir / "experts" / name)
             write_sweep(out_dir, rows, best[0], targets.task, config)
-        del data
     return SweepResult(rows, best[0], best[1])
 
 

@@ -19,8 +19,8 @@ import ast
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, field
-from functools import lru_cache
+from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache, partial
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from probex.cluster import map_jobs
 from probex.errors import InputError
 from probex.weights import LoraFactors, layer_shape, read_weights
 
@@ -166,7 +167,7 @@ class LayerCache:
     """A built cache: `index` (index.json) and `load(layer)` → the stacked weights of every model, in index order."""
 
     def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
+        self.directory = Path(directory).resolve()   # absolute: a Ray task elsewhere reads the same files
         index_path = self.directory / "index.json"
         if not index_path.exists():
             raise InputError(f"no layer cache at {self.directory} (index.json missing)")
@@ -218,14 +219,18 @@ class LayerCache:
         return (t["up"], t["down"], t["scale"]) if "up" in t else t["weight"]
 
 
-def build_cache(zoo: Zoo | str | Path, cache_dir: str | Path, layers=None, memory_budget_gb: float = 4.0) -> LayerCache:
+def build_cache(zoo: Zoo | str | Path, cache_dir: str | Path, layers=None, memory_budget_gb: float = 4.0,
+                ray: bool | str = False) -> LayerCache:
     """Extract `layers` (a `select_layers` spec; default all) of every model into `cache_dir`.
 
     Incremental: layers already cached for the same file list (paths, sizes, modification times) are skipped; a
     changed file list starts the cache afresh. Layers are gathered in memory and written stacked, so when the
-    requested layers of all models exceed `memory_budget_gb` they are split over several passes over the files."""
+    requested layers of all models exceed `memory_budget_gb` they are split over several passes over the files.
+    Each pass is one job of `probex.cluster.map_jobs` (on Ray when `ray` says so, passes run side by side, each
+    holding up to the budget in memory)."""
     zoo = zoo if isinstance(zoo, Zoo) else Zoo.scan(zoo)
-    cache_dir = Path(cache_dir)
+    zoo = replace(zoo, root=zoo.root.resolve())   # absolute paths: a Ray task elsewhere reads the same files
+    cache_dir = Path(cache_dir).resolve()
     cache_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = _file_list_fingerprint(zoo)
     index = _existing_index(cache_dir, fingerprint)
@@ -239,17 +244,28 @@ def build_cache(zoo: Zoo | str | Path, cache_dir: str | Path, layers=None, memor
         raise InputError(f"{zoo.models[0].source}: a {first.kind} file in a {index['kind']} cache")
 
     per_model = {name: _bytes_per_model(first.layers[name]) for name in wanted}
-    for group in _passes(wanted, per_model, len(zoo.models), memory_budget_gb * 2**30):
-        stacks, hashes = _extract(zoo, group, shapes, first.kind)
-        for name, tensors in stacks.items():
-            file = f"{name}.safetensors"
-            save_file(tensors, str(cache_dir / file), metadata={"layer": name, "fingerprint": fingerprint})
-            index["layers"][name] = {"file": file, "shape": list(shapes[name])}
+    passes = _passes(wanted, per_model, len(zoo.models), memory_budget_gb * 2**30)
+    # locally each pass shows its files; on Ray, the bar counts finished passes
+    cache_pass = partial(_cache_pass, zoo, cache_dir, shapes, first.kind, fingerprint, not ray)
+    for entries, hashes in map_jobs(cache_pass, passes, ray, desc="cache passes", progress=bool(ray)):
+        index["layers"].update(entries)
         for record, digest in zip(index["models"], hashes):
             record["sha256"] = digest
         _write_index(cache_dir, index)
     _write_index(cache_dir, index)
     return LayerCache(cache_dir)
+
+
+def _cache_pass(zoo: Zoo, cache_dir: Path, shapes: dict, kind: str, fingerprint: str, progress: bool,
+                layers: list[str]) -> tuple[dict, list[str]]:
+    """One pass over the files: the stacked files of `layers` written; their index entries and each file's sha256."""
+    stacks, hashes = _extract(zoo, layers, shapes, kind, progress)
+    entries = {}
+    for name, tensors in stacks.items():
+        file = f"{name}.safetensors"
+        save_file(tensors, str(cache_dir / file), metadata={"layer": name, "fingerprint": fingerprint})
+        entries[name] = {"file": file, "shape": list(shapes[name])}
+    return entries, hashes
 
 
 def _read(zoo: Zoo, record: ModelRecord):
@@ -278,11 +294,11 @@ def _passes(layers: list[str], per_model: dict[str, int], n_models: int, budget:
     return groups
 
 
-def _extract(zoo: Zoo, layers: list[str], shapes: dict, kind: str):
+def _extract(zoo: Zoo, layers: list[str], shapes: dict, kind: str, progress: bool = True):
     """One pass over the files: the chosen layers of every model, stacked; and each file's sha256."""
     collected = {name: [] for name in layers}
     hashes = []
-    for record in tqdm(zoo.models, desc=f"caching {len(layers)} layer(s)", unit="model"):
+    for record in tqdm(zoo.models, desc=f"caching {len(layers)} layer(s)", unit="model", disable=not progress):
         weights = _read(zoo, record)
         if weights.kind != kind:
             raise InputError(f"{record.source}: a {weights.kind} file among {kind} files")

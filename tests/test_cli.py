@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from hostile.corpus import CASES, build_corpus
@@ -93,6 +94,13 @@ def test_eval_scores_the_bundle_on_its_population(built, capsys, tmp_path):
     assert report["tree"] == "tree-b" and report["top1_test"] >= 0.75
 
 
+def test_eval_on_ray_without_ray_installed_is_one_error_line(built, capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)   # `import ray` fails as if it were not installed
+    code, _, err = call(capsys, "eval", "--bundle", str(built["bundle"]), "--zoo", str(built["zoos"]["tree-b"]),
+                        "--cache", str(tmp_path / "cache"), "--ray")
+    assert "pip install 'probex[cluster]'" in assert_one_error_line(code, err)
+
+
 def test_modelj_download_is_mounted(capsys):
     code, out, _ = call(capsys, "modelj", "download", "--help")
     assert code == 0 and "--subset" in out
@@ -151,3 +159,12 @@ def test_train_options_become_the_training_config():
     assert default.centre and default.init == "principal" and default.relu and default.r_t == 128
     paper = cli.train_config(parse(["train", "--zoo", "z", "--out", "o", "--paper-inputs", "--linear", "--r-t", "16"]))
     assert not paper.centre and paper.init == "random" and not paper.relu and paper.r_t == 16
+
+
+@pytest.mark.parametrize("verb", [["train", "--zoo", "z", "--out", "o"], ["eval", "--bundle", "b", "--zoo", "z"],
+                                  ["zoo", "build"]])
+def test_ray_takes_an_optional_address_and_tasks_one_thread_by_default(verb):
+    parse = cli.build_parser().parse_args
+    assert (parse(verb).ray, parse(verb).threads) == (False, 1)
+    assert parse([*verb, "--ray"]).ray is True
+    assert parse([*verb, "--ray", "head:6379", "--threads", "2"]).ray == "head:6379"

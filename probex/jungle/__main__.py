@@ -2,7 +2,7 @@
 
     python -m probex.jungle judge [--steps N | --eval]
     python -m probex.jungle root --name emoji-root-1 --seed 0 [--minutes M] [--steps N]
-    python -m probex.jungle build pilot|emoji-mini [--zoo zoo] [--roots emoji-root-1] [--shard 0/2]
+    python -m probex.jungle build pilot|emoji-mini [--zoo zoo] [--roots emoji-root-1] [--ray [ADDRESS]]
     python -m probex.jungle ship pilot [--roots emoji-root-1] [--out checkpoints/emoji-mini]
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli import add_job_options
 from .atlas import load_atlas
 from .presets import PRESETS, build_preset
 from .root import ROOTS_DIR, RootRecipe, pretrain_root
@@ -42,10 +43,9 @@ def main(argv=None):
     build.add_argument("preset", choices=sorted(PRESETS))
     build.add_argument("--zoo", default="zoo")
     build.add_argument("--roots", nargs="*", help="only these roots")
-    build.add_argument("--threads", type=int, default=2)
     build.add_argument("--adapters-per-pass", type=int, default=10)
     build.add_argument("--device", default="cpu")
-    build.add_argument("--shard", default="0/1", help="i/n: train every n-th job starting at i (parallel processes)")
+    add_job_options(build, "pass", threads=2)
     ship = sub.add_parser("ship", help="train the experts and write the emoji-mini bundle from a built preset")
     ship.add_argument("preset", choices=sorted(PRESETS))
     ship.add_argument("--zoo", default="zoo")
@@ -73,8 +73,8 @@ def main(argv=None):
         pretrain_root(out, recipe, minutes=args.minutes, device=args.device)
         print(json.dumps({"root": str(out), "steps": recipe.steps}))
     elif args.cmd == "build":
-        for record in build_preset(args.preset, Path(args.zoo), ROOTS_DIR, args.roots, args.shard,
-                                   args.adapters_per_pass, args.device):
+        for record in build_preset(args.preset, Path(args.zoo), ROOTS_DIR, args.roots, args.adapters_per_pass,
+                                   args.device, args.ray):
             print(json.dumps(record))
     elif args.cmd == "ship":
         from .ship import build_emoji_bundle

@@ -19,6 +19,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -150,7 +151,8 @@ _A_CACHE: dict = {}
 
 
 def _initial_a(unet, rank, init_seed):
-    key = (id(unet), rank, init_seed)
+    # peft's A depends on the architecture, rank and seed, not on the weights (every pass loads its own root)
+    key = (json.dumps(unet.config, sort_keys=True, default=str), str(unet.device), rank, init_seed)
     if key not in _A_CACHE:
         _A_CACHE[key] = peft_initial_a(unet, rank, init_seed)
     return _A_CACHE[key]
@@ -181,35 +183,47 @@ def sample_jobs(root: str, classes: list[dict], per_class: dict[str, int] | list
 
 
 def build_population(root_dir: Path, jobs: list[LoraJob], zoo_dir: Path, adapters_per_pass: int = 10,
-                     device: str = "cpu", seed: int | None = None) -> dict:
-    """Train every job whose file does not exist yet (resumable) into ``zoo_dir`` in Model-J layout."""
-    from safetensors.torch import save_file
-
+                     device: str = "cpu", seed: int | None = None, ray: bool | str = False) -> dict:
+    """Train every job whose file does not exist yet (resumable) into ``zoo_dir`` in Model-J layout. Each pass is
+    one job of `probex.cluster.map_jobs`, here or on Ray (``ray``): the passes are the same either way, so are the
+    files (an adapter's numbers depend on the batch it trained in)."""
+    from ..cluster import map_jobs
     from ..text import load_text_encoder
 
-    unet, _, recipe = load_root(root_dir, device)
-    images, classes = load_atlas()
-    row = {c["id"]: i for i, c in enumerate(classes)}
-    rgba_by_class = {j.class_id: torch.from_numpy(images[row[j.class_id]]) for j in jobs}
+    root_dir, zoo_dir = Path(root_dir).resolve(), Path(zoo_dir).resolve()   # a Ray task elsewhere: the same files
+    recipe = RootRecipe.load(root_dir / "recipe.json")
     states = load_text_encoder("minilm").token_states([INSTANCE_PROMPT], recipe.token_length)
-    todo = [j for j in jobs if not (Path(zoo_dir) / j.model_id / "pytorch_lora_weights.safetensors").exists()]
+    todo = [j for j in jobs if not (zoo_dir / j.model_id / "pytorch_lora_weights.safetensors").exists()]
     by_rank: dict[int, list[LoraJob]] = {}
     for job in sorted(todo, key=lambda j: (j.init_seed != 0, j.steps)):
         by_rank.setdefault(job.rank, []).append(job)
     batches = [group[i:i + adapters_per_pass] for group in by_rank.values()
                for i in range(0, len(group), adapters_per_pass)]
     started = time.time()
-    for batch in tqdm(batches, desc=f"LoRAs on {recipe.name}", unit="pass"):
-        for job, state in zip(batch, train_batch(unet, recipe, batch, rgba_by_class, states, device)):
-            out = Path(zoo_dir) / job.model_id
-            out.mkdir(parents=True, exist_ok=True)
-            save_file(state, str(out / "pytorch_lora_weights.safetensors"), metadata=job.metadata(recipe))
+    train = partial(train_pass, root_dir, zoo_dir, states, device)
+    for _ in map_jobs(train, batches, ray, gpus=1 if device.startswith("cuda") else 0,
+                      desc=f"LoRA passes on {recipe.name}"):
+        pass
     import diffusers
     import peft
 
     record = {"root": recipe.name, "trained": len(todo), "skipped": len(jobs) - len(todo),
               "seconds": round(time.time() - started, 1), "adapters_per_pass": adapters_per_pass, "device": device,
-              "threads": torch.get_num_threads(), "job_seed": seed,
+              "threads": torch.get_num_threads(), "job_seed": seed, "ray": ray,
               "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__}}
-    (Path(zoo_dir) / "build_record.jsonl").open("a").write(json.dumps(record) + "\n")
+    (zoo_dir / "build_record.jsonl").open("a").write(json.dumps(record) + "\n")
     return record
+
+
+def train_pass(root_dir: Path, zoo_dir: Path, states: torch.Tensor, device: str, batch: list[LoraJob]) -> None:
+    """One pass of a population build: the batch's LoRAs (one rank) trained together, each written to its file."""
+    from safetensors.torch import save_file
+
+    unet, _, recipe = load_root(root_dir, device)
+    images, classes = load_atlas()
+    row = {c["id"]: i for i, c in enumerate(classes)}
+    rgba_by_class = {j.class_id: torch.from_numpy(images[row[j.class_id]]) for j in batch}
+    for job, state in zip(batch, train_batch(unet, recipe, batch, rgba_by_class, states, device)):
+        out = zoo_dir / job.model_id
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(out / "pytorch_lora_weights.safetensors"), metadata=job.metadata(recipe))

@@ -33,7 +33,7 @@ PRESETS = {
     # classes × 6 LoRAs, classes taking five split patterns in turn so the models split exactly 70/10/20 (630/90/180;
     # every class has ≥ 4 train LoRAs and ≥ 1 test LoRA), and 30 held-out classes × 6; tree B 40 classes × 5.
     # 1,280 LoRAs: the issue's minimum sizes, what one session of this 2-core CPU can build (≈ 80 s per pass of 10
-    # LoRAs per shard, two shards)
+    # LoRAs, two processes side by side)
     "emoji-mini": {
         "emoji-root-1": {"train_classes": 150, "holdout_classes": 30, "seed": 21,
                          "per_class": [{"train": 5, "test": 1}, {"train": 4, "val": 1, "test": 1},
@@ -77,21 +77,20 @@ def write_tree_info(zoo_dir: Path, root: str, jobs: list[LoraJob]):
     (zoo_dir / "tree.json").write_text(json.dumps(info, indent=1))
 
 
-def build_preset(preset: str, zoo: Path, roots_dir: Path, roots: list[str] | None = None, shard: str = "0/1",
-                 adapters_per_pass: int = 10, device: str = "cpu") -> list[dict]:
+def build_preset(preset: str, zoo: Path, roots_dir: Path, roots: list[str] | None = None, adapters_per_pass: int = 10,
+                 device: str = "cpu", ray: bool | str = False) -> list[dict]:
     """Train a preset's LoRAs into ``<zoo>/<preset>/<root>/`` (Model-J layout); resumable — files that exist
-    are skipped. ``shard`` "i/n" trains every n-th job from i, so n processes can share the work."""
+    are skipped. ``ray`` (see probex.cluster.map_jobs) trains the passes as Ray tasks, side by side."""
     from .lora import build_population
 
     if preset not in PRESETS:
         raise InputError(f"no preset {preset!r} (known: {', '.join(sorted(PRESETS))})")
-    i, n = (int(v) for v in shard.split("/"))
     records = []
     for root, jobs in preset_jobs(preset).items():
         if roots and root not in roots:
             continue
         tree_dir = Path(zoo) / preset / root
         write_tree_info(tree_dir, root, jobs)
-        records.append(build_population(Path(roots_dir) / root, jobs[i::n], tree_dir, adapters_per_pass, device,
-                                        seed=PRESETS[preset][root]["seed"]))
+        records.append(build_population(Path(roots_dir) / root, jobs, tree_dir, adapters_per_pass, device,
+                                        seed=PRESETS[preset][root]["seed"], ray=ray))
     return records
