@@ -7,7 +7,7 @@ For each layer shape (SD1.5's largest attention projection 1280×1280 and a cros
 LoRA population in memory — ranks cycling 4, 8, 16, 32, 64 (zero-padded to 64, as the layer cache stores them) and a
 planted class (10 classes; the class is written along a fixed input direction, as in tests/synthetic.py) — then
 trains the same ProbeX (paper sizes r_U = r_V = r_T = 128, Adam lr 1e-3, batch 128, same seed) two ways:
-  factor       Vᵀ·B·(A·U)·scale, never forming B·A (probex.model.ProbeX)
+  factor       Vᵀ·B·(A·U)·scale, never forming B·A (probex.experts.ProbeX)
   materialise  X = scale·B·A formed per batch, then Vᵀ·X·U — what the public release does (`inputs = B @ A`)
 Both go through probex.train's own epoch loop (which encodes each batch one LoRA rank at a time, so neither variant
 pays for padding). Reported per variant: seconds per training epoch, wall clock and CPU time (mean over epochs; on a
@@ -40,8 +40,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from probex.model import ProbeX, dense_from_factors  # noqa: E402
-from probex.train import LayerData, Targets, evaluate_split, train_epoch  # noqa: E402
+from probex.experts import ProbeX, dense_from_factors  # noqa: E402
+from probex.data import LayerData, Targets  # noqa: E402
+from probex.train import evaluate_split, train_epoch  # noqa: E402
 
 SHAPES = {"1280x1280": (1280, 1280), "320x768": (320, 768)}
 RANKS = (4, 8, 16, 32, 64)

@@ -84,7 +84,8 @@ PROMPT = "an emoji of {}"
 
 
 def gate3(out: Path, tree_dir: Path, root: str, epochs: int, layers: str) -> dict:
-    from probex.anchored import AnchoredProbeX, LayerStack, anchored_layer_names, training_free_scores
+    from probex.data import LayerStack
+    from probex.experts import AnchoredProbeX, anchored_layer_names, training_free_scores
     from probex.text import load_text_encoder
     from probex.jungle.ship import score_as_the_app_reads
     from probex.train import (TrainConfig, class_text_embeddings, encode_all, evaluate_split, sweep_layers,

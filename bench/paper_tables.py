@@ -23,11 +23,11 @@ task, every model from its own random init). For each population: the layer cach
 accuracy on the test split (chance 0.5: each label is on for half the models) of
   ProbeX         ReLU, layer sweep with the layer chosen on val (probex.train.sweep_layers)
   linear ProbeX  the same sweep without the ReLU (Fig. 3a's linear metanetwork)
-  dense          the dense expert of Eq. 1 (probex.model.DenseExpert), layer chosen on val among the layers whose
+  dense          the dense expert of Eq. 1 (probex.experts.DenseExpert), layer chosen on val among the layers whose
                  training state fits --dense-ram-gb (default 0.25 GB, which leaves out only mlp-a's fc1: 25 M
                  parameters that alone would take minutes; --dense-ram-gb 4 includes it); same r_T, optimiser and
                  epochs and inputs as ProbeX
-  StatNN         7 statistics of every layer's weights (probex.model.weight_statistics) → gradient-boosted trees,
+  StatNN         7 statistics of every layer's weights (probex.experts.weight_statistics) → gradient-boosted trees,
                  one per label (StatNNClassifier multilabel), as Unterthiner et al. use all layers
 with parameter counts (StatNN: its number of trees), then intra-tree (mean over the trees) against the forest.
 
@@ -59,9 +59,9 @@ sys.path.insert(0, str(ROOT))
 
 from probex.errors import ProbexError  # noqa: E402
 from probex.evaluate import per_label_accuracy  # noqa: E402
-from probex.model import StatNNClassifier, weight_statistics  # noqa: E402
-from probex.train import (LayerData, TrainConfig, new_dense, sweep_layers, task_targets,  # noqa: E402
-                          train_expert)
+from probex.experts import StatNNClassifier, weight_statistics  # noqa: E402
+from probex.data import LayerData, task_targets  # noqa: E402
+from probex.train import TrainConfig, new_dense, sweep_layers, train_expert  # noqa: E402
 from probex.zoo import LayerCache, build_cache  # noqa: E402
 
 DISCRIMINATIVE = TrainConfig(epochs=200, lr=2e-3, r_u=16, r_v=16, r_t=128, patience=40)
@@ -304,8 +304,8 @@ def generative_dense(cache: LayerCache, sentence, layers: list[str], config: Tra
 
 def generative_statnn(cache: LayerCache, sentence, config: TrainConfig) -> dict:
     """StatNN: gradient-boosted trees on every layer's 7 weight statistics (in-distribution); zero-shot needs a text
-    side, so an MLP align head on the same statistics (probex.model.StatMLP)."""
-    from probex.model import StatMLP
+    side, so an MLP align head on the same statistics (probex.experts.StatMLP)."""
+    from probex.experts import StatMLP
 
     stats = torch.cat([weight_statistics(cache.inputs(n)) for n in cache.all_layers], 1)
     targets = task_targets(cache, "multiclass")

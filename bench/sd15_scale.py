@@ -33,8 +33,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from probex.model import ProbeX, dense_from_factors  # noqa: E402
-from probex.train import RELEASE_GENERATIVE, LayerData, Targets, loss_and_score, train_epoch  # noqa: E402
+from probex.experts import ProbeX, dense_from_factors  # noqa: E402
+from probex.data import LayerData, Targets  # noqa: E402
+from probex.train import RELEASE_GENERATIVE, loss_and_score, train_epoch  # noqa: E402
 
 LAYER = "down_blocks.2.attentions.1.transformer_blocks.0.attn2.to_q"
 N_CLASSES, TEXT_DIM = 200, 768

@@ -7,7 +7,7 @@ The training-free expert (probex/anchored.py) compares, in each cross-attention 
 root), each layer scaled to unit norm. Stored, it keeps only the instance prompt's top principal token directions
 (rows "token rank k"; at all 16 tokens it is the exact score); up to commit 514f35d it stored a Gaussian projection
 of all tokens (rows "projected to r_t", what that cost). Rows "blocks": the reading through the root's whole
-cross-attention blocks (probex.anchored.AttentionReader) — with the LoRA's changes of the projections listed (k,v is
+cross-attention blocks (probex.experts.AttentionReader) — with the LoRA's changes of the projections listed (k,v is
 what the expert of commit 96f2194 added to its token-rank reading, at 6 queries and scale 2), at ship's query counts
 and more, and at five query draws for ship's largest count (seed 0 is what ship uses). The alternative measured here goes back to the TEXT space:
 it solves for the token-state change δ (d_text × n_tokens) that the LoRA's updates of all read layers imitate,
@@ -68,7 +68,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
 
-    from probex.anchored import AnchoredProbeX, AttentionReader
+    from probex.experts import AnchoredProbeX, AttentionReader
     from probex.jungle.ship import READER, READER_QUERIES
     from probex.jungle.lora import INSTANCE_PROMPT
     from probex.jungle.root import caption, load_root

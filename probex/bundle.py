@@ -33,9 +33,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from probex.errors import ProbexError
-from probex.model import Expert, load_expert
+from probex.experts import Expert, load_expert
 from probex.zoo import sha256_file
-from probex.train import (DEFAULT_PROMPT, PAPER, LayerData, TrainConfig, class_text_embeddings, encode_all, prompt,
+from probex.data import LayerData
+from probex.train import (DEFAULT_PROMPT, PAPER, TrainConfig, class_text_embeddings, encode_all, prompt,
                           sweep_layers)
 
 FORMAT, VERSION = "probex-bundle", 3  # 2: text_emb in its own file, encodings in int8; 3: encodings over files

@@ -15,7 +15,8 @@ from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 from probex.errors import NoExpertError, ProbexError
-from probex.train import LayerData, encode_all, nearest_mean_top1, task_targets
+from probex.data import LayerData, LayerStack, task_targets
+from probex.train import encode_all, nearest_mean_top1
 
 
 def _np(x) -> np.ndarray:
@@ -92,7 +93,6 @@ def layer_data(cache, layer: str | list[str]):
     """What an expert reads from a cache: one layer, or several together (root-anchored experts)."""
     if isinstance(layer, str):
         return LayerData.from_cache(cache, layer)
-    from probex.anchored import LayerStack
 
     return LayerStack.from_cache(cache, list(layer))
 

@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from probex.anchored import PROJECTIONS, AttentionReader
+from probex.experts import PROJECTIONS, AttentionReader
 from probex.errors import InputError
 
 TREE = "sd15"

@@ -116,7 +116,6 @@ class Studio:
     def load(cls, bundle_dir: str | Path | None = None, *, warm: bool = True) -> "Studio":
         """The bundle in ``bundle_dir`` (a dir or Hub repo id), else the shipped one of ``PROBEX_PROFILE``.
         ``warm=False`` defers the text encoder to its first use (one-shot CLI calls)."""
-        import probex.anchored  # noqa: F401 — registers AnchoredProbeX, the shipped emoji bundle's expert class
         from probex.bundle import Bundle
         from probex.profiles import get_profile, resolve_bundle_dir
 

@@ -14,14 +14,12 @@ Recipe (paper defaults): Adam, lr 1e-3, weight decay 1e-5, 500 epochs, batch 128
 (`RELEASE_GENERATIVE`). Deterministic under a seed on CPU.
 
 Inputs and initialisation (ours; the paper reads raw weights from a random start: ``centre=False, init="random"``).
-By default an expert reads its layer centred on the training models' mean and scaled to unit RMS norm
-(`input_stats`, stored in the expert), and ProbeX's probes U and projection V start at the principal directions of
-the training models' deviations from that mean (`principal_directions`: the top eigenvectors of Σ (X−X̄)ᵀ(X−X̄) and
-Σ (X−X̄)(X−X̄)ᵀ) instead of at random. Both use the train split only. In a tree the root's weights dominate every
-model's layer and carry no label; centring removes them, and the probes start where the models differ.
+By default an expert reads its layer centred on the training models' mean and scaled to unit RMS norm, and ProbeX's
+probes and projection start at the principal directions of the training models' deviations from that mean
+(probex.experts: CentredInput, ProbeX.initialise). Both use the train split only. In a tree the root's weights dominate
+every model's layer and carry no label; centring removes them, and the probes start where the models differ.
 
-The whole cached layer lives in memory as tensors and batches are slices of it — no DataLoader, no workers: the
-factor-space forward is the cost, and it is a few thin matmuls per model.
+Training inputs (probex.data.LayerData / LayerStack) live in memory as tensors and batches are slices of them.
 """
 from __future__ import annotations
 
@@ -34,12 +32,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from probex.cluster import map_jobs
 from probex.errors import InputError
-from probex.model import DenseExpert, Expert, ProbeX, dense_from_factors
-from probex.zoo import HOLDOUT, IN_DISTRIBUTION, LayerCache, select_layers
+from probex.data import LayerData, LayerStack, Targets, task_targets
+from probex.experts import AnchoredProbeX, DenseExpert, Expert, ProbeX
+from probex.zoo import LayerCache, select_layers
 
 
 @dataclass(frozen=True)
@@ -61,102 +61,6 @@ class TrainConfig:
 
 PAPER = TrainConfig()
 RELEASE_GENERATIVE = TrainConfig(epochs=200, lr=2e-3, r_t=512)
-
-
-# ---- data: one layer of every model, and what to predict ------------------------------------------------------------
-@dataclass
-class LayerData:
-    """A cached layer in memory: dense (N, d_W, d_H) or LoRA factors, with each model's true rank."""
-    x: torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-    rank: torch.Tensor | None = None
-
-    @classmethod
-    def from_cache(cls, cache: LayerCache, layer: str) -> "LayerData":
-        t = cache.load(layer)
-        if "up" in t:
-            return cls((t["up"], t["down"], t["scale"]), t.get("rank"))
-        return cls(t["weight"])
-
-    def __len__(self) -> int:
-        return len(self.x if isinstance(self.x, torch.Tensor) else self.x[0])
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        if isinstance(self.x, torch.Tensor):
-            return tuple(self.x.shape[1:])
-        up, down, _ = self.x
-        return up.shape[1], down.shape[2]
-
-    def take(self, idx: torch.Tensor):
-        """The models at `idx`; LoRA padding trimmed to the largest rank among them (less work, same result)."""
-        if isinstance(self.x, torch.Tensor):
-            return self.x[idx]
-        up, down, scale = self.x
-        r = int(self.rank[idx].max()) if self.rank is not None and len(idx) else up.shape[2]
-        return up[idx, :, :r], down[idx, :r], scale[idx]
-
-    def encode(self, expert: Expert, idx: torch.Tensor) -> torch.Tensor:
-        """Encodings of the models at `idx`, in that order. LoRAs are encoded one rank at a time, so a batch mixing
-        rank 4 and rank 64 costs its true ranks, not 64 each (padding is exact, but it is not free)."""
-        if self.rank is None or isinstance(self.x, torch.Tensor):
-            return expert.encode(self.take(idx))
-        ranks = self.rank[idx]
-        groups = [torch.nonzero(ranks == r).flatten() for r in ranks.unique()]
-        if len(groups) == 1:
-            return expert.encode(self.take(idx))
-        enc = torch.cat([expert.encode(self.take(idx[g])) for g in groups])
-        return enc[torch.cat(groups).argsort()]   # back to the order of idx
-
-
-@dataclass
-class Targets:
-    """Labels for one task. y: class index (N,) — into `classes` for in-distribution models and into
-    `holdout_classes` for held-out ones — or multi-hot (N, C) for multilabel. split: index tensors per split."""
-    task: str
-    y: torch.Tensor
-    split: dict[str, torch.Tensor]
-    classes: list[str]
-    holdout_classes: list[str] = field(default_factory=list)
-    text: torch.Tensor | None = None          # (len(classes), text_dim), align only
-    holdout_text: torch.Tensor | None = None  # (len(holdout_classes), text_dim)
-
-    def text_for(self, split: str) -> torch.Tensor | None:
-        return self.holdout_text if split in HOLDOUT else self.text
-
-    def evaluated_splits(self) -> list[str]:
-        """Held-out classes can only be scored by the align head (the others have no output for them)."""
-        splits = ("train", *IN_DISTRIBUTION[1:], *(HOLDOUT if self.task == "align" else ()))
-        return [s for s in splits if len(self.split.get(s, ())) > 0]
-
-
-def task_targets(cache: LayerCache, task: str | None = None, text_embeddings: torch.Tensor | None = None) -> Targets:
-    """Targets for `task` (default: the cache's own, multiclass or multilabel) from the cache's labels."""
-    task = task or cache.task
-    models, vocab = cache.models, cache.classes
-    split = {s: cache.split_indices(s) for s in (*IN_DISTRIBUTION, *HOLDOUT)}
-    if task == "multilabel":
-        if cache.task != "multilabel":
-            raise InputError("multilabel training needs a zoo whose models carry label lists (dataset_chosen_targets)")
-        pos = {c["id"]: i for i, c in enumerate(vocab)}
-        y = torch.zeros(len(models), len(vocab))
-        for i, m in enumerate(models):
-            y[i, [pos[t] for t in m["labels"]]] = 1
-        return Targets(task, y, split, [c["id"] for c in vocab])
-    if task not in ("multiclass", "align"):
-        raise InputError(f"unknown task {task!r}: use multiclass, multilabel or align")
-    if any("class_id" not in m for m in models):
-        raise InputError(f"{task} training needs one class per model (class_id or imagenet_class_id metadata)")
-    seen = [c for c in vocab if not c["holdout"]]
-    held = [c for c in vocab if c["holdout"]]
-    pos = {c["id"]: i for i, c in enumerate(seen)} | {c["id"]: i for i, c in enumerate(held)}
-    y = torch.tensor([pos[m["class_id"]] for m in models])
-    targets = Targets(task, y, split, [c["id"] for c in seen], [c["id"] for c in held])
-    if task == "align":
-        if text_embeddings is None or len(text_embeddings) != len(vocab):
-            raise InputError(f"align training needs one text embedding per class ({len(vocab)} classes)")
-        is_held = torch.tensor([c["holdout"] for c in vocab])
-        targets.text, targets.holdout_text = text_embeddings[~is_held].float(), text_embeddings[is_held].float()
-    return targets
 
 
 DEFAULT_PROMPT = "a photo of a {name}"  # the release's prompt for CLIP
@@ -256,50 +160,6 @@ def train_expert(expert: Expert, data: LayerData, targets: Targets, config: Trai
     return FitResult(expert.eval(), metrics, best_epoch, len(history), time.perf_counter() - start, history)
 
 
-INITS = ("principal", "random")
-
-
-def _dense_batches(data: LayerData, idx: torch.Tensor, batch_size: int = 16):
-    """The models at `idx` as dense float64 matrices, a few at a time (a LoRA's scale·B·A is formed per batch)."""
-    for b in idx.split(batch_size):
-        yield dense_from_factors(data.take(b)).double()
-
-
-def input_stats(data: LayerData, idx: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """X̄, the mean layer of the models at `idx` (d_W, d_H), and s, the RMS Frobenius norm of X − X̄ over them: the
-    centred inputs (X − X̄) / s are about unit norm whatever the layer's size and the tree's weight scale."""
-    if len(idx) == 0:
-        raise InputError("input statistics need at least one training model")
-    total, squares = torch.zeros(data.shape, dtype=torch.float64), 0.0
-    for x in _dense_batches(data, idx):
-        total += x.sum(0)
-        squares += float(x.square().sum())
-    mean = total / len(idx)
-    var = squares / len(idx) - float(mean.square().sum())
-    return mean.float(), max(var, 0.0) ** 0.5 or 1.0   # all models equal: nothing to scale
-
-
-def principal_directions(data: LayerData, idx: torch.Tensor, mean: torch.Tensor, k_w: int,
-                         k_h: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unit columns, strongest first: the top k_w eigenvectors of Σ (X−X̄)(X−X̄)ᵀ (d_W, k_w) and the top k_h of
-    Σ (X−X̄)ᵀ(X−X̄) (d_H, k_h), over the models at `idx` — the directions in which those models' layers differ most."""
-    d_w, d_h = data.shape
-    gram_w, gram_h = torch.zeros(d_w, d_w, dtype=torch.float64), torch.zeros(d_h, d_h, dtype=torch.float64)
-    for x in _dense_batches(data, idx):
-        x = x - mean.double()
-        gram_w += torch.einsum("nwh,nvh->wv", x, x)
-        gram_h += torch.einsum("nwh,nwg->hg", x, x)
-    top = [torch.linalg.eigh(g).eigenvectors[:, -k:].flip(1).float() for g, k in ((gram_w, k_w), (gram_h, k_h))]
-    return top[0], top[1]
-
-
-def centre_on_train(expert: Expert, data: LayerData, targets: Targets) -> torch.Tensor:
-    """Set a centred expert's input statistics from the train split; returns X̄."""
-    mean, scale = input_stats(data, targets.split["train"])
-    expert.set_input_stats(mean, scale)
-    return mean
-
-
 def _head(targets: Targets, config: TrainConfig) -> dict:
     """The head an expert for `targets` needs: its kind, outputs or text width, temperature."""
     align = targets.task == "align"
@@ -315,30 +175,17 @@ def new_dense(data: LayerData, targets: Targets, config: TrainConfig, ram_budget
     expert = DenseExpert(d_w, d_h, config.r_t, **_head(targets, config), ram_budget_gb=ram_budget_gb,
                          centred=config.centre)
     if config.centre:
-        centre_on_train(expert, data, targets)
+        expert.centre_on(data, targets.split["train"])
     return expert
 
 
 def new_probex(data: LayerData, targets: Targets, config: TrainConfig) -> ProbeX:
-    """A ProbeX for this layer and task, its inputs and initialisation as `config` says (module docstring)."""
-    if config.init not in INITS:
-        raise InputError(f"init must be one of {INITS}, got {config.init!r}")
+    """A ProbeX for this layer and task, its inputs and initialisation as `config` says (ProbeX.initialise)."""
     d_w, d_h = data.shape
     torch.manual_seed(config.seed)  # initialisation is part of what a seed fixes
     expert = ProbeX(d_w, d_h, config.r_u, config.r_v, config.r_t, config.relu, **_head(targets, config),
                     centred=config.centre)
-    if config.centre:
-        mean = centre_on_train(expert, data, targets)
-    elif config.init == "principal":
-        mean, _ = input_stats(data, targets.split["train"])
-    if config.init == "principal":
-        # Probes beyond the layer's width (r > d) keep their random start.
-        k_w, k_h = min(config.r_v, d_w), min(config.r_u, d_h)
-        p_w, p_h = principal_directions(data, targets.split["train"], mean, k_w, k_h)
-        with torch.no_grad():
-            expert.V[:, :k_w] = p_w
-            expert.U[:, :k_h] = p_h
-    return expert
+    return expert.initialise(data, targets.split["train"], config.init)
 
 
 def fit_expert(cache: LayerCache, layer: str, task: str | None = None, text_embeddings: torch.Tensor | None = None,
@@ -409,3 +256,14 @@ def encode_all(expert: Expert, data: LayerData, idx: torch.Tensor | None = None,
     with torch.no_grad():
         return torch.cat([data.encode(expert, b) for b in idx.split(batch_size)])
 
+
+def fit_anchored(cache, names: list[str], root_weights: dict[str, Tensor], instance_states: Tensor,
+                 class_states: Tensor, config=None, relu: bool = True):
+    """Train a root-anchored expert on the cached ``names`` layers with ``train.train_expert`` (best epoch on val).
+
+    root_weights: the root's matrix per layer name; instance_states (n_tokens, d_h); class_states (C, n_tokens, d_h),
+    one row per class of the cache. Returns (FitResult, LayerStack)."""
+    torch.manual_seed((config or PAPER).seed)
+    model = AnchoredProbeX.from_root([root_weights[n] for n in names], instance_states, relu=relu)
+    data = LayerStack.from_cache(cache, names)
+    return train_expert(model, data, task_targets(cache, "align", class_states), config or PAPER), data

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from probex.bundle import Bundle, Gallery, TreeBundle, layout_2d, train_bundle
 from probex.errors import NoExpertError, ProbexError
 from probex.evaluate import evaluate_bundle
-from probex.model import ProbeX
+from probex.experts import ProbeX
 from probex.train import TrainConfig
 from probex.weights import read_weights
 from synthetic import make_lora_zoo, write_tree_json
@@ -237,7 +237,8 @@ def test_text_search_is_z_normed_per_model_so_a_hub_does_not_top_every_search():
 
 
 def test_nearest_mean_reads_clustered_encodings_and_not_shuffled_ones():
-    from probex.train import Targets, nearest_mean_top1
+    from probex.data import Targets
+    from probex.train import nearest_mean_top1
 
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(10, 32, generator=g)

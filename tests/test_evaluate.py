@@ -8,7 +8,7 @@ import torch
 from probex.errors import NoExpertError
 from probex.evaluate import (evaluate_expert, knn_accuracy, one_class_auc, per_label_accuracy, precision_at_k,
                              router_accuracy, top1_accuracy, zero_shot_accuracy)
-from probex.model import ProbeX
+from probex.experts import ProbeX
 from probex.train import TrainConfig, fit_expert
 from probex.zoo import build_cache
 from synthetic import make_lora_zoo

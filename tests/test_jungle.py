@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from probex.anchored import AnchoredProbeX, training_free_scores
+from probex.experts import AnchoredProbeX, training_free_scores
 from probex.jungle import atlas
 from probex.jungle.lora import LoraJob, lora_state, target_modules, train_batch, wrap_unet
 from probex.jungle.root import RootRecipe, make_scheduler, make_unet, pretrain_root
@@ -164,8 +164,7 @@ def test_attention_reader_is_diffusers_attention_changed_by_the_lora_and_reads_a
     caption's reads exactly as that caption; factors and dense deltas agree; it saves and loads."""
     from diffusers.models.attention_processor import Attention
 
-    from probex.anchored import AttentionReader
-    from probex.model import load_expert
+    from probex.experts import AttentionReader, Block, load_expert
 
     torch.manual_seed(0)
     d_h, tokens, n_classes = 24, 5, 6
@@ -175,7 +174,8 @@ def test_attention_reader_is_diffusers_attention_changed_by_the_lora_and_reads_a
     names = ["attn2.to_k", "attn2.to_out.0", "attn2.to_q", "attn2.to_v"]
     h_s, h_c = torch.randn(tokens, d_h), torch.randn(n_classes, tokens, d_h)
     reader = AttentionReader.from_root(unet, names, h_s, n_queries=3, seed=0, scale=1.0)
-    assert reader.blocks == [[2, 0, 3, 1, 2, 16, 12, 12]] and reader.r_t == 3 * 12
+    assert reader.blocks == [Block(q=2, k=0, v=3, out=1, heads=2, inner=16, width=12, query_width=12)]
+    assert reader.r_t == 3 * 12 and reader.config()["blocks"] == [[2, 0, 3, 1, 2, 16, 12, 12]]
     x = torch.randn(3, 12, generator=torch.Generator().manual_seed(0))  # what from_root drew
     shapes = [attn.to_k.weight.shape, attn.to_out[0].weight.shape, attn.to_q.weight.shape, attn.to_v.weight.shape]
     ups = [torch.randn(2, s[0], 3) * 0.1 for s in shapes]
@@ -211,7 +211,7 @@ def test_attention_reader_is_diffusers_attention_changed_by_the_lora_and_reads_a
         assert type(loaded) is AttentionReader and torch.equal(loaded(planted, h_c), scores)
     # reading keys and values only: the query and output projections stay the root's
     kv_only = AttentionReader.from_root(unet, ["attn2.to_k", "attn2.to_v"], h_s, n_queries=3, seed=0, scale=1.0)
-    assert kv_only.blocks == [[-1, 0, 1, -1, 2, 16, 12, 12]]
+    assert kv_only.blocks == [Block(q=-1, k=0, v=1, out=-1, heads=2, inner=16, width=12, query_width=12)]
     with torch.no_grad():
         assert torch.allclose(kv_only([planted[0], planted[3]], h_c), scores, atol=1e-5)
         # a projection the LoRA does not adapt is handed as None: the same as a zero update
@@ -221,7 +221,7 @@ def test_attention_reader_is_diffusers_attention_changed_by_the_lora_and_reads_a
 
 
 def test_training_free_expert_round_trips_and_reads_text_on_chosen_layers(tmp_path):
-    from probex.model import load_expert
+    from probex.experts import load_expert
 
     torch.manual_seed(0)
     root_w, h_s = [torch.randn(16, 24), torch.randn(8, 24)], torch.randn(5, 24)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from probex.errors import InputError, ProbexError
-from probex.model import (DenseExpert, ProbeX, StatMLP, StatNNClassifier, dense_from_factors, load_expert,
+from probex.experts import (DenseExpert, ProbeX, StatMLP, StatNNClassifier, dense_from_factors, load_expert,
                           weight_statistics)
 
 

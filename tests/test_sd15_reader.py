@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from probex import sd15
-from probex.anchored import AttentionReader
+from probex.experts import AttentionReader
 from probex.errors import NoExpertError, ProbexError
 from probex.service import Studio
 from sd15_fixtures import (CLIP_L_TEXT_DIMS, UNET_CONFIGS, build_unet, kohya_metadata, lora_shapes, random_factors,

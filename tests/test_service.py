@@ -434,7 +434,7 @@ def test_root_anchored_multi_layer_experts_work_through_every_verb(built, kind, 
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file, save_file
 
-    from probex.anchored import AnchoredProbeX, AttentionReader
+    from probex.experts import AnchoredProbeX, AttentionReader
     from probex.service import Studio
     from probex.train import prompt
 

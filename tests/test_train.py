@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from probex.errors import InputError, ProbexError
-from probex.model import ProbeX
-from probex.train import (LayerData, Targets, TrainConfig, class_text_embeddings, encode_all, fit_expert, input_stats,
-                          new_dense, new_probex, principal_directions, sweep_layers, task_targets, train_expert)
+from probex.experts import ProbeX
+from probex.data import LayerData, Targets, task_targets
+from probex.experts import input_stats, principal_directions
+from probex.train import (TrainConfig, class_text_embeddings, encode_all, fit_expert, new_dense, new_probex,
+                          sweep_layers, train_expert)
 from probex.zoo import build_cache
 from synthetic import make_full_zoo, make_lora_zoo
 

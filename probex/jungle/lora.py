@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from .atlas import load_atlas
 from .root import RootRecipe, augment, diffusion_loss, load_root, make_scheduler, sample_timesteps, to_latent

@@ -22,11 +22,12 @@ from pathlib import Path
 
 import torch
 
-from ..anchored import PROJECTIONS, AnchoredProbeX, AttentionReader, LayerStack, fit_anchored
+from ..data import LayerStack, task_targets
+from ..experts import PROJECTIONS, AnchoredProbeX, AttentionReader
 from ..bundle import TreeSpec, _example_models, _fit_router, _sample_ids, build_bundle
 from ..errors import ProbexError
 from ..text import load_text_encoder
-from ..train import TrainConfig, encode_all, loss_and_score, nearest_mean_top1, task_targets
+from ..train import TrainConfig, encode_all, fit_anchored, loss_and_score, nearest_mean_top1
 from ..weights import read_weights
 from ..zoo import Zoo, build_cache
 from .lora import INSTANCE_PROMPT
