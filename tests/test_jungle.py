@@ -265,17 +265,16 @@ def test_recipe_reproduces_with_plain_diffusers_and_peft(tmp_path):
     assert all(weights.layers[n].scale == 1.0 for n in recipe_a)
 
 
-def test_ship_builds_a_bundle_the_studio_reads(tmp_path_factory, tmp_path):
+def test_ship_builds_a_bundle_the_studio_reads(built, tmp_path):
     """`python -m probex.jungle ship`'s builder on two small trees: it picks one of its candidate experts on val,
     finds a routing layer that separates the trees, and the Studio names test models' classes from their weights."""
     import json
 
-    from test_service import build_test_bundle, zoo_file
+    from helpers import zoo_file
 
     from probex.jungle.ship import build_emoji_bundle
     from probex.service import Studio
 
-    built = build_test_bundle(tmp_path_factory.getbasetemp() / "studio")
     shipped = build_emoji_bundle(built["base"] / "zoo", tmp_path / "bundle", epochs=5, cache_root=tmp_path / "cache",
                                  n_examples=1)
     assert set(shipped["trees"]) == set(built["zoos"])

@@ -1,98 +1,21 @@
 """The service verbs on a real bundle built here: a tiny random emoji root, two synthetic LoRA trees of the same
 architecture (planted class signal linear in MiniLM text embeddings, a different tree component each), trained with
-probex.bundle.train_bundle — the same flow `python -m probex train` runs.
-
-`build_test_bundle` is shared by the CLI, app and browser tests; it builds once per pytest session (≈ 25 s).
-"""
+probex.bundle.train_bundle — the same flow `python -m probex train` runs (tests/helpers.py builds it, the `built`
+fixture of conftest.py once per session)."""
 from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import zoo_file
 from huggingface_hub import ModelCard
 from PIL import Image
 
 from probex.errors import InputError, NoExpertError, ProbexError
 from probex.service import local_file
 from probex.weights import LoraFactors, read_weights, save_lora
-
-CLASS_NAMES = ["tiger", "lion", "apple", "rocket", "house", "car", "banana", "fish", "snail", "tulip", "owl", "pizza"]
-TREES = {  # name → (seed, training classes, held-out classes)
-    "tree-a": (1, 10, 2),
-    "tree-b": (2, 4, 0),
-}
-ROOT_TARGETS = ("attn2.to_k", "attn2.to_v")
-REPO = Path(__file__).resolve().parent.parent
-
-
-def build_test_bundle(base: Path) -> dict:
-    """Root, zoos and bundle under ``base``; idempotent (a finished build is reused). Returns their paths."""
-    base = Path(base)
-    paths = {"base": base, "root": base / "root", "bundle": base / "bundle",
-             "zoos": {name: base / "zoo" / name for name in TREES}}
-    if (base / "done.json").exists():
-        return paths
-    from probex.jungle.root import RootRecipe, make_scheduler, make_unet
-    from probex.text import load_text_encoder
-    from synthetic import make_lora_zoo, write_tree_json
-
-    recipe = RootRecipe(name="tiny-root", block_out_channels=(32, 64))
-    torch.manual_seed(0)
-    unet = make_unet(recipe)  # random weights: samples are noise, but drawn through the real pipeline
-    unet.save_pretrained(paths["root"] / "unet")
-    make_scheduler(recipe).save_pretrained(paths["root"] / "scheduler")
-    recipe.save(paths["root"] / "recipe.json")
-    layers = {name: (m.out_features, m.in_features) for name, m in unet.named_modules()
-              if isinstance(m, torch.nn.Linear) and name.endswith(ROOT_TARGETS)}
-    text = load_text_encoder("minilm").embed([f"an emoji of {n}" for n in CLASS_NAMES])
-    for name, (seed, n_train, n_hold) in TREES.items():
-        zoo = make_lora_zoo(paths["zoos"][name], n_classes=n_train, per_class=6, layers=layers, ranks=(4,),
-                            holdout_classes=n_hold, holdout_per_class=4, seed=seed, tree_component=3.0,
-                            tree_seed=seed + 100, class_embeddings=text[: n_train + n_hold],
-                            class_names=CLASS_NAMES[: n_train + n_hold])
-        write_tree_json(zoo.root, name=name, root_model=str(paths["root"]), prompt_template="an emoji of {name}",
-                        instance_prompt="an emoji of sks")
-    # the bundle is trained by the CLI in its own process: what a user runs, and UMAP's numba start-up (which raises
-    # torch's thread count and slows later diffusion steps 10-50× on 2 shared cores) stays out of the test process
-    run_cli("train", "--zoo", *map(str, paths["zoos"].values()), "--out", str(paths["bundle"]),
-            "--layers", sorted(layers)[-1], "--epochs", "80", "--r-u", "16", "--r-v", "16", "--r-t", "32",
-            "--batch-size", "32", "--lr", "5e-3", "--profile", "emoji-mini", "--cache", str(base / "cache"),
-            check=True)
-    (base / "done.json").write_text(json.dumps({"layers": sorted(layers)}))
-    return paths
-
-
-def run_cli(*args: str, check: bool = False, timeout: float = 300, env: dict | None = None):
-    """`python -m probex …` in a fresh process from the repository root."""
-    import os
-    import subprocess
-    import sys
-
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **(env or {})}
-    done = subprocess.run([sys.executable, "-m", "probex", *args], cwd=REPO, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
-    if check and done.returncode != 0:
-        raise AssertionError(f"probex {args[0]} failed ({done.returncode}): {done.stderr[-2000:]}")
-    return done
-
-
-def zoo_file(zoo: Path, split: str, class_name: str) -> Path:
-    """The first model file of ``split`` whose metadata names ``class_name``."""
-    from safetensors import safe_open
-
-    for path in sorted((zoo / split).glob("*/pytorch_lora_weights.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            if f.metadata()["class_name"] == class_name:
-                return path
-    raise LookupError(f"no {split} model of {class_name} in {zoo}")
-
-
-@pytest.fixture(scope="session")
-def built(tmp_path_factory):
-    return build_test_bundle(tmp_path_factory.getbasetemp() / "studio")
 
 
 @pytest.fixture(scope="session")
