@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import unicodedata
-from pathlib import Path
 
 import pytest
 import torch
@@ -272,6 +271,7 @@ def test_ship_builds_a_bundle_the_studio_reads(built, tmp_path):
 
     from helpers import zoo_file
 
+    from probex.evaluate import evaluate_jungle
     from probex.jungle.ship import build_emoji_bundle
     from probex.service import Studio
 
@@ -294,44 +294,17 @@ def test_ship_builds_a_bundle_the_studio_reads(built, tmp_path):
         result = studio.predict(zoo_file(built["zoos"][tree], "test", cls), top_k=3)
         assert result["tree"] == tree and cls in [c["name"] for c in result["classes"]]
 
-    # bench/paper_tables.py's generative part reads the population and this bundle: every method has its row, the
-    # shipped row is evaluate_bundle's reading as the app reads (class means), and the router is checked on all trees
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from paper_tables import GENERATIVE_METHODS, generative_tables, print_generative
-
-    from probex.evaluate import evaluate_bundle
-    from probex.train import TrainConfig
-
-    tables = generative_tables(built["base"] / "zoo", tmp_path / "bundle", tmp_path / "cache",
-                               TrainConfig(epochs=3, r_u=8, r_v=8, r_t=16), layers=r"attn2\.to_v$")
-    print_generative(tables)
-    assert tables["tree"] == "tree-a" and tables["classes"] == {"training": 10, "held_out": 2}
-    assert {key for key, _ in GENERATIVE_METHODS} <= set(tables["rows"])
-    for key, _ in GENERATIVE_METHODS:
-        assert 0.0 <= tables["rows"][key]["in_dist"] <= 1.0 and 0.0 <= tables["rows"][key]["zero_shot"] <= 1.0
-    direct = evaluate_bundle(tmp_path / "bundle", built["zoos"]["tree-a"], tmp_path / "direct-cache")
-    assert tables["rows"]["shipped"]["in_dist"] == direct["class_mean_top1_test"] >= 0.5   # 10 classes: chance 0.1
-    for split in ("val", "test", "val_holdout", "test_holdout"):   # the app's concept list, z-normed and raw
-        assert tables["rows"]["shipped"][f"concept_top1_{split}"] == direct[f"concept_top1_{split}"]
-        assert 0.0 <= direct[f"concept_top1_raw_{split}"] <= 1.0
-    for key in ("search_p@5_known", "search_p@5_unseen", "search_p@5_known_raw", "search_p@5_unseen_raw"):
-        assert tables["rows"]["shipped"][key] == direct[key] and 0.0 <= direct[key] <= 1.0
-    assert {name: r["accuracy"] for name, r in tables["router"].items()} == {"tree-a": 1.0, "tree-b": 1.0}
-
-    # bench/zero_shot_inversion.py reads the same population: the shipped output-space reading and the text-space one
-    from zero_shot_inversion import ATTENTION_SEEDS, BLOCK_READINGS, LAMBDAS, PROJECTIONS, TOKEN_RANKS
-    from zero_shot_inversion import main as inversion
-
-    readings = inversion(["--jungle", str(built["base"] / "zoo"), "--tree", "tree-a", "--cache", str(tmp_path / "cache")])
-    assert len(readings) == (1 + len(PROJECTIONS) + len(TOKEN_RANKS) + 1 + len(BLOCK_READINGS) + len(ATTENTION_SEEDS)
-                             + len(LAMBDAS))
-    full_rank = [k for k in readings if k.startswith("token rank")][-1]
-    assert readings[full_rank] == readings["output space, exact"]  # all principal directions: the exact score
-    for r in readings.values():
-        assert set(r) == {"val_holdout", "test_holdout", "val", "test", "val means", "test means"}
-        assert all(0.0 <= v <= 1.0 for v in r.values())
+    # the bundle read on every tree of its population (bench/paper_tables.py's shipped row and router lines)
+    readings = evaluate_jungle(tmp_path / "bundle", built["base"] / "zoo", tmp_path / "cache")
+    assert {name: r["router_accuracy"] for name, r in readings.items()} == {"tree-a": 1.0, "tree-b": 1.0}
+    a, b = readings["tree-a"], readings["tree-b"]
+    assert (a["n_train"], a["n_test"], a["n_test_holdout"]) == (40, 10, 4)
+    assert a["layer"] == studio.bundle.trees["tree-a"].layer
+    assert a["class_mean_top1_test"] >= 0.5 and b["class_mean_top1_test"] >= 0.5   # 10 and 4 classes: chance ≤ 0.25
+    for key in ("concept_top1_val", "concept_top1_test", "concept_top1_raw_val", "concept_top1_raw_test"):
+        assert a[key] >= 0.4, key   # all 12 classes of tree A's vocabulary scored together: chance 0.08
+    # text search on a random root's training-free text side may read near chance: measured, not bounded
+    assert {"search_p@5_known", "search_p@5_unseen", "search_p@5_known_raw", "search_p@5_unseen_raw"} <= set(a)
 
 
 def test_emoji_mini_preset_has_the_jungles_size_and_splits():
