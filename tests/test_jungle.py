@@ -6,6 +6,7 @@ import unicodedata
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from probex.anchored import AnchoredProbeX, training_free_scores
@@ -56,7 +57,8 @@ def test_root_pretraining_resumes_where_it_stopped(tmp_path, monkeypatch, ema_de
     assert saved_is_raw == (ema_decay == 0), "the saved UNet is the EMA exactly when EMA is on"
     from diffusers import UNet2DConditionModel
 
-    assert isinstance(UNet2DConditionModel.from_pretrained(straight / "unet"), UNet2DConditionModel)
+    loaded = UNet2DConditionModel.from_pretrained(straight / "unet").state_dict()  # the folder loads as it was saved
+    assert set(loaded) == set(a) and all(torch.equal(loaded[k].to(a[k].dtype), a[k]) for k in a)
 
 
 def _two_class_atlas():
@@ -150,7 +152,15 @@ def test_anchored_factor_path_equals_dense_and_reads_a_planted_concept():
     scores = training_free_scores(model.responses(factors), model.text_responses(h_c))
     assert scores.argmax(1).tolist() == labels
     compact = AnchoredProbeX.training_free(root_w, h_s, token_rank=min(h_s.shape))
-    assert compact(factors, h_c).argmax(1).tolist() == labels  # at full token rank: the exact score, stored compactly
+
+    def unit_layers(z):  # each layer's block of responses to unit norm, then one vector
+        blocks = [F.normalize(p.flatten(1), dim=-1) for p in z.split(model.d_ws, dim=1)]
+        return F.normalize(torch.cat(blocks, 1), dim=-1)
+
+    # at full token rank: the exact output-space score, stored compactly
+    exact = unit_layers(model.responses(factors)) @ unit_layers(model.text_responses(h_c)).T
+    assert torch.allclose(compact(factors, h_c), exact, atol=1e-5)
+    assert compact(factors, h_c).argmax(1).tolist() == labels
     assert compact.r_t == sum(w.shape[0] for w in root_w) * min(h_s.shape)
     # each layer has one vote: scaling one layer's LoRA changes nothing
     louder = [(factors[0][0] * 100, factors[0][1], factors[0][2]), factors[1]]
