@@ -35,7 +35,7 @@ def test_predict_routes_to_the_tree_and_names_the_class(studio, built, tree, spl
     assert set(result) >= {"tree", "layer", "router", "classes", "neighbors"}
     assert result["tree"] == tree
     assert result["score_unit"] == ("z" if studio.bundle.trees[tree].expert.head_kind == "align" else "probability")
-    assert 0 < result["router"]["confidence"] <= 1 and result["router"]["distance"] >= 0
+    assert result["router"]["confidence"] > 0.5   # the trees are planted apart: nearer its own centre than halfway
     names = [c["name"] for c in result["classes"]]
     assert len(names) == min(5, len(studio.bundle.trees[tree].gallery.classes_vocabulary)) and cls in names
     scores = [c["score"] for c in result["classes"]]
@@ -129,7 +129,11 @@ def test_map_figure_places_upload_and_query(studio, built):
     own = gallery.ids.index(path.parent.relative_to(built["zoos"]["tree-a"]).as_posix())
     assert upload.x[0] == pytest.approx(float(gallery.umap[own, 0]), abs=1e-2)
     assert upload.y[0] == pytest.approx(float(gallery.umap[own, 1]), abs=1e-2)
-    assert query.x[0] is not None
+    # the query lands among the models of the class it reads as (the map's class clusters lie far apart)
+    members = {c: [i for i, k in enumerate(gallery.classes) if k == c] for c in set(gallery.classes)}
+    point = torch.tensor([query.x[0], query.y[0]])
+    nearest = min(members, key=lambda c: float((gallery.umap[members[c]].mean(0) - point).norm()))
+    assert nearest == studio.read_query("a red fruit")[0]["class"]
 
 
 def test_map_without_a_request_shows_the_largest_tree(studio):
@@ -166,11 +170,12 @@ def test_samples_of_an_uploaded_file_and_of_a_model_without_its_own_file(studio,
     # a test model ships no LoRA: a shipped model of its class is drawn instead
     model = path.parent.relative_to(built["zoos"]["tree-a"]).as_posix()
     assert model not in studio.bundle.trees["tree-a"].gallery.sample_paths
-    assert studio.sample_source("tree-a", model) is not None
+    g = studio.bundle.trees["tree-a"].gallery
+    source = studio.sample_source("tree-a", model)
+    assert source in g.sample_paths and g.classes[g.ids.index(source)] == "fish"
     neighbours = studio.drawable_neighbors(path, 4)
     assert 1 <= len(neighbours) <= 4 and all(studio.sample_source(n["tree"], n["id"]) for n in neighbours)
     # a held-out-class model (a search can return one) has nothing to draw: drawable passes it over, samples says so
-    g = studio.bundle.trees["tree-a"].gallery
     held = next(m for m, split in zip(g.ids, g.splits) if split.endswith("holdout"))
     assert studio.sample_source("tree-a", held) is None
     assert studio.drawable([{"id": held, "tree": "tree-a"}, {"id": model, "tree": "tree-a"}], 4) == \
@@ -385,9 +390,18 @@ def test_root_anchored_multi_layer_experts_work_through_every_verb(built, kind, 
     result = studio.predict(path, top_k=3)
     assert result["tree"] == "tree-a" and result["layer"] == ", ".join(names) and len(result["classes"]) == 3
     assert result["neighbors"][0]["score"] == pytest.approx(1.0, abs=1e-4)
-    assert [s["name"] for s in studio.zero_shot(path, ["fish", "a boat"])] != []
-    assert any(m["tree"] == "tree-a" for m in studio.search("fish", top_k=10)["models"])
-    assert studio.map_figure(path, query="fish").data
+    scores = studio.zero_shot(path, ["fish", "a boat"])
+    assert sorted(s["name"] for s in scores) == ["a boat", "fish"]
+    assert scores == sorted(scores, key=lambda s: s["score"], reverse=True)
+    models = studio.search("fish", top_k=10)["models"]   # tree A's 6 fish models by their class, then by weights
+    assert [(m["class"], m["tree"], m["found_by"]) for m in models[:6]] == [("fish", "tree-a", "class")] * 6
+    by_weights = [m["score"] for m in models[6:]]
+    assert {m["found_by"] for m in models[6:]} == {"weights"} and by_weights == sorted(by_weights, reverse=True)
+    fig = studio.map_figure(path, query="fish")
+    own = tree.gallery.ids.index(path.parent.relative_to(zoo).as_posix())
+    upload = next(t for t in fig.data if t.name == "your LoRA")
+    assert len(fig.data[0].x) == len(tree.gallery.ids)
+    assert (upload.x[0], upload.y[0]) == pytest.approx(tuple(tree.gallery.umap[own].tolist()), abs=1e-2)
     assert "attn2.to_v" in studio.model_card(path)
 
     # a LoRA that leaves some read projections alone: readable where the expert takes those as unchanged
