@@ -263,16 +263,16 @@ def generative_tables(zoo_root: str | Path = ROOT / "zoo" / "emoji-mini",
         rows["dense"] = generative_dense(cache, sentence, rows["probex"]["layers"], config, dense_ram_gb)
         rows["statnn"] = generative_statnn(cache, sentence, config)
     if shipped:
-        result.update(shipped_rows(trees, main_tree.name, bundle_dir, cache_root))
+        result.update(shipped_rows(zoo_root, main_tree.name, bundle_dir, cache_root))
         rows["shipped"] = result.pop("shipped_row")
     return result
 
 
-def shipped_rows(trees: list[Path], main_name: str, bundle_dir, cache_root) -> dict:
+def shipped_rows(zoo_root, main_name: str, bundle_dir, cache_root) -> dict:
     """The bundle's expert on every tree as `probex eval` reads it (known classes by class means), and its router."""
-    from probex.evaluate import evaluate_bundle
+    from probex.evaluate import evaluate_jungle
 
-    per_tree = {t.name: evaluate_bundle(bundle_dir, t, Path(cache_root) / t.name) for t in trees}
+    per_tree = evaluate_jungle(bundle_dir, zoo_root, cache_root)
     main = per_tree[main_name]
     return {"shipped_row": {"in_dist": main["class_mean_top1_test"], "in_dist_text": main["top1_test"],
                             "zero_shot": main["zero_shot_test_holdout"], "knn5": main["knn5_test"],

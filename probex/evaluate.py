@@ -5,9 +5,12 @@
   mean distance to the k nearest reference models of that class, averaged over classes) and retrieval precision@k —
   all with cosine distance, the geometry the align head trains;
 - router accuracy.
-`evaluate_expert` runs every metric that fits an expert's task on a cached layer (what `probex eval` prints).
+`evaluate_expert` runs every metric that fits an expert's task on a cached layer (what `probex eval` prints);
+`evaluate_bundle` reads a bundle on one population, `evaluate_jungle` on every tree of a jungle.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -177,6 +180,15 @@ def evaluate_bundle(bundle_dir, zoo_dir, cache_dir=None, k: int = 5) -> dict:
     n_models = report.pop("n_models")
     return {"tree": truth, "router_accuracy": routed.count(truth) / len(routed),
             **{f"n_{split}": n for split, n in n_models.items()}, **report}
+
+
+def evaluate_jungle(bundle_dir, jungle_dir, cache_root=None, k: int = 5) -> dict[str, dict]:
+    """A bundle on every tree of a jungle (the folders of ``jungle_dir`` with a tree.json): `evaluate_bundle` of
+    each, so the router is checked on every LoRA of every tree. Caches under ``cache_root``/<folder> (temporary
+    without one). {folder name: report}."""
+    trees = sorted(p for p in Path(jungle_dir).iterdir() if (p / "tree.json").is_file())
+    return {t.name: evaluate_bundle(bundle_dir, t, Path(cache_root) / t.name if cache_root else None, k)
+            for t in trees}
 
 
 def evaluate_tree(tree, cache, task: str | None, text: torch.Tensor | None, k: int = 5) -> dict:

@@ -4,73 +4,11 @@ and the app keeps serving; uploads do not stay on disk after their request."""
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-from test_service import REPO, build_test_bundle, zoo_file
-
-
-@dataclass
-class RunningApp:
-    url: str
-    process: subprocess.Popen
-    temp_dir: Path      # GRADIO_TEMP_DIR: where uploads land
-    log: Path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def running_app(bundle: Path, workdir: Path, env: dict | None = None, timeout: float = 180):
-    """`python app.py` in its own process; yields once the page answers, stops the process afterwards."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "PROBEX_BUNDLE": str(bundle), "HF_HUB_OFFLINE": "1",
-                "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
-                "GRADIO_TEMP_DIR": str(workdir / "gradio"), "GRADIO_ANALYTICS_ENABLED": "False",
-                "PROBEX_UPLOAD_GRACE_S": "3", **(env or {})}
-    log = workdir / "app.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=full_env, stdout=out,
-                                   stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"app.py exited with {process.returncode}: {log.read_text()[-3000:]}")
-            try:
-                if httpx.get(url, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"app.py did not answer within {timeout} s: {log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield RunningApp(url, process, workdir / "gradio", log)
-    finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return build_test_bundle(tmp_path_factory.getbasetemp() / "studio")
+from helpers import REPO, running_app, uploads_left, zoo_file
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +34,7 @@ def test_predict_on_a_shipped_example(client, built):
     from safetensors import safe_open
 
     examples = sorted((built["bundle"] / "examples").glob("*.safetensors"))
-    assert examples
+    assert len(examples) == 6   # train_bundle ships three test models of each tree
     for example in examples:
         with safe_open(str(example), framework="pt") as f:
             truth = f.metadata()["class_name"]
@@ -121,14 +59,6 @@ def test_a_bad_upload_is_an_error_and_the_app_keeps_serving(client, app, tmp_pat
     assert app.process.poll() is None
     path = zoo_file(built["zoos"]["tree-b"], "test", "lion")
     assert client.predict(handle_file(str(path)), 5, api_name="/predict")["tree"] == "tree-b"
-
-
-def uploads_left(app: RunningApp, wait_s: float = 20) -> list[Path]:
-    """Uploads still on the server after the deletion grace time (3 s in these tests) and a margin."""
-    deadline = time.monotonic() + wait_s
-    while (left := list(app.temp_dir.rglob("*.safetensors"))) and time.monotonic() < deadline:
-        time.sleep(0.25)
-    return left
 
 
 def test_uploads_are_not_kept_after_the_request(client, app, built):

@@ -8,8 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_app import running_app, uploads_left
-from test_service import build_test_bundle, zoo_file
+from helpers import running_app, uploads_left, zoo_file
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -20,8 +19,7 @@ pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium i
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    built = build_test_bundle(tmp_path_factory.getbasetemp() / "studio")
+def app(built, tmp_path_factory):
     with running_app(built["bundle"], tmp_path_factory.mktemp("browser-app")) as running:
         yield running, built
 

@@ -7,15 +7,10 @@ import json
 import sys
 
 import pytest
+from helpers import run_cli, zoo_file
 from hostile.corpus import CASES, build_corpus
-from test_service import build_test_bundle, run_cli, zoo_file
 
 from probex import cli
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return build_test_bundle(tmp_path_factory.getbasetemp() / "studio")
 
 
 def call(capsys, *args: str) -> tuple[int, str, str]:

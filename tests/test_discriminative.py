@@ -60,13 +60,16 @@ def test_rebuild_skips_existing_models_and_retrains_a_missing_one_identically(ti
 
     victim = files[7]
     original = load_file(str(victim))
+    with safe_open(str(victim), framework="pt") as f:
+        original_targets = json.loads(f.metadata()["dataset_chosen_targets"])
     victim.unlink()
     rebuilt = disc.build(out, TINY, measure=False, progress=False)
     assert rebuilt["populations"][TREE]["trained"] == 1  # alone now, in a group before: same seed, same model
     retrained = load_file(str(victim))
     assert all(torch.allclose(original[k], retrained[k], atol=1e-5) for k in original)
     with safe_open(str(victim), framework="pt") as f:
-        assert json.loads(f.metadata()["dataset_chosen_targets"])
+        targets = json.loads(f.metadata()["dataset_chosen_targets"])
+    assert targets == original_targets and len(set(targets)) == TINY.chosen
 
 
 @pytest.mark.parametrize("arch", sorted(disc.ARCHITECTURES))

@@ -1,98 +1,21 @@
 """The service verbs on a real bundle built here: a tiny random emoji root, two synthetic LoRA trees of the same
 architecture (planted class signal linear in MiniLM text embeddings, a different tree component each), trained with
-probex.bundle.train_bundle — the same flow `python -m probex train` runs.
-
-`build_test_bundle` is shared by the CLI, app and browser tests; it builds once per pytest session (≈ 25 s).
-"""
+probex.bundle.train_bundle — the same flow `python -m probex train` runs (tests/helpers.py builds it, the `built`
+fixture of conftest.py once per session)."""
 from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import zoo_file
 from huggingface_hub import ModelCard
 from PIL import Image
 
 from probex.errors import InputError, NoExpertError, ProbexError
 from probex.service import local_file
 from probex.weights import LoraFactors, read_weights, save_lora
-
-CLASS_NAMES = ["tiger", "lion", "apple", "rocket", "house", "car", "banana", "fish", "snail", "tulip", "owl", "pizza"]
-TREES = {  # name → (seed, training classes, held-out classes)
-    "tree-a": (1, 10, 2),
-    "tree-b": (2, 4, 0),
-}
-ROOT_TARGETS = ("attn2.to_k", "attn2.to_v")
-REPO = Path(__file__).resolve().parent.parent
-
-
-def build_test_bundle(base: Path) -> dict:
-    """Root, zoos and bundle under ``base``; idempotent (a finished build is reused). Returns their paths."""
-    base = Path(base)
-    paths = {"base": base, "root": base / "root", "bundle": base / "bundle",
-             "zoos": {name: base / "zoo" / name for name in TREES}}
-    if (base / "done.json").exists():
-        return paths
-    from probex.jungle.root import RootRecipe, make_scheduler, make_unet
-    from probex.text import load_text_encoder
-    from synthetic import make_lora_zoo, write_tree_json
-
-    recipe = RootRecipe(name="tiny-root", block_out_channels=(32, 64))
-    torch.manual_seed(0)
-    unet = make_unet(recipe)  # random weights: samples are noise, but drawn through the real pipeline
-    unet.save_pretrained(paths["root"] / "unet")
-    make_scheduler(recipe).save_pretrained(paths["root"] / "scheduler")
-    recipe.save(paths["root"] / "recipe.json")
-    layers = {name: (m.out_features, m.in_features) for name, m in unet.named_modules()
-              if isinstance(m, torch.nn.Linear) and name.endswith(ROOT_TARGETS)}
-    text = load_text_encoder("minilm").embed([f"an emoji of {n}" for n in CLASS_NAMES])
-    for name, (seed, n_train, n_hold) in TREES.items():
-        zoo = make_lora_zoo(paths["zoos"][name], n_classes=n_train, per_class=6, layers=layers, ranks=(4,),
-                            holdout_classes=n_hold, holdout_per_class=4, seed=seed, tree_component=3.0,
-                            tree_seed=seed + 100, class_embeddings=text[: n_train + n_hold],
-                            class_names=CLASS_NAMES[: n_train + n_hold])
-        write_tree_json(zoo.root, name=name, root_model=str(paths["root"]), prompt_template="an emoji of {name}",
-                        instance_prompt="an emoji of sks")
-    # the bundle is trained by the CLI in its own process: what a user runs, and UMAP's numba start-up (which raises
-    # torch's thread count and slows later diffusion steps 10-50× on 2 shared cores) stays out of the test process
-    run_cli("train", "--zoo", *map(str, paths["zoos"].values()), "--out", str(paths["bundle"]),
-            "--layers", sorted(layers)[-1], "--epochs", "80", "--r-u", "16", "--r-v", "16", "--r-t", "32",
-            "--batch-size", "32", "--lr", "5e-3", "--profile", "emoji-mini", "--cache", str(base / "cache"),
-            check=True)
-    (base / "done.json").write_text(json.dumps({"layers": sorted(layers)}))
-    return paths
-
-
-def run_cli(*args: str, check: bool = False, timeout: float = 300, env: dict | None = None):
-    """`python -m probex …` in a fresh process from the repository root."""
-    import os
-    import subprocess
-    import sys
-
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **(env or {})}
-    done = subprocess.run([sys.executable, "-m", "probex", *args], cwd=REPO, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
-    if check and done.returncode != 0:
-        raise AssertionError(f"probex {args[0]} failed ({done.returncode}): {done.stderr[-2000:]}")
-    return done
-
-
-def zoo_file(zoo: Path, split: str, class_name: str) -> Path:
-    """The first model file of ``split`` whose metadata names ``class_name``."""
-    from safetensors import safe_open
-
-    for path in sorted((zoo / split).glob("*/pytorch_lora_weights.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            if f.metadata()["class_name"] == class_name:
-                return path
-    raise LookupError(f"no {split} model of {class_name} in {zoo}")
-
-
-@pytest.fixture(scope="session")
-def built(tmp_path_factory):
-    return build_test_bundle(tmp_path_factory.getbasetemp() / "studio")
 
 
 @pytest.fixture(scope="session")
@@ -112,7 +35,7 @@ def test_predict_routes_to_the_tree_and_names_the_class(studio, built, tree, spl
     assert set(result) >= {"tree", "layer", "router", "classes", "neighbors"}
     assert result["tree"] == tree
     assert result["score_unit"] == ("z" if studio.bundle.trees[tree].expert.head_kind == "align" else "probability")
-    assert 0 < result["router"]["confidence"] <= 1 and result["router"]["distance"] >= 0
+    assert result["router"]["confidence"] > 0.5   # the trees are planted apart: nearer its own centre than halfway
     names = [c["name"] for c in result["classes"]]
     assert len(names) == min(5, len(studio.bundle.trees[tree].gallery.classes_vocabulary)) and cls in names
     scores = [c["score"] for c in result["classes"]]
@@ -206,7 +129,11 @@ def test_map_figure_places_upload_and_query(studio, built):
     own = gallery.ids.index(path.parent.relative_to(built["zoos"]["tree-a"]).as_posix())
     assert upload.x[0] == pytest.approx(float(gallery.umap[own, 0]), abs=1e-2)
     assert upload.y[0] == pytest.approx(float(gallery.umap[own, 1]), abs=1e-2)
-    assert query.x[0] is not None
+    # the query lands among the models of the class it reads as (the map's class clusters lie far apart)
+    members = {c: [i for i, k in enumerate(gallery.classes) if k == c] for c in set(gallery.classes)}
+    point = torch.tensor([query.x[0], query.y[0]])
+    nearest = min(members, key=lambda c: float((gallery.umap[members[c]].mean(0) - point).norm()))
+    assert nearest == studio.read_query("a red fruit")[0]["class"]
 
 
 def test_map_without_a_request_shows_the_largest_tree(studio):
@@ -243,11 +170,12 @@ def test_samples_of_an_uploaded_file_and_of_a_model_without_its_own_file(studio,
     # a test model ships no LoRA: a shipped model of its class is drawn instead
     model = path.parent.relative_to(built["zoos"]["tree-a"]).as_posix()
     assert model not in studio.bundle.trees["tree-a"].gallery.sample_paths
-    assert studio.sample_source("tree-a", model) is not None
+    g = studio.bundle.trees["tree-a"].gallery
+    source = studio.sample_source("tree-a", model)
+    assert source in g.sample_paths and g.classes[g.ids.index(source)] == "fish"
     neighbours = studio.drawable_neighbors(path, 4)
     assert 1 <= len(neighbours) <= 4 and all(studio.sample_source(n["tree"], n["id"]) for n in neighbours)
     # a held-out-class model (a search can return one) has nothing to draw: drawable passes it over, samples says so
-    g = studio.bundle.trees["tree-a"].gallery
     held = next(m for m, split in zip(g.ids, g.splits) if split.endswith("holdout"))
     assert studio.sample_source("tree-a", held) is None
     assert studio.drawable([{"id": held, "tree": "tree-a"}, {"id": model, "tree": "tree-a"}], 4) == \
@@ -462,9 +390,18 @@ def test_root_anchored_multi_layer_experts_work_through_every_verb(built, kind, 
     result = studio.predict(path, top_k=3)
     assert result["tree"] == "tree-a" and result["layer"] == ", ".join(names) and len(result["classes"]) == 3
     assert result["neighbors"][0]["score"] == pytest.approx(1.0, abs=1e-4)
-    assert [s["name"] for s in studio.zero_shot(path, ["fish", "a boat"])] != []
-    assert any(m["tree"] == "tree-a" for m in studio.search("fish", top_k=10)["models"])
-    assert studio.map_figure(path, query="fish").data
+    scores = studio.zero_shot(path, ["fish", "a boat"])
+    assert sorted(s["name"] for s in scores) == ["a boat", "fish"]
+    assert scores == sorted(scores, key=lambda s: s["score"], reverse=True)
+    models = studio.search("fish", top_k=10)["models"]   # tree A's 6 fish models by their class, then by weights
+    assert [(m["class"], m["tree"], m["found_by"]) for m in models[:6]] == [("fish", "tree-a", "class")] * 6
+    by_weights = [m["score"] for m in models[6:]]
+    assert {m["found_by"] for m in models[6:]} == {"weights"} and by_weights == sorted(by_weights, reverse=True)
+    fig = studio.map_figure(path, query="fish")
+    own = tree.gallery.ids.index(path.parent.relative_to(zoo).as_posix())
+    upload = next(t for t in fig.data if t.name == "your LoRA")
+    assert len(fig.data[0].x) == len(tree.gallery.ids)
+    assert (upload.x[0], upload.y[0]) == pytest.approx(tuple(tree.gallery.umap[own].tolist()), abs=1e-2)
     assert "attn2.to_v" in studio.model_card(path)
 
     # a LoRA that leaves some read projections alone: readable where the expert takes those as unchanged

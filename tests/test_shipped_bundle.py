@@ -1,4 +1,5 @@
-"""The committed bundle that `python app.py` serves (checkpoints/emoji-mini), through the service."""
+"""The committed bundle that `python app.py` serves (checkpoints/emoji-mini), through the service: every verb once —
+predict, search, zero-shot, the map, samples, novelty."""
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,6 @@ def test_a_description_finds_models_of_its_class(studio):
 
 
 def test_novelty_is_calibrated_on_validation_models_and_spares_known_classes(studio):
-    import torch
     import torch.nn.functional as F
 
     results = [(Path(e["path"]).name, studio.predict(str(e["path"]))["novelty"]) for e in studio.examples()]
@@ -56,3 +56,36 @@ def test_novelty_is_calibrated_on_validation_models_and_spares_known_classes(stu
     val = [i for i, s in enumerate(g.splits) if s == "val"]
     kept = (x[val] @ x[train].T).max(1).values >= results[0][1]["threshold"]
     assert abs(float(kept.float().mean()) - 0.95) < 0.02
+
+
+def test_zero_shot_names_a_held_out_class_among_the_given_labels(studio):
+    example = next(e["path"] for e in studio.examples() if "__test_holdout__" in Path(e["path"]).name)
+    truth = example_meta(example)["class_name"]
+    scores = studio.zero_shot(str(example), ["a car", truth, "a red apple", "a rocket"])
+    assert [s["name"] for s in scores][0] == truth
+    assert sorted(s["name"] for s in scores) == sorted(["a car", truth, "a red apple", "a rocket"])
+    assert scores == sorted(scores, key=lambda s: s["score"], reverse=True)
+
+
+def test_the_map_shows_the_tree_and_puts_a_known_model_on_its_own_point(studio):
+    example = next(e["path"] for e in studio.examples() if "__test__" in Path(e["path"]).name)
+    meta = example_meta(example)
+    fig = studio.map_figure(str(example))
+    tree = studio.predict(str(example))["tree"]
+    g = studio.bundle.trees[tree].gallery
+    assert len(fig.data[0].x) == len(g.ids)
+    assert len(next(t for t in fig.data if t.name == "class names").x) == len(g.classes_vocabulary)
+    upload = next(t for t in fig.data if t.name == "your LoRA")
+    own = g.umap[g.ids.index(meta["model_id"])].tolist()
+    assert (upload.x[0], upload.y[0]) == pytest.approx(tuple(own), abs=1e-2)
+
+
+def test_samples_of_a_known_model_and_of_an_example_file_are_drawn_emoji(studio):
+    import numpy as np
+
+    g = studio.bundle.trees["emoji-root-1"].gallery
+    example = next(e["path"] for e in studio.examples() if "__test__" in Path(e["path"]).name)
+    for images in (studio.samples(next(iter(g.sample_paths)), n=1, tree="emoji-root-1"),
+                   studio.samples(str(example), n=1)):
+        assert len(images) == 1 and images[0].size == (32, 32)   # the roots draw 32×32 emoji
+        assert np.asarray(images[0]).std() > 0, "a blank image"
