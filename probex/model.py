@@ -48,7 +48,8 @@ def dense_from_factors(x: LayerInput) -> Tensor:
     if isinstance(x, Tensor):
         return x
     up, down, scale = x
-    return torch.bmm(up, down) * _per_model(scale, up)
+    # scale applied to B (d_W×r), not to the product (d_W×d_H): the same matrix for far fewer multiplies
+    return torch.bmm(up * _per_model(scale, up), down)
 
 
 def _per_model(scale: Tensor | float, like: Tensor) -> Tensor:
