@@ -191,10 +191,11 @@ class ProbeX(CentredInput, Expert):
         else:
             up, down, scale = x
             # (VᵀB)(AU): r_V×r times r×r_U per model; B·A (d_W×d_H) is never formed. Each einsum is one GEMM over the
-            # whole batch (batch folded into rows), faster than a batched product of many thin matrices.
+            # whole batch (batch folded into rows), faster than a batched product of many thin matrices. The scale
+            # goes on the r×r_U factor, not on the r_V×r_U responses: r/r_V as many multiplies, forward and backward.
             left = torch.einsum("wv,nwr->nvr", self.V, up)
-            right = torch.einsum("nrh,hu->nru", down, self.U)
-            z = left @ right * _per_model(scale, up)
+            right = torch.einsum("nrh,hu->nru", down, self.U) * _per_model(scale, up)
+            z = left @ right
         if self.centred:
             z = (z - self.V.T @ self.input_mean @ self.U) / self.input_scale
         return z

@@ -36,6 +36,23 @@ def test_factor_path_equals_dense_path_with_mixed_ranks(relu):
     assert torch.allclose(model.encode(single), model.encode(x)[:1], atol=1e-5)
 
 
+def test_factor_path_trains_like_the_dense_path():
+    """Same loss gradients for U, V and M whether a batch is read as factors or as scale·B·A (what training sees)."""
+    torch.manual_seed(3)
+    model = ProbeX(20, 12, r_u=8, r_v=6, r_t=5, n_out=3)
+    x = random_factors(9, 20, 12, ranks=(2, 5))
+    dense = torch.stack([s * u @ d for u, d, s in zip(*x)])
+    assert torch.allclose(dense_from_factors(x), dense, atol=1e-5)
+    y = torch.arange(9) % 3
+    grads = []
+    for inputs in (x, dense):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(inputs), y).backward()
+        grads.append([p.grad.clone() for p in (model.U, model.V, model.M.weight)])
+    for factor_grad, dense_grad in zip(*grads):
+        assert torch.allclose(factor_grad, dense_grad, rtol=1e-4, atol=1e-5)
+
+
 def test_responses_match_the_equation():
     torch.manual_seed(1)
     model = ProbeX(7, 5, r_u=4, r_v=3, r_t=2, n_out=2)
