@@ -203,7 +203,7 @@ class ProbeX(CentredInput, Expert):
     def encode(self, x: LayerInput) -> Tensor:
         z = self.responses(x)
         if self.relu:
-            z = torch.relu(z)
+            z = z.relu_()  # in place: no backward step reads the responses, so a second r_V×r_U copy is pure cost
         return self.M(z.flatten(1))
 
     def config(self) -> dict:
