@@ -18,10 +18,13 @@ variants compute the same function, so they should agree).
 
 Per rank bucket. An epoch mixes ranks, so each rank r is also timed alone: one training step's forward and backward
 (encode, head, loss, backward, as train_epoch runs them; no optimiser step) on a batch of 128 LoRAs all of rank r,
-after one warm-up step, median of --repeats. The batch's factors are gathered from the padded population once,
-before timing: the gather is data loading, the same for both paths, and no arithmetic. On CPU the step's CPU time is
-timed (steady on a shared machine; with several threads it is the total work, which is what a FLOP count measures);
-on CUDA the wall time between synchronisations.
+median of --repeats after a warm-up round, factor and materialising steps alternating so that a busy machine slows
+both alike (in the parent process, after the epoch runs, on freshly initialised experts of the same seed: the
+arithmetic does not depend on the weights). The batch's factors are gathered from the padded population once, before
+timing: the gather is data loading, the same for both paths, and no arithmetic. On CPU the step's CPU time is timed
+(steady on a shared machine; with several threads it is the total work, which is what a FLOP count measures); on
+CUDA the wall time between synchronisations (CUDA is written for, not run on, the machines this was built on).
+
 The arithmetic bound is the ratio of the two steps' multiply-adds as they run. Per model of the batch, for a d_W×d_H
 layer (B, A are data: no gradient flows to them, so none is computed):
 
@@ -34,6 +37,7 @@ layer (B, A are data: no gradient flows to them, so none is computed):
                backward  ∂(XU), ∂V 2·d_W·r_V·r_U  +  ∂U = Xᵀ∂(XU) d_H·d_W·r_U
                total     d_W·d_H·(r + 2·r_U) + 3·d_W·r_V·r_U + shared
   bound = materialise total / factor total   (elementwise work — scale, ReLU, bias, loss — is counted in neither)
+tests/test_factor_speed.py checks these totals against what torch's FlopCounterMode counts in a real step.
 
 "of bound" = measured speed-up / bound = the factor path's multiply-adds per second / the materialising path's. It
 can pass 1: the materialising path also moves each model's d_W×d_H matrix through memory, which no FLOP count sees.
@@ -136,24 +140,39 @@ def training_step(model, x, y: torch.Tensor) -> None:
     loss.backward()
 
 
-def step_seconds(model, x, y: torch.Tensor, repeats: int, device: str) -> float:
-    """Median time of one training step, after a warm-up step (CPU time on CPU, synchronised wall time on CUDA)."""
-    cuda = device == "cuda"
-    clock = time.perf_counter if cuda else time.process_time
-    training_step(model, x, y)
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        start = clock()
+def timed_step(model, x, y: torch.Tensor, device: str) -> float:
+    """Seconds of one training step: CPU time on CPU, wall time between synchronisations on CUDA."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        start = time.perf_counter()
         training_step(model, x, y)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(clock() - start)
-    return statistics.median(times)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+    start = time.process_time()
+    training_step(model, x, y)
+    return time.process_time() - start
 
 
-def run_variant(variant: str, shape: str, n_models: int, epochs: int, threads: int, repeats: int, device: str) -> dict:
+def rank_step_seconds(shape: str, repeats: int, device: str) -> dict[int, tuple[float, float]]:
+    """Per rank: median step time of the factor path and of the materialising one on BATCH LoRAs of that rank. The
+    two paths' steps alternate, so a busy machine slows both alike; the first round is a warm-up."""
+    d_w, d_h = SHAPES[shape]
+    data, y = make_population(len(RANKS) * BATCH, d_w, d_h)  # ranks cycle: BATCH models of each
+    torch.manual_seed(0)
+    factor = ProbeX(d_w, d_h, R_U, R_V, R_T, relu=True, head="multiclass", n_out=N_CLASSES)
+    materialise = MaterialisingProbeX(d_w, d_h, R_U, R_V, R_T, relu=True, head="multiclass", n_out=N_CLASSES)
+    materialise.load_state_dict(factor.state_dict())
+    models = (factor.to(device), materialise.to(device))
+    seconds = {}
+    for r in RANKS:
+        batch = torch.nonzero(data.rank == r).flatten()
+        x, y_batch = tuple(t.to(device) for t in data.take(batch)), y[batch].to(device)
+        times = [[timed_step(model, x, y_batch, device) for model in models] for _ in range(repeats + 1)][1:]
+        seconds[r] = tuple(statistics.median(column) for column in zip(*times))
+    return seconds
+
+
+def run_variant(variant: str, shape: str, n_models: int, epochs: int, threads: int, device: str) -> dict:
     torch.set_num_threads(threads)
     d_out, d_in = SHAPES[shape]
     data, y = make_population(n_models, d_out, d_in)
@@ -190,18 +209,12 @@ def run_variant(variant: str, shape: str, n_models: int, epochs: int, threads: i
     accuracy = evaluate_split(model, data, targets, "test", batch_size=BATCH)["score"]
     sampler.running = False
     sampler.join()
-    train_mb = ((torch.cuda.max_memory_allocated() - gpu_baseline) if device == "cuda" else sampler.peak - baseline) / 2**20
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    # per rank bucket, after the memory figures (a batch of one rank is larger than an epoch's rank groups)
-    step_s, step_batch = {}, {}
-    for r in RANKS:
-        batch = torch.nonzero(data.rank == r).flatten()[:BATCH]
-        step_s[r], step_batch[r] = step_seconds(model, data.take(batch), y[batch], repeats, device), len(batch)
+    peak_bytes = torch.cuda.max_memory_allocated() - gpu_baseline if device == "cuda" else sampler.peak - baseline
     up, down, _ = data.x
     return {"variant": variant, "shape": shape, "n_train": len(split["train"]), "epoch_s": sum(times) / len(times),
-            "epoch_cpu_s": sum(cpu_times) / len(cpu_times), "epoch_times": times, "train_mb": train_mb,
-            "peak_rss_mb": peak_rss_mb, "data_mb": (up.nbytes + down.nbytes) / 2**20, "test_acc": accuracy,
-            "step_s": step_s, "step_batch": step_batch}
+            "epoch_cpu_s": sum(cpu_times) / len(cpu_times), "epoch_times": times, "train_mb": peak_bytes / 2**20,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "data_mb": (up.nbytes + down.nbytes) / 2**20, "test_acc": accuracy}
 
 
 def main() -> None:
@@ -215,7 +228,7 @@ def main() -> None:
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "SHAPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_variant(*args.child, args.models, args.epochs, args.threads, args.repeats, args.device)))
+        print(json.dumps(run_variant(*args.child, args.models, args.epochs, args.threads, args.device)))
         return
 
     print(f"ProbeX r_U=r_V=r_T={R_U}, batch {BATCH}, Adam 1e-3; ranks {RANKS} padded to {max(RANKS)}; {args.models} "
@@ -226,8 +239,7 @@ def main() -> None:
     for shape in shapes:
         for variant in ("factor", "materialise"):
             cmd = [sys.executable, __file__, "--child", variant, shape, "--models", str(args.models),
-                   "--epochs", str(args.epochs), "--threads", str(args.threads), "--repeats", str(args.repeats),
-                   "--device", args.device]
+                   "--epochs", str(args.epochs), "--threads", str(args.threads), "--device", args.device]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
             r = rows[-1]
@@ -239,25 +251,26 @@ def main() -> None:
             for s in shapes}
     print("\nwhole epochs (materialise ÷ factor):")
     for shape, (f, m) in pair.items():
-        print(f"{shape:>10}  time {m['epoch_s'] / f['epoch_s']:5.1f}× (CPU time {m['epoch_cpu_s'] / f['epoch_cpu_s']:5.1f}×)   "
-              f"train memory "
-              f"{m['train_mb'] / max(f['train_mb'], 1e-9):6.1f}×   peak RSS {m['peak_rss_mb'] / f['peak_rss_mb']:4.1f}×   "
+        print(f"{shape:>10}  time {m['epoch_s'] / f['epoch_s']:5.1f}× "
+              f"(CPU time {m['epoch_cpu_s'] / f['epoch_cpu_s']:5.1f}×)   "
+              f"train memory {m['train_mb'] / max(f['train_mb'], 1e-9):6.1f}×   "
+              f"peak RSS {m['peak_rss_mb'] / f['peak_rss_mb']:4.1f}×   "
               f"test acc {f['test_acc']:.3f} vs {m['test_acc']:.3f}")
+    torch.set_num_threads(args.threads)
     clock = "synchronised wall time" if args.device == "cuda" else "CPU time"
     print(f"\nper rank bucket: one training step (forward + backward) on {BATCH} LoRAs of one rank, median of "
-          f"{args.repeats} ({clock}); bound = materialise ÷ factor multiply-adds (module docstring)")
+          f"{args.repeats}, the two paths alternating ({clock}); bound = materialise ÷ factor multiply-adds "
+          f"(module docstring)")
     print(f"{'shape':>10} {'rank':>4}  {'factor ms':>9} {'GMAC/s':>6}  {'materialise ms':>14} {'GMAC/s':>6}  "
           f"{'speed-up':>8}  {'bound':>6}")
-    for shape, (f, m) in pair.items():
+    for shape in shapes:
         d_w, d_h = SHAPES[shape]
-        for r in RANKS:
-            key, n = str(r), f["step_batch"][str(r)]
-            t_f, t_m = f["step_s"][key], m["step_s"][key]
-            macs_f, macs_m = (n * step_macs(v, d_w, d_h, r) for v in ("factor", "materialise"))
+        for r, (t_f, t_m) in rank_step_seconds(shape, args.repeats, args.device).items():
+            macs_f, macs_m = (BATCH * step_macs(v, d_w, d_h, r) for v in ("factor", "materialise"))
             speed_up, bound = t_m / t_f, macs_m / macs_f
             print(f"{shape:>10} {r:4d}  {t_f * 1e3:9.1f} {macs_f / t_f / 1e9:6.1f}  {t_m * 1e3:14.1f} "
-                  f"{macs_m / t_m / 1e9:6.1f}  {speed_up:7.1f}×  {bound:5.1f}×  {speed_up / bound:.2f} of bound")
-
+                  f"{macs_m / t_m / 1e9:6.1f}  {speed_up:7.1f}×  {bound:5.1f}×  {speed_up / bound:.2f} of bound",
+                  flush=True)
 
 if __name__ == "__main__":
     main()
