@@ -8,7 +8,7 @@ Gate 2  LoRAs fit their class: fixed-noise x0 error of LoRA+instance prompt vs r
         caption on held-out views; a grid of LoRA samples.
 Gate 3  weights carry the concept: in-distribution top-1 (test split, training classes) and zero-shot top-1
         (test_holdout, held-out classes), layer(s) chosen on validation, for ProbeX (ReLU), linear ProbeX, StatNN,
-        the root-anchored expert (probex/anchored.py) with and without training, and the functional reference that
+        the root-anchored expert (probex/experts/anchored.py) with and without training, and the functional reference that
         runs the root; router separation of the two roots' LoRAs.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     python bench/zero_shot_inversion.py [--jungle zoo/emoji-mini] [--tree emoji-root-1] [--cache cache]
 
-The training-free expert (probex/anchored.py) compares, in each cross-attention value layer's OUTPUT space,
+The training-free expert (probex/experts/anchored.py) compares, in each cross-attention value layer's OUTPUT space,
 ΔW·H_sᵀ (what the LoRA does to the instance prompt "an emoji of sks") with W·(H_c − H_s)ᵀ (what caption c asks of the
 root), each layer scaled to unit norm. Stored, it keeps only the instance prompt's top principal token directions
 (rows "token rank k"; at all 16 tokens it is the exact score); up to commit 514f35d it stored a Gaussian projection

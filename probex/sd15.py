@@ -1,6 +1,6 @@
 """The SD 1.5 tree without training: any SD 1.5 LoRA read through the base UNet's own cross-attention blocks.
 
-The emoji bundle's expert (``AttentionReader``, probex/anchored.py) needs no training, only its root's attn2 weights
+The emoji bundle's expert (``AttentionReader``, probex/experts/attention_reader.py) needs no training, only its root's attn2 weights
 and the token states of the text encoder that root draws from. For SD 1.5 those are the UNet's 16 attn2 blocks and
 CLIP ViT-L/14's last hidden states, which a Space downloads; ``build_reader_tree`` puts the tree together in memory:
 - the reader, from the attn2 tensors alone, read out of the UNet's safetensors (about 45 M of its 860 M parameters;

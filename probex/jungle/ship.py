@@ -100,7 +100,7 @@ def build_emoji_bundle(population: Path, out: Path, epochs: int = 200, cache_roo
         shutil.rmtree(out)  # a rebuilt bundle must not keep files of the previous one
     build_bundle(out, specs, "minilm", router, "emoji-mini", examples, encoder=encoder,
                  info={"trees": summary, "routing_layer": routing_layer,
-                       "expert": "root-anchored ProbeX on cross-attention layers (probex/anchored.py)",
+                       "expert": "root-anchored ProbeX on cross-attention layers (probex/experts/anchored.py)",
                        "built_by": "python -m probex.jungle ship"})
     return {"bundle": str(out), "routing_layer": routing_layer, "trees": summary}
 
