@@ -330,10 +330,10 @@ def summary_markdown(result: dict) -> str:
             f"Tree **{result['tree']}** (base model `{result['base_model']}`), the router is {sure} "
             f"(confidence {confidence:.2f}).  \n"
             f"`{result['file']}` · {result['description']} · {layers_read(result['layer'])}"
-            + reading_markdown(result))
+            + expert_markdown(result))
 
 
-def reading_markdown(result: dict) -> str:
+def expert_markdown(result: dict) -> str:
     """Which expert read the file and, for a reader that takes the file's trigger, with which prompt."""
     if not result.get("instance_prompt"):
         return ""
