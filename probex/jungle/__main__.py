@@ -35,6 +35,10 @@ def main(argv=None):
     root.add_argument("--widths", default="64,128",
                       help="UNet block widths. (32,64) trains 2x faster but its first conv squeezes each 48-channel "
                            "4x4-pixel patch into 32 channels, and its samples keep per-pixel noise (measured)")
+    root.add_argument("--unshuffle", type=int, default=4,
+                      help="pixel-unshuffle factor: 2 gives the UNet 16x16 positions of 12 channels, so its convs see "
+                           "each pixel's neighbours and can remove per-pixel noise")
+    root.add_argument("--plain-blocks", type=int, default=0, help="leading UNet blocks without attention")
     judge = sub.add_parser("judge", help="train the image judge on the atlas and print its held-out accuracy")
     judge.add_argument("--steps", type=int, default=3000)
     judge.add_argument("--threads", type=int, default=1)
@@ -69,7 +73,7 @@ def main(argv=None):
             things = [c["id"] for c in classes if c["subject"] == "thing"]
             recipe = RootRecipe(name=args.name, seed=args.seed, steps=args.steps, classes=things,
                                 block_out_channels=tuple(int(w) for w in args.widths.split(",")),
-                                ema_decay=args.ema)
+                                unshuffle=args.unshuffle, plain_blocks=args.plain_blocks, ema_decay=args.ema)
         pretrain_root(out, recipe, minutes=args.minutes, device=args.device)
         print(json.dumps({"root": str(out), "steps": recipe.steps}))
     elif args.cmd == "build":

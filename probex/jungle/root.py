@@ -39,6 +39,7 @@ class RootRecipe:
     image_size: int = 32
     block_out_channels: tuple = (64, 128)
     layers_per_block: int = 1
+    plain_blocks: int = 0  # leading blocks without attention: self-attention over 16×16 tokens would double a step's cost
     attention_head_dim: int = 8
     prediction_type: str = "v_prediction"
     num_train_timesteps: int = 1000
@@ -73,15 +74,16 @@ class RootRecipe:
 def make_unet(recipe: RootRecipe):
     from diffusers import UNet2DConditionModel
 
-    n = len(recipe.block_out_channels)
+    n, plain = len(recipe.block_out_channels), recipe.plain_blocks
+    down = ("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * (n - plain)
     return UNet2DConditionModel(
         sample_size=recipe.latent_size,
         in_channels=recipe.channels,
         out_channels=recipe.channels,
         block_out_channels=recipe.block_out_channels,
         layers_per_block=recipe.layers_per_block,
-        down_block_types=("CrossAttnDownBlock2D",) * n,
-        up_block_types=("CrossAttnUpBlock2D",) * n,
+        down_block_types=down,
+        up_block_types=tuple(d.replace("Down", "Up") for d in reversed(down)),
         cross_attention_dim=384,
         attention_head_dim=recipe.attention_head_dim,
         norm_num_groups=32,
