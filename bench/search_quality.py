@@ -73,7 +73,7 @@ def weights_only(studio, text: str, top_k: int) -> list[dict]:
 
 
 def minilm_class(studio, text: str) -> str:
-    vocab = sorted({c for t in studio.bundle.trees.values() for c in t.gallery.classes_vocabulary})
+    vocab = sorted({c for t in studio.bundle.trees.values() for c in t.gallery.vocabulary})
     return vocab[int((studio.text.embed(vocab) @ studio.text.embed([text])[0]).argmax())]
 
 

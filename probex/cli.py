@@ -128,7 +128,7 @@ def train_config(args):
 def run_train(args) -> int:
     import torch
 
-    from probex.bundle import train_bundle
+    from probex.build import train_bundle
 
     torch.set_num_threads(args.threads)
     config = train_config(args)

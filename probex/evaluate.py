@@ -147,7 +147,7 @@ def evaluate_bundle(bundle_dir, zoo_dir, cache_dir=None, k: int = 5) -> dict:
 
     from probex.bundle import Bundle
     from probex.text import load_text_encoder
-    from probex.train import prompt
+    from probex.text import prompt
     from probex.weights import read_weights
     from probex.zoo import Zoo, build_cache
 
@@ -171,7 +171,7 @@ def evaluate_bundle(bundle_dir, zoo_dir, cache_dir=None, k: int = 5) -> dict:
             text = tree.expert.text_input(load_text_encoder(bundle.text_encoder),
                                           [prompt(tree.prompt_template, c["name"]) for c in cache.classes])
         else:
-            expected = tree.gallery.class_ids
+            expected = tree.gallery.vocabulary_ids
             classes = [c["id"] for c in cache.classes if tree.expert.head_kind == "multilabel" or not c["holdout"]]
             if classes != expected:
                 raise ProbexError(f"the {truth} expert was trained on {len(expected)} other classes than the "
@@ -206,9 +206,9 @@ def concept_top1(tree, cache, encodings: torch.Tensor) -> dict:
     for trees without a text head or with label lists. ``encodings``: the tree's expert's, of every cached model."""
     anchors = tree.concept_anchors()
     g = tree.gallery
-    if anchors is None or not all(isinstance(c, str) for c in g.classes):
+    if anchors is None or not all(isinstance(c, str) for c in g.model_classes):
         return {}
-    row = {name: i for i, name in enumerate(g.classes_vocabulary)}
+    row = {name: i for i, name in enumerate(g.vocabulary)}
     name_of = {c["id"]: c["name"] for c in cache.classes}
     y = torch.tensor([row.get(name_of[m["class_id"]], -1) for m in cache.models])
     report = {}
@@ -227,12 +227,12 @@ def search_precision(tree, k: int = 5) -> dict:
     without ("unseen"), z-normed (the app) and by raw cosine. {search_p@k_<known|unseen>[_raw]: value}."""
     text = tree.class_text_features()
     g = tree.gallery
-    if text is None or not all(isinstance(c, str) for c in g.classes):
+    if text is None or not all(isinstance(c, str) for c in g.model_classes):
         return {}
-    row = {name: i for i, name in enumerate(g.classes_vocabulary)}
-    y = torch.tensor([row[c] for c in g.classes])
+    row = {name: i for i, name in enumerate(g.vocabulary)}
+    y = torch.tensor([row[c] for c in g.model_classes])
     has_train = torch.zeros(len(text), dtype=torch.bool)
-    has_train[[row[c] for c, s in zip(g.classes, g.splits) if s == "train"]] = True
+    has_train[[row[c] for c, s in zip(g.model_classes, g.splits) if s == "train"]] = True
     present = torch.bincount(y, minlength=len(text)) > 0  # a class with no model in the gallery cannot be found
     calibrations = {"": g.model_calibration(text), "_raw": (torch.zeros(len(y)), torch.ones(len(y)))}
     report = {}

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from probex.errors import InputError
+from probex.text import prompt
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PROFILE = "emoji-mini"
@@ -38,7 +39,7 @@ class Profile:
     reader: str | None = None      # a base family read without training (probex.sd15), beside any bundle's trees
 
     def prompt(self, class_name: str) -> str:
-        return self.prompt_template.format(name=class_name)
+        return prompt(self.prompt_template, class_name)
 
 
 PROFILES = {

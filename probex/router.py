@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 
-from probex.errors import InputError, NoExpertError
+from probex.errors import InputError, NoExpertError, ProbexError
 from probex.weights import FAMILY_NAMES, LoraFactors, ModelWeights, Signature, layer_shape
 
 Item = LoraFactors | torch.Tensor
@@ -403,3 +403,71 @@ class Router:
 
     def __repr__(self) -> str:
         return f"Router({json.dumps({g.layer: [t.name for t in g.trees] for g in self.groups})})"
+
+
+@dataclass
+class Population:
+    """One tree's known models as the router is fitted on them: ``cache`` a probex.zoo.LayerCache holding
+    ``layer`` (the routing layer) and any listener layers; ``listeners`` LoRA layer → matrix (see Tree)."""
+    name: str
+    signature: Signature
+    cache: object
+    layer: str
+    listeners: dict = field(default_factory=dict)
+
+
+def fit_router(populations: list[Population]) -> Router:
+    """Trees per architecture from the routing layer of every known model; each tree must be one population.
+
+    Trees are first found by clustering, as the paper does. Where clustering cannot tell same-architecture
+    populations apart (LoRAs of two roots that differ only in their pretraining seed, for example), each population
+    is taken as a tree, with its root's listeners, and the router is kept only if every known model routes back to
+    its own population."""
+    router = Router()
+    by_digest: dict[str, list[int]] = {}
+    for i, p in enumerate(populations):
+        by_digest.setdefault(p.signature.digest, []).append(i)
+    for members in by_digest.values():
+        first = populations[members[0]]
+        layer = first.layer
+        items = [item for i in members for item in populations[i].cache.router_items(layer)]
+        owner = [i for i in members for _ in populations[i].cache.models]
+        found = router.add_group(first.signature, first.cache.kind, layer, items, n_trees=len(members))
+        names = {}
+        for i in members:
+            votes = [f for f, o in zip(found, owner) if o == i]
+            majority = max(set(votes), key=votes.count)
+            if majority in names or votes.count(majority) != len(votes):
+                names = None
+                break
+            names[majority] = populations[i].name
+        if names is None:  # clustering mixes the populations: take them as given, keep them only if routing separates
+            router.groups.pop()
+            index = {i: k for k, i in enumerate(members)}
+            found = router.add_group(first.signature, first.cache.kind, layer, items,
+                                     members=[index[o] for o in owner])
+            group = router.groups[-1]
+            heard = sorted({n for i in members for n in populations[i].listeners})
+            for i in members:
+                group.trees[index[i]].listeners = dict(populations[i].listeners)
+            per_layer = {layer: items, **{n: [x for i in members for x in populations[i].cache.router_items(n)]
+                                          for n in heard if n != layer}}
+            routed = [router.route_layers(group, {n: xs[j] for n, xs in per_layer.items()}).tree
+                      for j in range(len(items))]
+            if routed != found:
+                wrong = next(populations[o].name for o, r, f in zip(owner, routed, found) if r != f)
+                raise ProbexError(f"the router could not separate tree {wrong} from the other populations "
+                                  f"of its architecture on layer {layer}")
+            names = {found[owner.index(i)]: populations[i].name for i in members}
+        router.rename(names)
+    return router
+
+
+def separating_router(populations: list[Population], layers: list[str]) -> tuple[Router, str]:
+    """The router fitted on the first of ``layers`` on which every known model routes back to its own population."""
+    for layer in layers:
+        try:
+            return fit_router([replace(p, layer=layer) for p in populations]), layer
+        except ProbexError:
+            continue
+    raise ProbexError("no layer separates the trees: the router cannot tell these roots' LoRAs apart")

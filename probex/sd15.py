@@ -205,8 +205,9 @@ def build_reader_tree(unet_ref: str | Path, text_encoder, template: str, vocabul
     """The training-free SD 1.5 TreeBundle: ``unet_ref`` a diffusers pipeline / UNet folder or Hub id, ``text_encoder``
     a loaded probex.text encoder (CLIP ViT-L/14 for SD 1.5), ``template`` the caption of a class ("a photo of a
     {name}"), ``vocabulary`` the class names (default ImageNet-1k's)."""
-    from probex.bundle import Gallery, TreeBundle
-    from probex.train import prompt
+    from probex.bundle import TreeBundle
+    from probex.gallery import Gallery
+    from probex.text import prompt
     from probex.zoo import imagenet_names
 
     config, files = unet_files(unet_ref)
@@ -223,8 +224,8 @@ def build_reader_tree(unet_ref: str | Path, text_encoder, template: str, vocabul
     vocabulary = list(vocabulary or imagenet_names().values())
     captions = [prompt(template, c) for c in vocabulary]
     outputs = caption_outputs(reader, text_encoder, captions, _cache_key(files, text_encoder.name, captions))
-    gallery = Gallery(ids=[], classes=[], splits=[], classes_vocabulary=vocabulary,
-                      encodings=torch.zeros(0, reader.r_t), umap=torch.zeros(0, 2), text_emb=torch.zeros(0),
+    gallery = Gallery(ids=[], model_classes=[], splits=[], vocabulary=vocabulary,
+                      encodings=torch.zeros(0, reader.r_t), coords=torch.zeros(0, 2), text_emb=torch.zeros(0),
                       layout={"method": "none"})
     tree = TreeBundle(TREE, names, reader, gallery, "align", family="sd15", prompt_template=template,
                       root_model=str(unet_ref), instance_prompt=DEFAULT_INSTANCE_PROMPT,

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from probex.errors import InputError, NoExpertError, ProbexError
+from probex.text import prompt
 from probex.weights import FAMILY_NAMES, NEGLIGIBLE_UPDATE_NORM, LoraFactors, ModelWeights, describe, negligible, read_weights, short
 
 MAX_UPLOAD_BYTES = int(float(os.environ.get("PROBEX_MAX_UPLOAD_MB", "256")) * 2**20)  # rank-128 SD LoRAs ≈ 150 MB
@@ -154,7 +155,7 @@ class Studio:
 
     def describe_bundle(self) -> str:
         """One line for the app's banner and the CLI."""
-        sizes = ", ".join(f"{name} ({self.tree_size(name)}, {len(tree.gallery.classes_vocabulary)} classes)"
+        sizes = ", ".join(f"{name} ({self.tree_size(name)}, {len(tree.gallery.vocabulary)} classes)"
                           for name, tree in self.bundle.trees.items())
         bundle = self.bundle_dir.name if self.bundle_dir else "none (training-free reader only)"
         return f"profile {self.profile.name} · bundle {bundle} · trees: {sizes}"
@@ -272,8 +273,6 @@ class Studio:
     def text_features(self, tree: str, texts: list[str], instance: str | None = None) -> torch.Tensor:
         """(len(texts), r_T) unit vectors of free texts, put in the tree's prompt template first. ``instance``: a
         prompted reader's instance prompt."""
-        from probex.train import prompt
-
         t = self.bundle.trees[tree]
         if t.expert.head_kind != "align":
             raise ProbexError(f"the {tree} expert has no text head (it was trained on labels, not text); "
@@ -310,7 +309,7 @@ class Studio:
         """Top-k of the tree's class vocabulary: cosine to each class's anchor — the mean of its known models, else its
         text (align) — z-normed per anchor (Gallery.concept_scores), or the classifier head's probabilities."""
         t = self.bundle.trees[a.tree]
-        names = t.gallery.classes_vocabulary
+        names = t.gallery.vocabulary
         read = self.class_text(a.tree, a.instance_prompt)
         if read is not None:
             scores = t.gallery.concept_scores(a.encoding[None], read.anchors, read.calibration)[0]
@@ -361,7 +360,7 @@ class Studio:
             t = self.bundle.trees[name]
             query = self.query_features(name, text, read_as)
             scores = t.gallery.search_scores(query, self.class_text(name).search_calibration)[0]
-            order = scores + torch.tensor([boost(class_text(c)) for c in t.gallery.classes])
+            order = scores + torch.tensor([boost(class_text(c)) for c in t.gallery.model_classes])
             found += [{**m, "found_by": "class" if m["class"] in weight else "weights",
                        "rank": m["score"] + boost(m["class"])}
                       for m in self.ranked(name, scores, top_k, order_by=order)]
@@ -378,7 +377,7 @@ class Studio:
             return []
         if self._vocabulary is None:
             names = sorted({c for t in self.bundle.trees.values() if t.expert.head_kind == "align"
-                            for c in t.gallery.classes_vocabulary})
+                            for c in t.gallery.vocabulary})
             self._vocabulary = (names, self.text.embed(names) if names else torch.zeros(0, self.text.dim))
         names, embeddings = self._vocabulary
         similarity = embeddings @ self.text.embed([text])[0]
@@ -423,7 +422,7 @@ class Studio:
         """The tree's top_k gallery models by ``scores`` (one per model; or by ``order_by``), best first."""
         g = self.bundle.trees[tree].gallery
         order = torch.argsort(scores if order_by is None else order_by, descending=True)[:top_k].tolist()
-        return [{"id": g.ids[i], "class": class_text(g.classes[i]), "split": g.splits[i], "score": float(scores[i]),
+        return [{"id": g.ids[i], "class": class_text(g.model_classes[i]), "split": g.splits[i], "score": float(scores[i]),
                  "tree": tree} for i in order]
 
     def gallery_similarity(self, tree: str, vector: torch.Tensor) -> torch.Tensor:
@@ -459,10 +458,10 @@ class Studio:
         class_points = None
         if features is not None:
             xy = self.bundle.place(tree, features).tolist()
-            class_points = {name: (float(x), float(y)) for name, (x, y) in zip(g.classes_vocabulary, xy)}
-            if len(g.classes_vocabulary) <= 40 and not labelled:
-                labelled = list(g.classes_vocabulary)
-        return weight_text_map(g.umap.numpy(), g.ids, [class_text(c) for c in g.classes], g.splits, scores,
+            class_points = {name: (float(x), float(y)) for name, (x, y) in zip(g.vocabulary, xy)}
+            if len(g.vocabulary) <= 40 and not labelled:
+                labelled = list(g.vocabulary)
+        return weight_text_map(g.coords.numpy(), g.ids, [class_text(c) for c in g.model_classes], g.splits, scores,
                                class_points, labelled, marks,
                                title=f"Weight–text map of tree {tree}")
 
@@ -541,9 +540,9 @@ class Studio:
         g = self.bundle.trees[tree].gallery
         if model_id in g.sample_paths:
             return model_id
-        wanted = class_text(g.classes[g.ids.index(model_id)])
+        wanted = class_text(g.model_classes[g.ids.index(model_id)])
         index = {m: i for i, m in enumerate(g.ids)}
-        return next((other for other in g.sample_paths if class_text(g.classes[index[other]]) == wanted), None)
+        return next((other for other in g.sample_paths if class_text(g.model_classes[index[other]]) == wanted), None)
 
     def drawable_neighbors(self, source: str | Path | Analysis, n: int = 4, search_k: int = 50) -> list[dict]:
         """The nearest known models that can be drawn (their LoRA, or one of their class, ships with the bundle)."""
@@ -559,7 +558,7 @@ class Studio:
         """What the LoRA is prompted with: its own trigger prompt if the file names one, else the tree's."""
         t = self.bundle.trees[tree]
         return (metadata.get("prompt") or metadata.get("instance_prompt") or t.instance_prompt
-                or prompt_for(t.prompt_template, "sks"))
+                or prompt(t.prompt_template, "sks"))
 
     def draw(self, tree: str, lora: Path, prompt: str, n: int, seed: int) -> list:
         from probex.generate import sample
@@ -709,12 +708,6 @@ def as_batch_of_one(layer: LoraFactors | torch.Tensor):
 def class_text(label) -> str:
     """A gallery model's class: a name (generative trees) or a label list (discriminative trees)."""
     return ", ".join(label) if isinstance(label, (list, tuple)) else str(label)
-
-
-def prompt_for(template: str, name: str) -> str:
-    from probex.train import prompt
-
-    return prompt(template, name)
 
 
 def example_label(path: Path) -> str:

@@ -16,6 +16,13 @@ import torch
 
 from probex.errors import ProbexError
 
+DEFAULT_PROMPT = "a photo of a {name}"  # the release's prompt for CLIP
+
+
+def prompt(template: str, name: str) -> str:
+    """A class name in its prompt; templates may write the slot as {name} or {}."""
+    return template.format(name, name=name)
+
 
 class TextEncoder:
     name: str

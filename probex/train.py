@@ -38,6 +38,8 @@ from tqdm.auto import tqdm
 from probex.cluster import map_jobs
 from probex.errors import InputError
 from probex.data import LayerData, LayerStack, Targets, task_targets
+from probex.gallery import class_means
+from probex.text import DEFAULT_PROMPT, prompt
 from probex.experts import AnchoredProbeX, DenseExpert, Expert, ProbeX
 from probex.zoo import LayerCache, select_layers
 
@@ -63,12 +65,6 @@ PAPER = TrainConfig()
 RELEASE_GENERATIVE = TrainConfig(epochs=200, lr=2e-3, r_t=512)
 
 
-DEFAULT_PROMPT = "a photo of a {name}"  # the release's prompt for CLIP
-
-
-def prompt(template: str, name: str) -> str:
-    """A class name in its prompt; templates may write the slot as {name} or {}."""
-    return template.format(name, name=name)
 
 
 def class_text_embeddings(cache: LayerCache, encoder, template: str | None = None) -> torch.Tensor:
@@ -108,13 +104,6 @@ def train_epoch(expert: Expert, data: LayerData, targets: Targets, opt: torch.op
         opt.step()
         total += loss.item() * len(batch)
     return total / len(idx)
-
-
-def class_means(encodings: torch.Tensor, y: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unit mean of each class's unit encodings (C, r_T), and which classes have any models (C,) bool."""
-    e = F.normalize(encodings.float(), dim=-1)
-    sums = torch.zeros(n_classes, e.shape[1]).index_add_(0, y, e)
-    return F.normalize(sums, dim=-1), torch.bincount(y, minlength=n_classes) > 0
 
 
 def nearest_mean_top1(encodings: torch.Tensor, targets: Targets, split: str) -> float:

@@ -202,6 +202,14 @@ class LayerCache:
     def split_indices(self, split: str) -> torch.Tensor:
         return torch.tensor([i for i, m in enumerate(self.models) if m["split"] == split], dtype=torch.long)
 
+    def router_items(self, layer: str) -> list:
+        """One cached layer of every model, as the router takes it (LoRA factors or dense weights)."""
+        t = self.load(layer)
+        if "up" in t:
+            return [LoraFactors(u[:, :r], d[:r], float(s)) for u, d, s, r in
+                    zip(t["up"], t["down"], t["scale"], t["rank"].tolist())]
+        return list(t["weight"])
+
     def load(self, layer: str) -> dict[str, torch.Tensor]:
         """The layer's stacked tensors (memory-mapped by safetensors until touched)."""
         if layer not in self.index["layers"]:

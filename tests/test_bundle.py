@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from probex.bundle import Bundle, Gallery, TreeBundle, layout_2d, train_bundle
+from probex.build import train_bundle
+from probex.bundle import Bundle, TreeBundle
+from probex.gallery import Gallery, layout_2d
 from probex.errors import NoExpertError, ProbexError
 from probex.evaluate import evaluate_bundle
 from probex.experts import ProbeX
@@ -35,13 +37,13 @@ def test_round_trip_is_exact(tmp_path):
     t, u = bundle.trees["tiny-tree"], loaded.trees["tiny-tree"]
     assert (u.layer, u.task, u.digest, u.prompt_template, u.instance_prompt) == \
            (t.layer, t.task, t.digest, t.prompt_template, t.instance_prompt)
-    for field in ("umap", "text_emb"):
+    for field in ("coords", "text_emb"):
         loaded_field = getattr(u.gallery, field)
         assert loaded_field.dtype == torch.float32 and torch.equal(loaded_field, getattr(t.gallery, field).half().float())
     stored, kept = u.gallery.encodings, t.gallery.encodings  # int8 at one scale per model: each entry within half a step
     assert stored.dtype == torch.float32 and stored.shape == kept.shape
     assert ((stored - kept).abs() <= kept.abs().amax(1, keepdim=True) / 254 + 1e-7).all()
-    assert u.gallery.ids == t.gallery.ids and u.gallery.classes_vocabulary == ["cat", "dog"]
+    assert u.gallery.ids == t.gallery.ids and u.gallery.vocabulary == ["cat", "dog"]
     x, text = torch.randn(3, 8, 6), torch.randn(2, 3)
     with torch.no_grad():
         assert torch.equal(u.expert(x, text), t.expert(x, text))
@@ -98,9 +100,9 @@ def test_broken_bundle_json_is_a_one_line_error(tmp_path):
 def test_new_points_are_placed_among_their_neighbours_without_refitting():
     g = small_bundle(n=4).trees["tiny-tree"].gallery
     g.encodings = torch.tensor([[1.0, 0, 0, 0, 0], [0.9, 0.1, 0, 0, 0], [0, 0, 1.0, 0, 0], [0, 0, 0.9, 0.1, 0]])
-    g.umap = torch.tensor([[0.0, 0.0], [1.0, 0.0], [10.0, 10.0], [11.0, 10.0]])
+    g.coords = torch.tensor([[0.0, 0.0], [1.0, 0.0], [10.0, 10.0], [11.0, 10.0]])
     on_top = g.place(g.encodings[2:3], k=2)[0]
-    assert torch.allclose(on_top, g.umap[2], atol=1e-3)
+    assert torch.allclose(on_top, g.coords[2], atol=1e-3)
     between = g.place(torch.tensor([[1.0, 0.05, 0, 0, 0]]), k=2)[0]
     assert 0 < between[0] < 1 and abs(between[1]) < 1e-6
     assert g.nearest(torch.tensor([0, 0, 1.0, 0.01, 0]), k=1)[0][0] == 2
@@ -141,8 +143,8 @@ def test_train_bundle_end_to_end(tmp_path):
     for i, z in enumerate(zoos):
         tree = bundle.trees[f"tree-{i}"]
         assert tree.instance_prompt == "an emoji of sks" and tree.gallery.layout["method"] == "umap"
-        assert tree.gallery.encodings.shape == (len(z.models), 16) and tree.gallery.umap.shape == (len(z.models), 2)
-        assert tree.gallery.classes_vocabulary == names   # align: held-out classes are nameable too
+        assert tree.gallery.encodings.shape == (len(z.models), 16) and tree.gallery.coords.shape == (len(z.models), 2)
+        assert tree.gallery.vocabulary == names   # align: held-out classes are nameable too
         assert tree.gallery.text_emb.shape == (8, 384)
         assert len(tree.gallery.sample_paths) == 6 and all(
             p.startswith(str(tmp_path / "bundle")) for p in tree.gallery.sample_paths.values())
@@ -175,8 +177,8 @@ def test_train_bundle_for_a_discriminative_tree(tmp_path):
     assert summary["trees"]["vit-mini"]["task"] == "multilabel"
     bundle = Bundle.load(tmp_path / "bundle")
     tree = bundle.trees["vit-mini"]
-    assert tree.expert.head_kind == "multilabel" and tree.gallery.classes_vocabulary == zoo.class_ids
-    assert tree.gallery.classes[0] == zoo.models[0]["labels"]
+    assert tree.expert.head_kind == "multilabel" and tree.gallery.vocabulary == zoo.class_ids
+    assert tree.gallery.model_classes[0] == zoo.models[0]["labels"]
     assert tree.gallery.sample_paths == {} and bundle.examples == []
     assert bundle.router.groups[0].kind == "full"
     report = evaluate_bundle(tmp_path / "bundle", zoo.root)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from probex.bundle import train_bundle
+from probex.build import train_bundle
 from probex.errors import InputError, NoExpertError, ProbexError
 from probex.generate import load_pipeline, sample
 from probex.modelj import write_tree_json

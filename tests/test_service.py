@@ -1,6 +1,6 @@
 """The service verbs on a real bundle built here: a tiny random emoji root, two synthetic LoRA trees of the same
 architecture (planted class signal linear in MiniLM text embeddings, a different tree component each), trained with
-probex.bundle.train_bundle — the same flow `python -m probex train` runs (tests/helpers.py builds it, the `built`
+probex.build.train_bundle — the same flow `python -m probex train` runs (tests/helpers.py builds it, the `built`
 fixture of conftest.py once per session)."""
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def test_predict_routes_to_the_tree_and_names_the_class(studio, built, tree, spl
     assert result["score_unit"] == ("z" if studio.bundle.trees[tree].expert.head_kind == "align" else "probability")
     assert result["router"]["confidence"] > 0.5   # the trees are planted apart: nearer its own centre than halfway
     names = [c["name"] for c in result["classes"]]
-    assert len(names) == min(5, len(studio.bundle.trees[tree].gallery.classes_vocabulary)) and cls in names
+    assert len(names) == min(5, len(studio.bundle.trees[tree].gallery.vocabulary)) and cls in names
     scores = [c["score"] for c in result["classes"]]
     assert scores == sorted(scores, reverse=True)
     top = result["neighbors"][0]  # the file is a known model: its own gallery entry is the nearest (cosine 1)
@@ -127,12 +127,12 @@ def test_map_figure_places_upload_and_query(studio, built):
     query = next(t for t in fig.data if "a red fruit" in (t.name or ""))
     # the upload IS a known model: placed on its own gallery point (weights 1/(1-cos) favour the exact match)
     own = gallery.ids.index(path.parent.relative_to(built["zoos"]["tree-a"]).as_posix())
-    assert upload.x[0] == pytest.approx(float(gallery.umap[own, 0]), abs=1e-2)
-    assert upload.y[0] == pytest.approx(float(gallery.umap[own, 1]), abs=1e-2)
+    assert upload.x[0] == pytest.approx(float(gallery.coords[own, 0]), abs=1e-2)
+    assert upload.y[0] == pytest.approx(float(gallery.coords[own, 1]), abs=1e-2)
     # the query lands among the models of the class it reads as (the map's class clusters lie far apart)
-    members = {c: [i for i, k in enumerate(gallery.classes) if k == c] for c in set(gallery.classes)}
+    members = {c: [i for i, k in enumerate(gallery.model_classes) if k == c] for c in set(gallery.model_classes)}
     point = torch.tensor([query.x[0], query.y[0]])
-    nearest = min(members, key=lambda c: float((gallery.umap[members[c]].mean(0) - point).norm()))
+    nearest = min(members, key=lambda c: float((gallery.coords[members[c]].mean(0) - point).norm()))
     assert nearest == studio.read_query("a red fruit")[0]["class"]
 
 
@@ -172,7 +172,7 @@ def test_samples_of_an_uploaded_file_and_of_a_model_without_its_own_file(studio,
     assert model not in studio.bundle.trees["tree-a"].gallery.sample_paths
     g = studio.bundle.trees["tree-a"].gallery
     source = studio.sample_source("tree-a", model)
-    assert source in g.sample_paths and g.classes[g.ids.index(source)] == "fish"
+    assert source in g.sample_paths and g.model_classes[g.ids.index(source)] == "fish"
     neighbours = studio.drawable_neighbors(path, 4)
     assert 1 <= len(neighbours) <= 4 and all(studio.sample_source(n["tree"], n["id"]) for n in neighbours)
     # a held-out-class model (a search can return one) has nothing to draw: drawable passes it over, samples says so
@@ -364,7 +364,7 @@ def test_root_anchored_multi_layer_experts_work_through_every_verb(built, kind, 
 
     from probex.experts import AnchoredProbeX, AttentionReader
     from probex.service import Studio
-    from probex.train import prompt
+    from probex.text import prompt
 
     studio = Studio.load(built["bundle"])  # its own instance: the tree is rebuilt in memory below
     tree = studio.bundle.trees["tree-a"]
@@ -382,7 +382,7 @@ def test_root_anchored_multi_layer_experts_work_through_every_verb(built, kind, 
     zoo = built["zoos"]["tree-a"]
     tree.gallery.encodings = torch.stack([studio.analyse(zoo / m / "pytorch_lora_weights.safetensors").encoding
                                           for m in tree.gallery.ids])
-    prompts = [prompt(tree.prompt_template, n) for n in tree.gallery.classes_vocabulary]
+    prompts = [prompt(tree.prompt_template, n) for n in tree.gallery.vocabulary]
     tree.gallery.text_emb = tree.expert.text_input(studio.text, prompts).flatten(1)  # as bundles store it
     studio._class_text.clear()
 
@@ -401,7 +401,7 @@ def test_root_anchored_multi_layer_experts_work_through_every_verb(built, kind, 
     own = tree.gallery.ids.index(path.parent.relative_to(zoo).as_posix())
     upload = next(t for t in fig.data if t.name == "your LoRA")
     assert len(fig.data[0].x) == len(tree.gallery.ids)
-    assert (upload.x[0], upload.y[0]) == pytest.approx(tuple(tree.gallery.umap[own].tolist()), abs=1e-2)
+    assert (upload.x[0], upload.y[0]) == pytest.approx(tuple(tree.gallery.coords[own].tolist()), abs=1e-2)
     assert "attn2.to_v" in studio.model_card(path)
 
     # a LoRA that leaves some read projections alone: readable where the expert takes those as unchanged

@@ -74,9 +74,9 @@ def test_the_map_shows_the_tree_and_puts_a_known_model_on_its_own_point(studio):
     tree = studio.predict(str(example))["tree"]
     g = studio.bundle.trees[tree].gallery
     assert len(fig.data[0].x) == len(g.ids)
-    assert len(next(t for t in fig.data if t.name == "class names").x) == len(g.classes_vocabulary)
+    assert len(next(t for t in fig.data if t.name == "class names").x) == len(g.vocabulary)
     upload = next(t for t in fig.data if t.name == "your LoRA")
-    own = g.umap[g.ids.index(meta["model_id"])].tolist()
+    own = g.coords[g.ids.index(meta["model_id"])].tolist()
     assert (upload.x[0], upload.y[0]) == pytest.approx(tuple(own), abs=1e-2)
 
 

@@ -24,8 +24,8 @@ import torch
 
 from ..data import LayerStack, task_targets
 from ..experts import PROJECTIONS, AnchoredProbeX, AttentionReader
-from ..bundle import TreeSpec, _example_models, _fit_router, _sample_ids, build_bundle
-from ..errors import ProbexError
+from ..build import TreeSpec, build_bundle, example_models, first_signature, sample_ids
+from ..router import Population, separating_router
 from ..text import load_text_encoder
 from ..train import TrainConfig, encode_all, fit_anchored, loss_and_score, nearest_mean_top1
 from ..weights import read_weights
@@ -87,14 +87,16 @@ def build_emoji_bundle(population: Path, out: Path, epochs: int = 200, cache_roo
         kind = max(candidates, key=lambda k: (candidates[k][1]["selection"], candidates[k][0].r_t))
         expert, metrics, encodings, names = candidates[kind]
         specs.append(TreeSpec(name, expert, cache, names, recipe.prompt_template, zoo.tree["root_model"],
-                              INSTANCE_PROMPT, samples=_sample_ids(cache, 1), encodings=encodings))
+                              INSTANCE_PROMPT, samples=sample_ids(cache, 1), encodings=encodings))
         caches.append(cache)
         summary[name] = {"layers": names, "n_models": len(cache.models), "expert": kind,
                          **{f"top1_{k}": round(v, 4) for k, v in metrics.items()},
                          "candidates_on_val": {k: {m: round(c[1][m], 4) for m in VAL_READINGS if m in c[1]}
                                                for k, c in candidates.items()}}
         print(json.dumps({name: summary[name]}), flush=True)
-    router, routing_layer = _separating_router(specs, caches, all_layers, listeners)
+    router, routing_layer = separating_router(
+        [Population(s.name, first_signature(c), c, all_layers[0], listeners[s.name]) for s, c in zip(specs, caches)],
+        all_layers)
     examples = [Path(c.index["zoo"]) / m["source"] for c in caches for m in _examples(c, n_examples)]
     if Path(out).exists():
         shutil.rmtree(out)  # a rebuilt bundle must not keep files of the previous one
@@ -131,7 +133,7 @@ def score_as_the_app_reads(encodings, targets, metrics: dict):
 
 def _examples(cache, n: int) -> list[dict]:
     """n held-out-class and n in-distribution test LoRAs of distinct classes: what a visitor can try."""
-    held = _example_models(cache, n)
+    held = example_models(cache, n)
     seen = {m["class_id"] for m in held}
     test = [m for m in cache.models if m["split"] == "test" and m["class_id"] not in seen]
     return held + list({m["class_id"]: m for m in test}.values())[:n]
@@ -142,11 +144,3 @@ def root_listeners(unet) -> dict:
     return {name: (w / w.norm()) for name, module in unet.named_modules() if name.endswith(".to_v")
             for w in [unet.get_submodule(name[:-len("to_v")] + "to_out.0").weight.detach()]}
 
-
-def _separating_router(specs, caches, layers, listeners=None):
-    for layer in layers:
-        try:
-            return _fit_router(specs, [(c, layer) for c in caches], listeners), layer
-        except ProbexError:
-            continue
-    raise ProbexError("no layer separates the trees: the router cannot tell these roots' LoRAs apart")
