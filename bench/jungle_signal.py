@@ -115,7 +115,7 @@ def gate3(out: Path, tree_dir: Path, root: str, epochs: int, layers: str) -> dic
     for relu in (True, False):
         name = "ProbeX" if relu else "linear ProbeX"
         # the gates were set and passed with the paper's ProbeX (raw weights, random probes); kept so, comparable
-        config = TrainConfig(epochs=epochs, relu=relu, centre=False, init="random")
+        config = TrainConfig.of(epochs=epochs, relu=relu, centre=False, init="random")
         sweep = [n for n in cache.all_layers if re.search(layers, n)] if layers != "all" else None
         cls = sweep_layers(cache, sweep, task="multiclass", config=config, out_dir=out / f"sweep-{name}-cls",
                            progress=False)
@@ -128,7 +128,7 @@ def gate3(out: Path, tree_dir: Path, root: str, epochs: int, layers: str) -> dic
     # StatNN: 7 statistics of every LoRA'd layer's weight change (GBT in-distribution, MLP align zero-shot)
     from paper_tables import generative_statnn
 
-    statnn = generative_statnn(cache, sentence, TrainConfig(epochs=epochs))
+    statnn = generative_statnn(cache, sentence, TrainConfig.of(epochs=epochs))
     record("StatNN (GBT / MLP align)", {"test": statnn["in_dist"], "test_holdout": statnn["zero_shot"]})
 
     # root-anchored expert over cross-attention layers: keys + values, or values only; the set is chosen on val
@@ -155,7 +155,7 @@ def gate3(out: Path, tree_dir: Path, root: str, epochs: int, layers: str) -> dic
         for relu in (True, False):
             torch.manual_seed(0)
             model = AnchoredProbeX.from_root(root_w, instance, relu=relu)
-            fit = train_expert(model, data, anchored_targets, TrainConfig(epochs=epochs, batch_size=128))
+            fit = train_expert(model, data, anchored_targets, TrainConfig.of(epochs=epochs, batch_size=128))
             candidates.append((f"trained{'' if relu else ' linear'}", model, fit.metrics))
         for kind, model, metrics in candidates:
             record(f"  {kind} expert, text only ({label})", metrics, f"val {metrics['val']:.3f}",

@@ -47,7 +47,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -64,8 +64,8 @@ from probex.data import LayerData, task_targets  # noqa: E402
 from probex.train import TrainConfig, new_dense, sweep_layers, train_expert  # noqa: E402
 from probex.zoo import LayerCache, build_cache  # noqa: E402
 
-DISCRIMINATIVE = TrainConfig(epochs=200, lr=2e-3, r_u=16, r_v=16, r_t=128, patience=40)
-GENERATIVE = TrainConfig(epochs=100, patience=20)   # the pilot's gate 3 (bench/jungle_signal.py) setting, early stop
+DISCRIMINATIVE = TrainConfig.of(epochs=200, lr=2e-3, r_u=16, r_v=16, r_t=128, patience=40)
+GENERATIVE = TrainConfig.of(epochs=100, patience=20)   # the pilot's gate 3 (bench/jungle_signal.py) setting, early stop
 GENERATIVE_LAYERS = r"attn2\.to_v$"  # the 7 cross-attention value layers: where the caption enters the root
 DENSE_RAM_GB = 0.25  # four float32 copies of the dense tensor (weights, gradient, Adam moments); see module doc
 
@@ -131,9 +131,9 @@ def discriminative_population(zoo_dir: Path, cache_dir: Path, config: TrainConfi
     return {"population": zoo_dir.name, "architecture": tree.get("architecture"),
             "kind": "tree" if tree.get("root_model") else "forest", "models": counts,
             "probex": probex_row(cache, config, cache_dir / "sweeps" / "probex"),
-            "linear": probex_row(cache, replace(config, relu=False), cache_dir / "sweeps" / "linear"),
+            "linear": probex_row(cache, config.replace(relu=False), cache_dir / "sweeps" / "linear"),
             "dense": dense_row(cache, config, dense_ram_gb),
-            "statnn": statnn_row(cache, config.seed)}
+            "statnn": statnn_row(cache, config.optimiser.seed)}
 
 
 def discriminative_tables(zoo_root: str | Path = ROOT / "zoo" / "discriminative",
@@ -151,7 +151,7 @@ def discriminative_tables(zoo_root: str | Path = ROOT / "zoo" / "discriminative"
     for zoo_dir in populations:
         print(f"… {zoo_dir.name}", flush=True)
         rows.append(discriminative_population(zoo_dir, Path(cache_root) / zoo_dir.name, config, dense_ram_gb))
-    return {"config": asdict(config), "dense_ram_gb": dense_ram_gb, "rows": rows, "summary": summarise(rows)}
+    return {"config": config.as_dict(), "dense_ram_gb": dense_ram_gb, "rows": rows, "summary": summarise(rows)}
 
 
 METHODS = (("probex", "ProbeX"), ("linear", "linear ProbeX"), ("dense", "dense"), ("statnn", "StatNN"))
@@ -174,7 +174,7 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def print_discriminative(result: dict) -> None:
-    inputs = "tree-centred inputs, principal-direction probes" if result["config"].get("centre", False) else \
+    inputs = "tree-centred inputs, principal-direction probes" if result["config"]["model"]["centre"] else \
         "raw weights, random probes (the paper's inputs)"
     print("\n== Discriminative (paper Table 1): per-label accuracy on test (chance 0.50), layer chosen on val; "
           f"{inputs} ==")
@@ -243,13 +243,13 @@ def generative_tables(zoo_root: str | Path = ROOT / "zoo" / "emoji-mini",
     result = {"tree": cache.index["tree"].get("name", main_tree.name),
               "classes": {"training": n_seen, "held_out": len(cache.classes) - n_seen},
               "models": {s: len(cache.split_indices(s)) for s in ("train", "val", "test", "val_holdout", "test_holdout")},
-              "config": asdict(config), "rows": {}}
+              "config": config.as_dict(), "rows": {}}
     rows = result["rows"]
     if trained:
         sentence = class_text_embeddings(cache, load_text_encoder("minilm"))
         swept = [n for n in cache.all_layers if re.search(layers, n)]
         for relu in (True, False):
-            cfg = replace(config, relu=relu)
+            cfg = config.replace(relu=relu)
             cls = sweep_layers(cache, swept, "multiclass", config=cfg, progress=False)
             align = sweep_layers(cache, swept, "align", sentence, config=cfg, progress=False)
             extra = evaluate_expert(align.best.expert, cache, align.best_layer, "align", sentence)
@@ -310,10 +310,10 @@ def generative_statnn(cache: LayerCache, sentence, config: TrainConfig) -> dict:
     stats = torch.cat([weight_statistics(cache.inputs(n)) for n in cache.all_layers], 1)
     targets = task_targets(cache, "multiclass")
     train, test = targets.split["train"], targets.split["test"]
-    gbt = StatNNClassifier("multiclass", seed=config.seed).fit(stats[train].numpy(), targets.y[train].numpy())
+    gbt = StatNNClassifier("multiclass", seed=config.optimiser.seed).fit(stats[train].numpy(), targets.y[train].numpy())
     in_dist = float((torch.from_numpy(gbt.predict(stats[test].numpy())) == targets.y[test]).float().mean())
     align = task_targets(cache, "align", sentence)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.optimiser.seed)
     mlp = StatMLP(stats.shape[1], head="align", text_dim=sentence.shape[1]).fit_normaliser(stats[train])
     fit = train_expert(mlp, LayerData(stats), align, config)
     row = {"in_dist": in_dist, "zero_shot": fit.metrics["test_holdout"], "layers": f"all {len(cache.all_layers)}"}
@@ -331,7 +331,7 @@ def print_generative(result: dict) -> None:
           f"(chance {1 / c['training']:.3f}), {c['held_out']} held-out (chance {1 / c['held_out']:.3f}); models "
           + "/".join(str(m[s]) for s in m) + " (train/val/test/val_holdout/test_holdout) ==")
     print("trained experts read " + ("tree-centred inputs, ProbeX from principal-direction probes"
-                                     if result["config"].get("centre", False) else "raw weights, ProbeX from random "
+                                     if result["config"]["model"]["centre"] else "raw weights, ProbeX from random "
                                      "probes (the paper's inputs)"))
     shown = lambda v: "     —" if v is None else f"{v:6.3f}"  # noqa: E731
     print(f"{'method':<22} {'in-dist':>7} {'zero-shot':>9} {'kNN-5':>6} {'1-class AUC':>11}  layers / parameters")
@@ -379,12 +379,12 @@ def main(argv=None) -> None:
     parser.add_argument("--cache", default=str(ROOT / "cache" / "discriminative"))
     parser.add_argument("--jungle", default=str(ROOT / "zoo" / "emoji-mini"), help="the generative population")
     parser.add_argument("--bundle", default=str(ROOT / "checkpoints" / "emoji-mini"), help="the shipped bundle")
-    parser.add_argument("--gen-epochs", type=int, default=GENERATIVE.epochs, help="generative experts' epochs")
+    parser.add_argument("--gen-epochs", type=int, default=GENERATIVE.optimiser.epochs, help="generative experts' epochs")
     parser.add_argument("--layers", default=GENERATIVE_LAYERS, help="generative sweep: layers matching this regex")
     parser.add_argument("--only", nargs="*", help="only these populations")
-    parser.add_argument("--epochs", type=int, default=DISCRIMINATIVE.epochs)
-    parser.add_argument("--lr", type=float, default=DISCRIMINATIVE.lr)
-    parser.add_argument("--patience", type=int, default=DISCRIMINATIVE.patience)
+    parser.add_argument("--epochs", type=int, default=DISCRIMINATIVE.optimiser.epochs)
+    parser.add_argument("--lr", type=float, default=DISCRIMINATIVE.optimiser.lr)
+    parser.add_argument("--patience", type=int, default=DISCRIMINATIVE.optimiser.patience)
     parser.add_argument("--dense-ram-gb", type=float, default=DENSE_RAM_GB)
     parser.add_argument("--paper-inputs", action="store_true", help="every expert on raw weights, ProbeX from random "
                         "probes, as the paper (default: tree-centred inputs, principal-direction probes)")
@@ -408,7 +408,7 @@ def main(argv=None) -> None:
             result["generative"] = fresh
         print_generative(result["generative"])
     if args.part in ("all", "discriminative"):
-        config = replace(DISCRIMINATIVE, epochs=args.epochs, lr=args.lr, patience=args.patience, **inputs)
+        config = DISCRIMINATIVE.replace(epochs=args.epochs, lr=args.lr, patience=args.patience, **inputs)
         result["discriminative"] = discriminative_tables(args.zoo, args.cache, config, args.dense_ram_gb, args.only)
         print_discriminative(result["discriminative"])
     result["seconds"] = round(time.perf_counter() - start, 1)

@@ -57,11 +57,11 @@ def population(n: int, shape: tuple[int, int], rank: int, device: str, seed: int
 def expert_for(shape: tuple[int, int], device: str) -> ProbeX:
     c = RELEASE_GENERATIVE
     torch.manual_seed(0)
-    return ProbeX(*shape, r_u=c.r_u, r_v=c.r_v, r_t=c.r_t, relu=c.relu, head="align", text_dim=TEXT_DIM).to(device)
+    return ProbeX(*shape, r_u=c.model.r_u, r_v=c.model.r_v, r_t=c.model.r_t, relu=c.model.relu, head="align", text_dim=TEXT_DIM).to(device)
 
 
 def optimiser(expert: ProbeX) -> torch.optim.Optimizer:
-    return torch.optim.Adam(expert.parameters(), lr=RELEASE_GENERATIVE.lr, weight_decay=RELEASE_GENERATIVE.weight_decay)
+    return torch.optim.Adam(expert.parameters(), lr=RELEASE_GENERATIVE.optimiser.lr, weight_decay=RELEASE_GENERATIVE.optimiser.weight_decay)
 
 
 def epoch_seconds(materialise: bool, n: int, shape, rank: int, threads: int, device: str,
@@ -72,7 +72,7 @@ def epoch_seconds(materialise: bool, n: int, shape, rank: int, threads: int, dev
     data, targets = population(n, shape, rank, device)
     expert = expert_for(shape, device)
     opt = optimiser(expert)
-    batch = RELEASE_GENERATIVE.batch_size
+    batch = RELEASE_GENERATIVE.optimiser.batch_size
     n_batches = math.ceil(n / batch)
     if max_batches is None and not materialise:
         start = time.perf_counter()
@@ -142,7 +142,7 @@ def main(argv=None) -> None:
     n, r, c, dev = args.models, args.rank, RELEASE_GENERATIVE, args.device
     shape = (1280, 1280)
     print(f"SD 1.5 {LAYER} {shape[0]}×{shape[1]}, {n} LoRAs of rank {r}, align over {N_CLASSES} classes "
-          f"(text {TEXT_DIM}-d); ProbeX r_U={c.r_u} r_V={c.r_v} r_T={c.r_t}, batch {c.batch_size}, Adam; "
+          f"(text {TEXT_DIM}-d); ProbeX r_U={c.model.r_u} r_V={c.model.r_v} r_T={c.model.r_t}, batch {c.optimiser.batch_size}, Adam; "
           f"on {dev}, {args.threads} torch thread(s) ({torch.get_num_threads()} by default)")
     print(f"idle process with torch imported: {peak_mb():.0f} MB resident; peaks below are "
           f"{'GPU allocations' if dev.startswith('cuda') else 'resident memory'}")
@@ -163,7 +163,7 @@ def main(argv=None) -> None:
         print(f"  {shapes[s]:3d} layers of {s[0]:4d}×{s[1]:<4d}: {per_epoch[s]:6.1f} s/epoch (factor path"
               f"{'' if s == shape else f', from {args.shape_batches} batches'})")
     sweep_epoch = sum(per_epoch[s] * k for s, k in shapes.items())
-    for epochs, who in ((c.epochs, "release"), (500, "paper")):
+    for epochs, who in ((c.optimiser.epochs, "release"), (500, "paper")):
         hours = sweep_epoch * epochs / 3600
         print(f"projected 128-layer sweep, {epochs} epochs ({who}): {hours:6.1f} h factor path on {dev} "
               f"({args.threads} thread(s)); one layer {per_epoch[shape] * epochs / 60:.0f} min; materialised path "

@@ -6,7 +6,7 @@ the emoji jungle's ship (probex.jungle.ship) trains its own experts and shares `
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,7 +18,7 @@ from probex.gallery import PLACE_K, Gallery, layout_2d
 from probex.profiles import get_profile
 from probex.router import Population, fit_router
 from probex.text import DEFAULT_PROMPT, load_text_encoder, prompt
-from probex.train import PAPER, TrainConfig, class_text_embeddings, encode_all, sweep_layers
+from probex.train import TrainConfig, class_text_embeddings, encode_all, sweep_layers
 from probex.weights import read_weights
 from probex.zoo import Zoo, build_cache, select_layers
 
@@ -89,7 +89,7 @@ def first_signature(cache):
     return read_weights(path).signature if path.is_file() else None
 
 
-def train_bundle(zoo, out_dir: str | Path, layers=None, config: TrainConfig = PAPER, profile: str | None = None,
+def train_bundle(zoo, out_dir: str | Path, layers=None, config: TrainConfig = TrainConfig(), profile: str | None = None,
                  task: str | None = None, cache_dir: str | Path | None = None, routing_layer: str | None = None,
                  samples_per_class: int = 1, n_examples: int = 3, encoder=None, ray: bool | str = False) -> dict:
     """Population(s) → bundle: the `probex train` flow.
@@ -128,8 +128,8 @@ def train_bundle(zoo, out_dir: str | Path, layers=None, config: TrainConfig = PA
     # LoRA files are small enough to ship as samples and examples; full checkpoints are not
     examples = [Path(c.index["zoo"]) / m["source"] for c, _ in caches if c.kind == "lora"
                 for m in example_models(c, n_examples)]
-    build_bundle(out_dir, specs, prof.text_encoder, router, prof.name, examples, config.seed, encoder,
-                 info={"config": asdict(config), "trees": summary})
+    build_bundle(out_dir, specs, prof.text_encoder, router, prof.name, examples, config.optimiser.seed, encoder,
+                 info={"config": config.as_dict(), "trees": summary})
     return {"bundle": str(out_dir), "profile": prof.name, "trees": summary}
 
 

@@ -21,9 +21,13 @@ import json
 import os
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
+from probex.config import RELEASE_OPTIMISER, ProbeXConfig, TrainConfig
 from probex.errors import ProbexError
+
+TRAIN_OPTIMISER = RELEASE_OPTIMISER  # `probex train` trains as the public release does (200 epochs, lr 2e-3)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -117,12 +121,11 @@ def run_samples(args) -> int:
 
 
 def train_config(args):
-    """`probex train`'s options as a probex.train.TrainConfig."""
-    from probex.train import TrainConfig
-
-    return TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, r_u=args.r_u,
-                       r_v=args.r_v, r_t=args.r_t, relu=not args.linear, patience=args.patience,
-                       **(dict(centre=False, init="random") if args.paper_inputs else {}))
+    """`probex train`'s options as a TrainConfig."""
+    return TrainConfig(ProbeXConfig(r_u=args.r_u, r_v=args.r_v, r_t=args.r_t, relu=not args.linear,
+                                    **(dict(centre=False, init="random") if args.paper_inputs else {})),
+                       replace(TRAIN_OPTIMISER, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                       seed=args.seed, patience=args.patience))
 
 
 def run_train(args) -> int:
@@ -253,16 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=positive, default=None, help="stop after this many epochs without progress")
     p.add_argument("--profile", default=None, help="profile the bundle is for (default PROBEX_PROFILE)")
     p.add_argument("--layers", default=None, help="layers to sweep: all (default), names, or index ranges 40-47")
-    p.add_argument("--epochs", type=positive, default=200)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--batch-size", type=positive, default=128)
-    p.add_argument("--r-u", type=positive, default=128)
-    p.add_argument("--r-v", type=positive, default=128)
-    p.add_argument("--r-t", type=positive, default=128)
+    p.add_argument("--epochs", type=positive, default=TRAIN_OPTIMISER.epochs)
+    p.add_argument("--lr", type=float, default=TRAIN_OPTIMISER.lr)
+    p.add_argument("--batch-size", type=positive, default=TRAIN_OPTIMISER.batch_size)
+    p.add_argument("--r-u", type=positive, default=ProbeXConfig.r_u)
+    p.add_argument("--r-v", type=positive, default=ProbeXConfig.r_v)
+    p.add_argument("--r-t", type=positive, default=ProbeXConfig.r_t)
     p.add_argument("--linear", action="store_true", help="linear ProbeX (no ReLU)")
     p.add_argument("--paper-inputs", action="store_true",
                    help="raw weights and random probes, as the paper (default: centred inputs, principal-direction probes)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=TRAIN_OPTIMISER.seed)
     add_job_options(p, "layer")
     p = verb("eval", run_eval, "the bundle's expert scored on a population (top-1, zero-shot, kNN, AUC…)",
              bundle=False)

@@ -9,7 +9,7 @@ Tasks
   splits are scored against the in-distribution classes, val_holdout / test_holdout against the held-out classes
   (zero-shot: those class names were never seen in training).
 
-Recipe (paper defaults): Adam, lr 1e-3, weight decay 1e-5, 500 epochs, batch 128; the best epoch on `val` is kept
+Recipe (probex.config; the paper's defaults): Adam, lr 1e-3, weight decay 1e-5, 500 epochs, batch 128; the best epoch on `val` is kept
 (its state held in memory). The public release trains the generative split with lr 2e-3, 200 epochs and r_T = 512
 (`RELEASE_GENERATIVE`). Deterministic under a seed on CPU.
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 import csv
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from probex.cluster import map_jobs
+from probex.config import RELEASE_GENERATIVE, TrainConfig  # noqa: F401  (RELEASE_GENERATIVE: re-exported)
 from probex.errors import InputError
 from probex.data import LayerData, LayerStack, Targets, task_targets
 from probex.gallery import class_means
@@ -44,25 +45,6 @@ from probex.experts import AnchoredProbeX, DenseExpert, Expert, ProbeX
 from probex.zoo import LayerCache, select_layers
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 500
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 1e-5
-    seed: int = 0
-    r_u: int = 128
-    r_v: int = 128
-    r_t: int = 128
-    relu: bool = True
-    temperature: float | None = None
-    patience: int | None = None  # stop after this many epochs without a better val score (None: run all epochs)
-    centre: bool = True          # read (X − X̄) / s, X̄ and s from the train split (module docstring)
-    init: str = "principal"      # "principal": U, V start at the train split's principal directions; "random": paper
-
-
-PAPER = TrainConfig()
-RELEASE_GENERATIVE = TrainConfig(epochs=200, lr=2e-3, r_t=512)
 
 
 
@@ -124,25 +106,25 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
 
 
-def train_expert(expert: Expert, data: LayerData, targets: Targets, config: TrainConfig = PAPER,
+def train_expert(expert: Expert, data: LayerData, targets: Targets, config: TrainConfig = TrainConfig(),
                  progress: bool = False) -> FitResult:
     """Adam on the train split; the state of the best val epoch (higher score, then lower loss) is restored."""
     for needed in ("train", "val"):
         if len(targets.split.get(needed, ())) == 0:
             raise InputError(f"the {needed} split is empty: training needs train and val models")
-    generator = torch.Generator().manual_seed(config.seed)
-    opt = torch.optim.Adam(expert.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(config.optimiser.seed)
+    opt = torch.optim.Adam(expert.parameters(), lr=config.optimiser.lr, weight_decay=config.optimiser.weight_decay)
     best, best_state, best_epoch, history = None, None, -1, []
     start = time.perf_counter()
-    epochs = tqdm(range(config.epochs), desc="epochs", disable=not progress, leave=False)
+    epochs = tqdm(range(config.optimiser.epochs), desc="epochs", disable=not progress, leave=False)
     for epoch in epochs:
-        train_loss = train_epoch(expert, data, targets, opt, config.batch_size, generator)
+        train_loss = train_epoch(expert, data, targets, opt, config.optimiser.batch_size, generator)
         val = evaluate_split(expert, data, targets, "val")
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"], "val": val["score"]})
         if best is None or (val["score"], -val["loss"]) > best:
             best, best_epoch = (val["score"], -val["loss"]), epoch
             best_state = {k: v.detach().clone() for k, v in expert.state_dict().items()}
-        elif config.patience is not None and epoch - best_epoch >= config.patience:
+        elif config.optimiser.patience is not None and epoch - best_epoch >= config.optimiser.patience:
             break
     expert.load_state_dict(best_state)
     metrics = {s: evaluate_split(expert, data, targets, s)["score"] for s in targets.evaluated_splits()}
@@ -153,17 +135,17 @@ def _head(targets: Targets, config: TrainConfig) -> dict:
     """The head an expert for `targets` needs: its kind, outputs or text width, temperature."""
     align = targets.task == "align"
     return dict(head=targets.task, n_out=None if align else len(targets.classes),
-                text_dim=targets.text.shape[1] if align else None, temperature=config.temperature)
+                text_dim=targets.text.shape[1] if align else None, temperature=config.model.temperature)
 
 
 def new_dense(data: LayerData, targets: Targets, config: TrainConfig, ram_budget_gb: float = 4.0) -> DenseExpert:
     """The dense expert (Eq. 1) for this layer and task, on the same inputs as `new_probex` would read (centred when
-    `config.centre`). Raises ProbexError when its training state would pass `ram_budget_gb`."""
+    `config.model.centre`). Raises ProbexError when its training state would pass `ram_budget_gb`."""
     d_w, d_h = data.shape
-    torch.manual_seed(config.seed)
-    expert = DenseExpert(d_w, d_h, config.r_t, **_head(targets, config), ram_budget_gb=ram_budget_gb,
-                         centred=config.centre)
-    if config.centre:
+    torch.manual_seed(config.optimiser.seed)
+    expert = DenseExpert(d_w, d_h, config.model.r_t, **_head(targets, config), ram_budget_gb=ram_budget_gb,
+                         centred=config.model.centre)
+    if config.model.centre:
         expert.centre_on(data, targets.split["train"])
     return expert
 
@@ -171,14 +153,14 @@ def new_dense(data: LayerData, targets: Targets, config: TrainConfig, ram_budget
 def new_probex(data: LayerData, targets: Targets, config: TrainConfig) -> ProbeX:
     """A ProbeX for this layer and task, its inputs and initialisation as `config` says (ProbeX.initialise)."""
     d_w, d_h = data.shape
-    torch.manual_seed(config.seed)  # initialisation is part of what a seed fixes
-    expert = ProbeX(d_w, d_h, config.r_u, config.r_v, config.r_t, config.relu, **_head(targets, config),
-                    centred=config.centre)
-    return expert.initialise(data, targets.split["train"], config.init)
+    torch.manual_seed(config.optimiser.seed)  # initialisation is part of what a seed fixes
+    m = config.model
+    expert = ProbeX(d_w, d_h, m.r_u, m.r_v, m.r_t, m.relu, **_head(targets, config), centred=m.centre)
+    return expert.initialise(data, targets.split["train"], m.init)
 
 
 def fit_expert(cache: LayerCache, layer: str, task: str | None = None, text_embeddings: torch.Tensor | None = None,
-               config: TrainConfig = PAPER, progress: bool = False) -> FitResult:
+               config: TrainConfig = TrainConfig(), progress: bool = False) -> FitResult:
     """A ProbeX for `task` on one cached layer, best epoch on val."""
     data = LayerData.from_cache(cache, layer)
     targets = task_targets(cache, task, text_embeddings)
@@ -198,7 +180,7 @@ class SweepResult:
 
 
 def sweep_layers(cache: LayerCache, layers=None, task: str | None = None, text_embeddings: torch.Tensor | None = None,
-                 config: TrainConfig = PAPER, out_dir: str | Path | None = None, save_experts: bool = False,
+                 config: TrainConfig = TrainConfig(), out_dir: str | Path | None = None, save_experts: bool = False,
                  progress: bool = True, ray: bool | str = False) -> SweepResult:
     """One expert per layer (a `select_layers` spec: all, a list, "40-47"…); the best layer is the best on val
     (ties: the lower index). With `out_dir`, sweep.csv / sweep.json are rewritten after every layer, so a long sweep
@@ -234,7 +216,7 @@ def write_sweep(out_dir: Path, rows: list[dict], best_layer: str, task: str, con
         writer.writerows(rows)
     best = next(r for r in rows if r["layer"] == best_layer)
     (out_dir / "sweep.json").write_text(json.dumps(
-        {"task": task, "config": asdict(config), "best_layer": best_layer, "best_index": best["index"],
+        {"task": task, "config": config.as_dict(), "best_layer": best_layer, "best_index": best["index"],
          "selected_on": "val", "layers": rows}, indent=1))
 
 
@@ -252,7 +234,7 @@ def fit_anchored(cache, names: list[str], root_weights: dict[str, Tensor], insta
 
     root_weights: the root's matrix per layer name; instance_states (n_tokens, d_h); class_states (C, n_tokens, d_h),
     one row per class of the cache. Returns (FitResult, LayerStack)."""
-    torch.manual_seed((config or PAPER).seed)
+    torch.manual_seed((config or TrainConfig()).optimiser.seed)
     model = AnchoredProbeX.from_root([root_weights[n] for n in names], instance_states, relu=relu)
     data = LayerStack.from_cache(cache, names)
-    return train_expert(model, data, task_targets(cache, "align", class_states), config or PAPER), data
+    return train_expert(model, data, task_targets(cache, "align", class_states), config or TrainConfig()), data

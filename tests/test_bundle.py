@@ -132,7 +132,7 @@ def test_train_bundle_end_to_end(tmp_path):
                           class_embeddings=text, tree_component=3.0, tree_seed=tree_seed, signal=1.0, seed=i)
         write_tree_json(z.root, name=f"tree-{i}", instance_prompt="an emoji of sks")
         zoos.append(z)
-    config = TrainConfig(epochs=25, batch_size=32, lr=1e-2, r_u=8, r_v=8, r_t=16)
+    config = TrainConfig.of(epochs=25, batch_size=32, lr=1e-2, r_u=8, r_v=8, r_t=16)
     summary = train_bundle([z.root for z in zoos], tmp_path / "bundle", config=config, profile="emoji-mini",
                            cache_dir=tmp_path / "cache", encoder=minilm)
     assert set(summary["trees"]) == {"tree-0", "tree-1"}, summary
@@ -171,7 +171,7 @@ def test_train_bundle_for_a_discriminative_tree(tmp_path):
                         layers={"blocks.0.fc": (12, 10), "blocks.1.fc": (12, 12)}, informative=["blocks.1.fc"],
                         signal=1.0, noise=0.3)
     write_tree_json(zoo.root, name="vit-mini")
-    config = TrainConfig(epochs=30, batch_size=32, lr=1e-2, r_u=8, r_v=8, r_t=16)
+    config = TrainConfig.of(epochs=30, batch_size=32, lr=1e-2, r_u=8, r_v=8, r_t=16)
     summary = train_bundle(zoo.root, tmp_path / "bundle", config=config, cache_dir=tmp_path / "cache")
     assert summary["trees"]["vit-mini"]["layer"] == "blocks.1.fc"
     assert summary["trees"]["vit-mini"]["task"] == "multilabel"

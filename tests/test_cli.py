@@ -150,10 +150,14 @@ def test_usage_errors_are_one_line(capsys, args):
 
 def test_train_options_become_the_training_config():
     parse = cli.build_parser().parse_args
+    from probex.config import RELEASE_OPTIMISER, ProbeXConfig
+
     default = cli.train_config(parse(["train", "--zoo", "z", "--out", "o"]))
-    assert default.centre and default.init == "principal" and default.relu and default.r_t == 128
-    paper = cli.train_config(parse(["train", "--zoo", "z", "--out", "o", "--paper-inputs", "--linear", "--r-t", "16"]))
-    assert not paper.centre and paper.init == "random" and not paper.relu and paper.r_t == 16
+    assert default.model == ProbeXConfig() and default.optimiser == RELEASE_OPTIMISER  # defaults read from one place
+    paper = cli.train_config(parse(["train", "--zoo", "z", "--out", "o", "--paper-inputs", "--linear", "--r-t", "16",
+                                    "--epochs", "7"]))
+    m = paper.model
+    assert not m.centre and m.init == "random" and not m.relu and m.r_t == 16 and paper.optimiser.epochs == 7
 
 
 @pytest.mark.parametrize("verb", [["train", "--zoo", "z", "--out", "o"], ["eval", "--bundle", "b", "--zoo", "z"],

@@ -17,7 +17,7 @@ from probex.zoo import build_cache, select_layers
 from synthetic import make_lora_zoo
 
 LAYERS = {"down_blocks.0.attn2.to_k": (12, 10), "down_blocks.1.attn2.to_q": (12, 12), "up_blocks.0.attn2.to_v": (10, 12)}
-CONFIG = TrainConfig(epochs=15, batch_size=16, lr=1e-2, r_u=8, r_v=8, r_t=8)
+CONFIG = TrainConfig.of(epochs=15, batch_size=16, lr=1e-2, r_u=8, r_v=8, r_t=8)
 
 
 @pytest.fixture(scope="module")

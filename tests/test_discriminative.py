@@ -92,7 +92,7 @@ def test_grouped_training_equals_one_at_a_time(arch):
 def test_probex_reads_which_classes_each_model_was_trained_on(tiny_zoo, tmp_path):
     out, _ = tiny_zoo
     cache = build_cache(out / TREE, tmp_path / "cache", layers="conv3")
-    config = TrainConfig(epochs=200, lr=3e-3, r_u=16, r_v=16, r_t=64)
+    config = TrainConfig.of(epochs=200, lr=3e-3, r_u=16, r_v=16, r_t=64)
     fit = fit_expert(cache, "conv3", "multilabel", config=config)
     # per-label accuracy on 20 test models × 20 labels; chance is 0.5 (each label is on for half the models)
     assert fit.metrics["test"] >= 0.6, fit.metrics

@@ -97,7 +97,7 @@ def test_evaluate_expert_reports_every_metric(tmp_path):
     zoo = make_lora_zoo(tmp_path / "zoo", n_classes=12, per_class=6, layers={layer: (24, 16)}, ranks=(2, 4),
                         holdout_classes=4, holdout_per_class=6, text_dim=6, signal=0.8, seed=3)
     cache = build_cache(zoo.root, tmp_path / "cache")
-    config = TrainConfig(epochs=30, batch_size=32, lr=1e-2, r_u=16, r_v=16, r_t=16)
+    config = TrainConfig.of(epochs=30, batch_size=32, lr=1e-2, r_u=16, r_v=16, r_t=16)
     fit = fit_expert(cache, layer, "align", zoo.text_embeddings, config)
     report = evaluate_expert(fit.expert, cache, layer, text_embeddings=zoo.text_embeddings, k=3)
     assert report["task"] == "align" and report["n_models"]["test_holdout"] == 12

@@ -288,7 +288,7 @@ def test_fake_modelj_tree_end_to_end(modelj_tree, tiny_clip, tmp_path, monkeypat
     monkeypatch.setenv("PROBEX_PROFILE", "sd15-modelj")
     monkeypatch.setenv("PROBEX_CLIP_MODEL", tiny_clip)        # the profile's CLIP, offline: the tiny one
     noise_layer = sorted(lora_shapes("sd15"))[0]               # a layer without signal, to be swept and rejected
-    config = TrainConfig(epochs=60, batch_size=16, lr=2e-3, r_u=16, r_v=16, r_t=32)
+    config = TrainConfig.of(epochs=60, batch_size=16, lr=2e-3, r_u=16, r_v=16, r_t=32)
     summary = train_bundle(modelj_tree.root, tmp_path / "bundle", layers=[noise_layer, SIGNAL_LAYER], config=config,
                            cache_dir=tmp_path / "cache", routing_layer=SIGNAL_LAYER)
     tree = summary["trees"]["modelj-sd_200"]

@@ -19,7 +19,7 @@ INFORMATIVE = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q"
 LAYERS = {"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (32, 24),
           INFORMATIVE: (32, 32),
           "up_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v": (24, 32)}
-SMALL = TrainConfig(epochs=40, batch_size=32, lr=1e-2, r_u=16, r_v=16, r_t=16)
+SMALL = TrainConfig.of(epochs=40, batch_size=32, lr=1e-2, r_u=16, r_v=16, r_t=16)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_sweep_picks_the_informative_layer_and_writes_its_tables(planted, tmp_pa
 
 def test_sweep_over_a_slice_reports_held_out_splits_for_alignment(planted):
     zoo, cache = planted
-    result = sweep_layers(cache, "1-2", "align", zoo.text_embeddings, config=TrainConfig(**{**SMALL.__dict__, "epochs": 5}),
+    result = sweep_layers(cache, "1-2", "align", zoo.text_embeddings, config=SMALL.replace(epochs=5),
                           progress=False)
     assert [r["index"] for r in result.rows] == [1, 2]
     assert {"val", "test", "val_holdout", "test_holdout"} <= set(result.rows[0])
@@ -84,9 +84,9 @@ def test_sweep_over_a_slice_reports_held_out_splits_for_alignment(planted):
 
 def test_training_is_deterministic_under_a_seed(planted):
     zoo, cache = planted
-    config = TrainConfig(**{**SMALL.__dict__, "epochs": 5})
+    config = SMALL.replace(epochs=5)
     a, b = (fit_expert(cache, INFORMATIVE, "multiclass", config=config) for _ in range(2))
-    other = fit_expert(cache, INFORMATIVE, "multiclass", config=TrainConfig(**{**config.__dict__, "seed": 1}))
+    other = fit_expert(cache, INFORMATIVE, "multiclass", config=config.replace(seed=1))
     assert a.metrics == b.metrics and a.best_epoch == b.best_epoch
     assert all(torch.equal(v, b.expert.state_dict()[k]) for k, v in a.expert.state_dict().items())
     assert not torch.equal(a.expert.U, other.expert.U)
@@ -94,7 +94,7 @@ def test_training_is_deterministic_under_a_seed(planted):
 
 def test_patience_stops_early(planted):
     zoo, cache = planted
-    fit = fit_expert(cache, INFORMATIVE, "multiclass", config=TrainConfig(**{**SMALL.__dict__, "epochs": 500, "patience": 3}))
+    fit = fit_expert(cache, INFORMATIVE, "multiclass", config=SMALL.replace(epochs=500, patience=3))
     assert fit.epochs_run < 500 and fit.epochs_run - 1 - fit.best_epoch <= 3
 
 
@@ -111,9 +111,9 @@ def test_multilabel_on_full_checkpoints(tmp_path):
 
 def test_encodings_and_text_bank(planted):
     zoo, cache = planted
-    fit = fit_expert(cache, INFORMATIVE, "multiclass", config=TrainConfig(**{**SMALL.__dict__, "epochs": 1}))
+    fit = fit_expert(cache, INFORMATIVE, "multiclass", config=SMALL.replace(epochs=1))
     enc = encode_all(fit.expert, LayerData.from_cache(cache, INFORMATIVE))
-    assert enc.shape == (len(cache.models), SMALL.r_t)
+    assert enc.shape == (len(cache.models), SMALL.model.r_t)
 
     class Recorder:
         def embed(self, texts):
@@ -143,7 +143,7 @@ def test_rank_grouped_encoding_equals_the_padded_batch(planted):
     data = LayerData.from_cache(cache, INFORMATIVE)
     assert set(data.rank.tolist()) == {2, 3, 4}
     torch.manual_seed(0)
-    expert = fit_expert(cache, INFORMATIVE, "multiclass", config=TrainConfig(**{**SMALL.__dict__, "epochs": 1})).expert
+    expert = fit_expert(cache, INFORMATIVE, "multiclass", config=SMALL.replace(epochs=1)).expert
     idx = torch.randperm(len(data))[:17]
     with torch.no_grad():
         assert torch.allclose(data.encode(expert, idx), expert.encode(data.take(idx)), atol=1e-5)
@@ -180,14 +180,14 @@ def test_new_probex_centres_and_starts_at_principal_directions_unless_told_other
     expert = new_probex(data, targets, SMALL)
     mean, scale = input_stats(data, targets.split["train"])
     assert expert.centred and torch.allclose(expert.input_mean, mean) and expert.input_scale.item() == pytest.approx(scale)
-    p_w, p_h = principal_directions(data, targets.split["train"], mean, SMALL.r_v, SMALL.r_u)
+    p_w, p_h = principal_directions(data, targets.split["train"], mean, SMALL.model.r_v, SMALL.model.r_u)
     assert torch.allclose(expert.U, p_h) and torch.allclose(expert.V, p_w)
-    paper = new_probex(data, targets, TrainConfig(**{**SMALL.__dict__, "centre": False, "init": "random"}))
+    paper = new_probex(data, targets, SMALL.replace(centre=False, init="random"))
     assert not paper.centred and not any(k.startswith("input_") for k in paper.state_dict())
-    torch.manual_seed(SMALL.seed)
-    assert torch.equal(paper.U, ProbeX(32, 32, SMALL.r_u, SMALL.r_v, SMALL.r_t, n_out=20).U)
+    torch.manual_seed(SMALL.optimiser.seed)
+    assert torch.equal(paper.U, ProbeX(32, 32, SMALL.model.r_u, SMALL.model.r_v, SMALL.model.r_t, n_out=20).U)
     with pytest.raises(InputError, match="init must be one of"):
-        new_probex(data, targets, TrainConfig(init="pca"))
+        new_probex(data, targets, TrainConfig.of(init="pca"))
 
 
 def test_a_tree_whose_root_dwarfs_the_models_differences_is_read():
@@ -213,7 +213,7 @@ def test_new_dense_reads_the_same_centred_inputs_and_keeps_its_ram_budget(plante
     mean, scale = input_stats(data, targets.split["train"])
     assert dense.centred and torch.allclose(dense.input_mean, mean) and dense.input_scale.item() == pytest.approx(scale)
     assert dense.head.out_features == len(targets.classes)
-    raw = new_dense(data, targets, TrainConfig(**{**SMALL.__dict__, "centre": False, "init": "random"}))
+    raw = new_dense(data, targets, SMALL.replace(centre=False, init="random"))
     assert not raw.centred
     with pytest.raises(ProbexError, match="budget"):
         new_dense(data, targets, SMALL, ram_budget_gb=1e-6)

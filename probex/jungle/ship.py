@@ -67,7 +67,7 @@ def build_emoji_bundle(population: Path, out: Path, epochs: int = 200, cache_roo
         for layer_set, suffixes in EXPERT_LAYERS.items():
             names = [n for n in all_layers if n.endswith(suffixes)]
             root_weights = {n: unet.get_submodule(n).weight.detach() for n in names}
-            fit, data = fit_anchored(cache, names, root_weights, instance, class_states, TrainConfig(epochs=epochs),
+            fit, data = fit_anchored(cache, names, root_weights, instance, class_states, TrainConfig.of(epochs=epochs),
                                      relu=False)
             candidates[f"trained linear, {layer_set}"] = (
                 fit.expert, fit.metrics, score_as_the_app_reads(encode_all(fit.expert, data), targets, fit.metrics),
