@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from probex.jungle import signal  # noqa: E402
+from probex.jungle import gate_checks  # noqa: E402
 from probex.jungle.lora import INSTANCE_PROMPT  # noqa: E402
 from probex.jungle.presets import PRESETS  # noqa: E402
 from probex.jungle.root import caption, load_root  # noqa: E402
@@ -40,7 +40,7 @@ def gate1(out: Path, roots: list[str]) -> dict:
     print("\n== Gate 1: the root uses its text (held-out views; ratio = shuffled / matching caption loss) ==")
     result = {}
     for name in roots:
-        rows = signal.text_usage(ROOTS / name)
+        rows = gate_checks.text_usage(ROOTS / name)
         result[name] = rows
         print(f"{name}: " + "  ".join(f"t={r['t']} (SNR {r['snr']:.3f}): {r['ratio']:.2f}" for r in rows))
         # The probe in ARCHITECTURE.md measured "mid noise" as t=600 of a linear beta schedule: SNR ≈ 0.027.
@@ -53,7 +53,7 @@ def gate1(out: Path, roots: list[str]) -> dict:
 
     names = [c["name"] for c in class_split()[0][:12]]
     for name in roots:
-        grid = signal.sample_grid(ROOTS / name, names, out / f"{name}_prompts.png")
+        grid = gate_checks.sample_grid(ROOTS / name, names, out / f"{name}_prompts.png")
         print(f"{name} sample grid (rows: {', '.join(names)}): {grid}")
     return result
 
@@ -67,14 +67,14 @@ def gate2(out: Path, tree_dir: Path, root: str, n: int = 40) -> dict:
     files = [tree_dir / m.source for m in models]
     result = {}
     for t in (600, 900):
-        rows = signal.lora_fit(ROOTS / root, files, [m.class_id for m in models], t=t)
+        rows = gate_checks.lora_fit(ROOTS / root, files, [m.class_id for m in models], t=t)
         lora, inst, true = (np.array([r[k] for r in rows]) for k in ("lora", "root_instance", "root_true_caption"))
         print(f"t={t}: {len(rows)} test LoRAs: LoRA+instance {lora.mean():.4f}   root+instance {inst.mean():.4f}   "
               f"root+true caption {true.mean():.4f};  LoRA below root+instance {np.mean(lora < inst):.0%}, "
               f"below root+true caption {np.mean(lora < true):.0%}")
         result[t] = {"lora": lora.mean(), "root_instance": inst.mean(), "root_true_caption": true.mean(),
                      "below_instance": float(np.mean(lora < inst)), "below_true": float(np.mean(lora < true))}
-    grid = signal.sample_grid(ROOTS / root, [], out / f"{root}_loras.png", lora_paths=files[:8])
+    grid = gate_checks.sample_grid(ROOTS / root, [], out / f"{root}_loras.png", lora_paths=files[:8])
     print(f"LoRA sample grid (rows: {', '.join(m.class_name for m in models[:8])}): {grid}")
     return result
 
@@ -174,7 +174,7 @@ def gate3(out: Path, tree_dir: Path, root: str, epochs: int, layers: str) -> dic
     th = anchored_targets.split["test_holdout"]
     files = [tree_dir / cache.models[i]["source"] for i in th.tolist()]
     held_names = [c["name"] for c in cache.classes if c["holdout"]]
-    functional = signal.functional_zero_shot(ROOTS / root, files, held_names)
+    functional = gate_checks.functional_zero_shot(ROOTS / root, files, held_names)
     fz = float((torch.from_numpy(functional).argmax(1) == anchored_targets.y[th]).float().mean())
     record("functional reference (runs the root)", {"test_holdout": fz})
     report["rows"] = rows

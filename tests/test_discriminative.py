@@ -1,4 +1,4 @@
-"""The discriminative Model Trees builder (probex/jungle/discriminative.py): a tiny build is a multilabel zoo that
+"""The discriminative Model Trees builder (probex/jungle/discriminative/): a tiny build is a multilabel zoo that
 probex.zoo reads, resumes without retraining, trains grouped models exactly as one at a time, and its weights carry
 the classes each model was trained on."""
 from __future__ import annotations

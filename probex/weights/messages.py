@@ -1,0 +1,21 @@
+"""Pieces of the one-line messages every refusal ends in."""
+from __future__ import annotations
+
+
+def human_bytes(n: int) -> str:
+    """Sizes in binary units everywhere (the upload limit is set in MiB): 256 MiB, never "268.4 MB"."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}".replace(".0 ", " ")
+    return f"{n:,} B"
+
+
+def short(value, limit: int = 80) -> str:
+    """A user-supplied name or value, quoted and clipped so messages stay one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def first_line(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:200] if lines else type(err).__name__
