@@ -71,21 +71,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from probex.data import LayerData, Targets  # noqa: E402
-from probex.experts import ProbeX, dense_from_factors  # noqa: E402
-from probex.train import evaluate_split, loss_and_score, train_epoch  # noqa: E402
+from probex.experts import ProbeX  # noqa: E402
+from probex.experts import cost  # noqa: E402
+from probex.experts.cost import MaterialisingProbeX, training_step  # noqa: E402
+from probex.train import evaluate_split, train_epoch  # noqa: E402
 
 SHAPES = {"1280x1280": (1280, 1280), "320x768": (320, 768)}
 RANKS = (4, 8, 16, 32, 64)
 N_CLASSES = 10
 R_U = R_V = R_T = 128
 BATCH = 128
-
-
-class MaterialisingProbeX(ProbeX):
-    """The release's input path: B·A formed for every model of the batch, then the dense forward."""
-
-    def responses(self, x):
-        return super().responses(dense_from_factors(x))
 
 
 def make_population(n: int, d_out: int, d_in: int, seed: int = 0):
@@ -127,18 +122,7 @@ class PeakSampler(threading.Thread):
 
 
 def step_macs(variant: str, d_w: int, d_h: int, r: int) -> int:
-    """Multiply-adds of one training step (forward + backward) per model of rank r: the module docstring's table."""
-    shared = 3 * (R_V * R_U * R_T + R_T * N_CLASSES)
-    if variant == "factor":
-        return 2 * r * (d_w * R_V + d_h * R_U) + 3 * r * R_V * R_U + shared
-    return d_w * d_h * (r + 2 * R_U) + 3 * d_w * R_V * R_U + shared
-
-
-def training_step(model, x, y: torch.Tensor) -> None:
-    """train_epoch's step on a batch of one rank, up to the optimiser: encode, head, loss, backward."""
-    model.zero_grad(set_to_none=True)
-    loss, _ = loss_and_score("multiclass", model.logits(model.encode(x)), y)
-    loss.backward()
+    return cost.step_macs(variant, d_w, d_h, r, R_U, R_V, R_T, N_CLASSES)
 
 
 def timed_step(model, x, y: torch.Tensor, device: str) -> float:
