@@ -5,8 +5,8 @@ One interface for every profile:
     images = sample(pipe, lora_path, prompt, n, seed)  # per LoRA: load it, draw, take it off again
 
 Each profile's pipeline kind has one loader in ``PIPELINE_LOADERS``. ``sd15`` is Stable Diffusion 1.5 (any diffusers
-model id or dir with that layout). The emoji roots get their own loader under the key ``"emoji"`` (the slot is
-there, the loader is not written yet). LoRA files are read here with safetensors and handed to diffusers as a state
+model id or dir with that layout); ``emoji`` loads an emoji root (probex.jungle.root) into its
+diffusers pipeline (probex.jungle.pipeline.EmojiPipeline). LoRA files are read here with safetensors and handed to diffusers as a state
 dict, so diffusers never opens a user's file itself (no pickle path); its own converters then take the diffusers /
 peft, Model-J legacy (``.lora.down``) and kohya (``lora_unet_…``, ``.alpha``) key forms.
 """
@@ -44,7 +44,7 @@ def load_sd15(model_id: str, device: str | None = None, dtype: torch.dtype | Non
     return pipe.to(device)
 
 
-EMOJI_SAMPLING = {"num_inference_steps": 20, "guidance_scale": 3.0}  # 4 neighbour samples ≤ 3 s on 2 CPU cores
+EMOJI_SAMPLING = {"num_inference_steps": 20, "guidance_scale": 3.0}  # few steps: samples are drawn live on a CPU
 
 
 def load_emoji(root_dir: str, device: str | None = None, dtype: torch.dtype | None = None):

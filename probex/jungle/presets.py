@@ -32,8 +32,7 @@ PRESETS = {
     # the full jungle the shipped bundle is built from (issue: the Mini Model Jungle at scale): tree A 150 training
     # classes × 6 LoRAs, classes taking five split patterns in turn so the models split exactly 70/10/20 (630/90/180;
     # every class has ≥ 4 train LoRAs and ≥ 1 test LoRA), and 30 held-out classes × 6; tree B 40 classes × 5.
-    # 1,280 LoRAs: the issue's minimum sizes, what one session of this 2-core CPU can build (≈ 80 s per pass of 10
-    # LoRAs, two processes side by side)
+    # 1,280 LoRAs: the issue's minimum sizes (build time: docs/RESULTS.md)
     "emoji-mini": {
         "emoji-root-1": {"train_classes": 150, "holdout_classes": 30, "seed": 21,
                          "per_class": [{"train": 5, "test": 1}, {"train": 4, "val": 1, "test": 1},

@@ -41,8 +41,8 @@ TEXT_READINGS = ("same", "v")      # ... reading text on all their layers, or on
 READER_QUERIES = (8, 12, 16)       # AttentionReader candidates: synthetic queries per block
 READER = dict(seed=0, scale=4.0)   # their draw, and the features' standard deviation (set by hand, see README)
 VAL_READINGS = ("selection", "val_nearest_mean", "val_holdout")  # what bundle.json keeps of every candidate
-# bytes of one tree's int8 gallery encodings (stored in files of ≤ 10 MB). The shipped total stays ≤ 80 MB: two roots
-# (18 MB), one sample LoRA per class (28 MB), experts (6 MB), examples (4 MB) and assets (6 MB) leave about 18 MB.
+# bytes of one tree's int8 gallery encodings (stored in files of ≤ 10 MB): what the shipped total's budget (≤ 80 MB)
+# leaves for galleries beside the roots, sample LoRAs, experts, examples and assets
 GALLERY_LIMIT = 13 * 10**6
 
 

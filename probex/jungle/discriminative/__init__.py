@@ -31,7 +31,7 @@ Layout (each population is a zoo probex.zoo reads as a multilabel zoo):
 Each model file holds the full weights and metadata ``dataset_chosen_targets`` = JSON list of its class names in
 the order of its head's outputs (random: the head's rows say nothing by position), plus seed and hyperparameters.
 
-Full build (``full``: 4 trees + forest, 1,250 models): 519 s on one thread of the shared machine.
+Full build: ``full``, 4 trees + forest, 1,250 models (its time: docs/RESULTS.md).
 
 Modules: ``classes`` (the class pool, image banks), ``models`` (the three architectures), ``train`` (training many
 models at once), ``builder`` (populations, presets, the resumable build), ``cli``.
