@@ -179,26 +179,12 @@ class PromptedReading:
                 return self._kept[prompt]
         states = self.text_encoder.token_states([prompt], self.reader.n_tokens)[0]
         reader = self.reader.with_probes(states)
-        entry = reader, self._features(reader)
+        entry = reader, reader.features_of_outputs(self.caption_outputs)
         with self._lock:
             self._kept[prompt] = entry
             while len(self._kept) > PROMPTS_KEPT:
                 self._kept.popitem(last=False)
         return entry
-
-
-    def _features(self, reader: AttentionReader) -> Tensor:
-        """``reader.features_of_outputs(caption_outputs)`` (the same operations, so the same numbers) written block
-        by block into one tensor: no copy of all the outputs at once."""
-        n_blocks = len(self.caption_outputs)
-        out = torch.empty(len(self.caption_outputs[0]), reader.r_t)
-        start = 0
-        for i, outputs in enumerate(self.caption_outputs):
-            part = out[:, start:start + outputs[0].numel()]
-            part.copy_(outputs.flatten(1)).sub_(reader._root_block(i)[-1].flatten(1))
-            part.div_(part.norm(dim=1, keepdim=True).clamp_min(1e-12)).div_(n_blocks ** 0.5)
-            start += outputs[0].numel()
-        return out
 
 
 def build_reader_tree(unet_ref: str | Path, text_encoder, template: str, vocabulary: list[str] | None = None):

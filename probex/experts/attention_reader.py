@@ -189,9 +189,17 @@ class AttentionReader(Expert):
         return self._read(self.text_changes(text_states))
 
     def features_of_outputs(self, outputs: list[Tensor]) -> Tensor:
-        """``text_features`` from block outputs already computed (``text_outputs``)."""
-        return self._read(self.output_changes(outputs))
-
+        """``text_features`` from block outputs already computed (``text_outputs``, any float dtype): the same
+        operations as ``_read(output_changes(outputs))``, so the same numbers, written block by block into one tensor
+        (SD 1.5's caption outputs are large: no second copy of all of them)."""
+        out = torch.empty(len(outputs[0]), self.r_t)
+        start = 0
+        for i, o in enumerate(outputs):
+            part = out[:, start:start + o[0].numel()]
+            part.copy_(o.flatten(1)).sub_(self._root_block(i)[-1].flatten(1))
+            part.div_(part.norm(dim=1, keepdim=True).clamp_min(1e-12)).div_(len(outputs) ** 0.5)
+            start += o[0].numel()
+        return out
 
 
 def apply_update(x, inputs: Tensor) -> Tensor:
