@@ -347,11 +347,15 @@ def print_generative(result: dict) -> None:
     if "shipped" in result["rows"]:
         s = result["rows"]["shipped"]
         print(f"shipped expert, known classes by text instead of class means: {s['in_dist_text']:.3f}")
-        for kind, label in (("", "z-normed (the app)"), ("raw_", "raw cosine")):
+        for kind, label in (("", "z-normed"), ("raw_", "raw cosine"),
+                            ("open_", f"open-set (the app: unseen classes +{s.get('unseen_offset', 0):.2f})")):
             if f"concept_top1_{kind}test" in s:
                 print(f"concept list over all classes together, {label}: top-1 " + ", ".join(
                     f"{split} {s[f'concept_top1_{kind}{split}']:.3f}"
                     for split in ("val", "test", "val_holdout", "test_holdout") if f"concept_top1_{kind}{split}" in s))
+        if "unseen_auc_test" in s:
+            print(f"'none of the known classes' (best unseen minus best known score), test vs test_holdout AUC: "
+                  f"{s['unseen_auc_test']:.3f}")
         for kind, label in (("", "z-normed (the app)"), ("_raw", "raw cosine")):
             if f"search_p@5_known{kind}" in s:
                 print(f"text search, each class's caption as the query, share of the top 5 of its class, {label}: "

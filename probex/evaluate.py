@@ -203,7 +203,10 @@ def concept_top1(tree, cache, encodings: torch.Tensor) -> dict:
     """Top-1 of the app's concept list (Studio.concepts) per split: every class of the tree's vocabulary scored
     together — known ones by their train models' mean, the others by text, z-normed (Gallery.concept_scores) — the
     right class first? {concept_top1_<split>: value}, and concept_top1_raw_<split> by raw cosine (no z-norm); empty
-    for trees without a text head or with label lists. ``encodings``: the tree's expert's, of every cached model."""
+    for trees without a text head or with label lists; concept_top1_open_<split> with the open-set offset
+    (Gallery.unseen_offset, set on the gallery's val models) and unseen_auc_test, how well the margin between the
+    best unseen and the best known class tells test_holdout from test models. ``encodings``: the tree's expert's,
+    of every cached model."""
     anchors = tree.concept_anchors()
     g = tree.gallery
     if anchors is None or not all(isinstance(c, str) for c in g.model_classes):
@@ -212,12 +215,23 @@ def concept_top1(tree, cache, encodings: torch.Tensor) -> dict:
     name_of = {c["id"]: c["name"] for c in cache.classes}
     y = torch.tensor([row.get(name_of[m["class_id"]], -1) for m in cache.models])
     report = {}
-    for kind, calibration in (("", None), ("raw_", (torch.zeros(len(anchors)), torch.ones(len(anchors))))):
-        scores = g.concept_scores(encodings, anchors, calibration)
+    z = g.concept_scores(encodings, anchors)
+    offset = g.unseen_offset(g.concept_scores(g.encodings, anchors))
+    kinds = {"": z, "raw_": g.concept_scores(encodings, anchors, (torch.zeros(len(anchors)), torch.ones(len(anchors)))),
+             "open_": g.open_set_scores(z, offset)}
+    for kind, scores in kinds.items():
         for split in ("val", "test", "val_holdout", "test_holdout"):
             idx = cache.split_indices(split)
             if len(idx):
                 report[f"concept_top1_{kind}{split}"] = float((scores[idx].argmax(1) == y[idx]).float().mean())
+    known = g.known_classes()
+    test, held = cache.split_indices("test"), cache.split_indices("test_holdout")
+    if len(test) and len(held) and 0 < known.sum() < len(known):
+        # the open-set list's test for "none of the known classes": best unseen minus best known score
+        margin = z[:, ~known].max(1).values - z[:, known].max(1).values
+        report["unseen_offset"] = offset
+        report["unseen_auc_test"] = float(roc_auc_score([0] * len(test) + [1] * len(held),
+                                                        torch.cat([margin[test], margin[held]]).numpy()))
     return report
 
 

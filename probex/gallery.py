@@ -85,6 +85,43 @@ class Gallery:
         mean, std = calibration if calibration is not None else self.calibration(anchors)
         return (F.normalize(encodings.float(), dim=-1) @ F.normalize(anchors, dim=-1).T - mean) / std
 
+    def known_classes(self) -> torch.Tensor:
+        """(C,) bool: the vocabulary classes with train-split models here (their anchors are class means)."""
+        known = torch.zeros(len(self.vocabulary), dtype=torch.bool)
+        row = {name: c for c, name in enumerate(self.vocabulary)}
+        known[[row[c] for c, s in zip(self.model_classes, self.splits) if s == "train" and isinstance(c, str)]] = True
+        return known
+
+    def unseen_offset(self, scores: torch.Tensor) -> float:
+        """What the open-set concept list adds to the scores of classes without known models (held-out or new), so
+        that it reads known and unseen classes equally well: the offset, on a grid of 0.05, that maximises the mean
+        of top-1 on the tree's val models (known classes) and on its val_holdout models (unseen), nearest 0 among
+        equals. ``scores``: ``concept_scores`` of every gallery model. 0 where either kind of val model is missing.
+
+        A known class's mean sits among its LoRAs while an unseen class has only its caption's text feature, so
+        without an offset a LoRA of an unseen class nearly always has some known class first."""
+        row = {name: c for c, name in enumerate(self.vocabulary)}
+        groups = [[i for i, s in enumerate(self.splits) if s == split and isinstance(self.model_classes[i], str)]
+                  for split in ("val", "val_holdout")]
+        known = self.known_classes()
+        if not all(groups) or known.all() or not known.any():
+            return 0.0
+        offsets = torch.arange(-60, 121) * 0.05
+        reads = []
+        for group in groups:
+            z, y = scores[group], torch.tensor([row[self.model_classes[i]] for i in group])
+            best_known, best_unseen = z.masked_fill(~known, -torch.inf).max(1), z.masked_fill(known, -torch.inf).max(1)
+            unseen_first = best_unseen.values[None] + offsets[:, None] > best_known.values[None]   # (offsets, N)
+            named = torch.where(unseen_first, best_unseen.indices[None], best_known.indices[None])
+            reads.append((named == y[None]).float().mean(1))
+        balanced = (reads[0] + reads[1]) / 2
+        best = torch.nonzero(balanced == balanced.max()).flatten()
+        return round(float(offsets[best[offsets[best].abs().argmin()]]), 2)
+
+    def open_set_scores(self, scores: torch.Tensor, offset: float) -> torch.Tensor:
+        """Concept scores with ``offset`` added to the classes without known models (``unseen_offset``)."""
+        return scores + offset * (~self.known_classes()).float()
+
     def model_calibration(self, text_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Z-norm of text search, the other way round: each gallery model's mean and standard deviation of cosine
         over the class vocabulary's text features, (N,) each. Some models sit close to every caption (hubs) and by

@@ -259,3 +259,22 @@ def test_examples_of_two_trees_with_the_same_model_id_both_ship(tmp_path):
     a = tmp_path / "tree-a" / "test" / "model_idx_0014" / "pytorch_lora_weights.safetensors"
     b = tmp_path / "tree-b" / "test" / "model_idx_0014" / "pytorch_lora_weights.safetensors"
     assert _example_name(a) != _example_name(b) and _example_name(a) == "tree-a__test__model_idx_0014.safetensors"
+
+
+def test_unseen_offset_lifts_unseen_classes_until_val_reads_both_kinds():
+    """Scores made by hand: val models of the known class score it 3 and the unseen class 1; val_holdout models of
+    the unseen class score the known class 2 and their own 1.5. No offset names the unseen class for none of them;
+    the chosen offset (nearest 0 among the best) puts each kind's own class first, and it is 0 without val_holdout."""
+    ids = ["train/a", "train/b", "val/c", "val/d", "val_holdout/e", "val_holdout/f"]
+    splits = [i.split("/")[0] for i in ids]
+    gallery = Gallery(ids, ["cat", "cat", "cat", "cat", "owl", "owl"], splits, ["cat", "owl"], torch.randn(6, 4),
+                      torch.zeros(6, 2), torch.zeros(2, 4))
+    scores = torch.tensor([[3.0, 1.0], [3.0, 1.0], [3.0, 1.0], [3.0, 1.0], [2.0, 1.5], [2.0, 1.5]])
+    assert gallery.known_classes().tolist() == [True, False]
+    offset = gallery.unseen_offset(scores)
+    assert 0.5 < offset < 2.0 and offset == pytest.approx(0.55)   # the grid's first step past the tie at 0.5
+    named = gallery.open_set_scores(scores, offset).argmax(1).tolist()
+    assert named == [0, 0, 0, 0, 1, 1] and scores.argmax(1).tolist() == [0] * 6
+    no_holdout = Gallery(ids[:4], ["cat"] * 4, splits[:4], ["cat", "owl"], torch.randn(4, 4), torch.zeros(4, 2),
+                         torch.zeros(2, 4))
+    assert no_holdout.unseen_offset(scores[:4]) == 0.0

@@ -311,8 +311,10 @@ def test_ship_builds_a_bundle_the_studio_reads(built, tmp_path):
     assert (a["n_train"], a["n_test"], a["n_test_holdout"]) == (40, 10, 4)
     assert a["layer"] == studio.bundle.trees["tree-a"].layer
     assert a["class_mean_top1_test"] >= 0.5 and b["class_mean_top1_test"] >= 0.5   # 10 and 4 classes: chance ≤ 0.25
-    for key in ("concept_top1_val", "concept_top1_test", "concept_top1_raw_val", "concept_top1_raw_test"):
+    for key in ("concept_top1_val", "concept_top1_test", "concept_top1_raw_val", "concept_top1_raw_test",
+                "concept_top1_open_val", "concept_top1_open_test"):
         assert a[key] >= 0.4, key   # all 12 classes of tree A's vocabulary scored together: chance 0.08
+    assert {"unseen_offset", "unseen_auc_test", "concept_top1_open_test_holdout"} <= set(a)
     # text search on a random root's training-free text side may read near chance: measured, not bounded
     assert {"search_p@5_known", "search_p@5_unseen", "search_p@5_known_raw", "search_p@5_unseen_raw"} <= set(a)
 
