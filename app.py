@@ -29,7 +29,8 @@ from probex.errors import ProbexError  # noqa: E402
 from probex.card import as_text  # noqa: E402
 from probex.plots import concept_bars  # noqa: E402
 from probex.errors import InputError  # noqa: E402
-from probex.service import MAX_UPLOAD_BYTES, RequestFiles, check_top_k, first_line, open_studio  # noqa: E402
+from probex.request_files import RequestFiles  # noqa: E402
+from probex.service import MAX_UPLOAD_BYTES, check_top_k, first_line, open_studio  # noqa: E402
 
 try:  # on a ZeroGPU Space, generation runs inside a GPU allocation; elsewhere the decorator is a no-op
     import spaces

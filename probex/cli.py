@@ -44,10 +44,18 @@ def open_studio(args):
 def read_file(ref: str):
     """The user's file (a path, link or Hub id), read and checked BEFORE the bundle and text encoder load, so a bad
     file is answered in the time it takes to import torch, not to start the whole studio."""
-    from probex.service import local_file, read_upload
+    from probex.service import read_upload
 
     with local_file(ref) as path:
         return read_upload(path)
+
+
+def local_file(ref: str):
+    """A path, link or Hub id as a local path for a ``with`` block (probex.fetch.local_file at the service's caps)."""
+    from probex.fetch import local_file
+    from probex.service import FETCH_TIMEOUT_S, MAX_UPLOAD_BYTES
+
+    return local_file(ref, max_bytes=MAX_UPLOAD_BYTES, timeout=FETCH_TIMEOUT_S)
 
 
 def run_predict(args) -> int:
@@ -105,8 +113,6 @@ def run_samples(args) -> int:
     if studio.is_known_model(args.model, args.tree):
         images = studio.samples(args.model, n=args.n, seed=args.seed, tree=args.tree)
     else:
-        from probex.service import local_file
-
         with local_file(args.model) as path:
             images = studio.samples(path, n=args.n, seed=args.seed)
     stem = args.model.replace("/", "_").removesuffix(".safetensors")

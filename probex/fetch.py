@@ -12,7 +12,8 @@ URL rules (a public Space must not become a proxy into its own network):
 Proxy environment variables are ignored (a proxy would connect to addresses we did not check).
 
 Hub ids (``user/name`` or ``user/name/path/in/repo.safetensors``) go through ``huggingface_hub``, which honours
-``HF_HUB_OFFLINE``; an unreachable Hub is a clear one-line error.
+``HF_HUB_OFFLINE``; an unreachable Hub is a clear one-line error. ``local_file`` tells a link or Hub id from a path on
+disk (``is_remote``) and fetches only the former.
 """
 from __future__ import annotations
 
@@ -97,6 +98,38 @@ def fetch_to_temp(ref: str, *, max_bytes: int, timeout: float, policy: FetchPoli
     if HUB_ID.match(ref):
         return fetch_hub(ref, max_bytes=max_bytes, timeout=timeout)
     raise InputError(f"{clip(ref)} is neither an https:// link nor a Hub repo id like user/name")
+
+
+@contextmanager
+def local_file(ref: str | Path, *, max_bytes: int, timeout: float):
+    """A local path for a path, an https URL or a Hub repo id; downloads are deleted when the block ends."""
+    if not is_remote(ref):
+        yield Path(ref)  # read_weights names a missing file in its error
+        return
+    fetched = fetch_to_temp(str(ref), max_bytes=max_bytes, timeout=timeout)
+    try:
+        yield fetched.path
+    finally:
+        fetched.cleanup()
+
+
+def is_remote(ref: str | Path) -> bool:
+    """A link (``…://…``) or a Hub repo id — unless it names something on disk: ``dir/file.safetensors`` whose first
+    folder exists here is a local path, even though it has the shape of ``user/name``."""
+    if not isinstance(ref, str) or exists(ref):
+        return False
+    ref = ref.strip()
+    if "://" in ref:
+        return True
+    return bool(HUB_ID.match(ref)) and not ref.startswith((".", "/")) and not exists(ref.split("/")[0])
+
+
+def exists(path: str | Path) -> bool:
+    """Path.exists that answers False for names the OS refuses to look up (too long, NUL bytes)."""
+    try:
+        return Path(path).exists()
+    except (OSError, ValueError):
+        return False
 
 
 # --------------------------------------------------------------------------------------------------- URLs

@@ -12,18 +12,16 @@ Every verb that takes a file starts from ``analyse``: read (safetensors only, si
 LoRA of a known tree → route → encode the tree's layer. An ``Analysis`` can be passed instead of a path, so the app
 reads an upload once and answers the follow-up questions (custom labels, map, card) from memory.
 
-Inputs are paths. Links and Hub ids become temp files through ``local_file`` (probex.fetch, deleted after use);
-uploads are the app's temp files. Nothing here writes into the bundle, so a request cannot touch shipped artifacts.
+Inputs are paths. Links and Hub ids become temp files through ``probex.fetch.local_file`` (deleted after use); how
+long uploads live is the app's business (probex.request_files). Nothing here writes into the bundle or deletes a
+file, so a request cannot touch shipped artifacts.
 """
 from __future__ import annotations
 
 import math
 import os
-import shutil
 import threading
-import time
 from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -580,98 +578,6 @@ class Studio:
             return self._pipelines[tree]
 
 
-class RequestFiles:
-    """Deletes the files of requests (uploads, downloads, generated cards) once they are done with.
-
-    Gradio stores an upload under the hash of its content, so two requests sending the same file share ONE path, and
-    the second may still wait in the queue when the first finishes. A path is therefore deleted only when no request
-    holds it, none has released it for ``grace_s`` seconds, and it was not uploaded again in that time (each upload
-    rewrites the file: its mtime is the last upload); a background sweep does it. Nothing is kept longer.
-    """
-
-    def __init__(self, grace_s: float = 60.0):
-        self.grace_s = grace_s
-        self._held: dict[Path, int] = {}
-        self._released: dict[Path, float] = {}
-        self._lock = threading.Lock()
-        self._sweeper = threading.Thread(target=self._sweep_forever, daemon=True, name="probex-request-files")
-        self._sweeper.start()
-
-    def hold(self, *paths: str | Path) -> None:
-        with self._lock:
-            for p in map(Path, paths):
-                self._held[p] = self._held.get(p, 0) + 1
-                self._released.pop(p, None)
-
-    def release(self, *paths: str | Path) -> None:
-        now = time.monotonic()
-        with self._lock:
-            for p in map(Path, paths):
-                self._held[p] = self._held.get(p, 1) - 1
-                if self._held[p] <= 0:
-                    del self._held[p]
-                    self._released[p] = now
-
-    @contextmanager
-    def holding(self, *paths: str | Path):
-        self.hold(*paths)
-        try:
-            yield
-        finally:
-            self.release(*paths)
-
-    def sweep(self) -> list[Path]:
-        """Delete every released path whose grace time is over; returns what was deleted."""
-        now, wall = time.monotonic(), time.time()
-        with self._lock:
-            due = [p for p, t in self._released.items()
-                   if now - t >= self.grace_s and wall - modified_at(p) >= self.grace_s]
-            for p in due:
-                del self._released[p]
-        for p in due:
-            delete_path(p)
-        return due
-
-    def _sweep_forever(self) -> None:
-        while True:
-            time.sleep(max(0.2, self.grace_s / 4))
-            self.sweep()
-
-
-def modified_at(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0  # already gone: due at once
-
-
-def delete_path(path: Path) -> None:
-    """A file (and its folder when that is left empty: Gradio gives each upload its own) or a whole temp dir."""
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-        return
-    path.unlink(missing_ok=True)
-    try:
-        path.parent.rmdir()  # only succeeds when empty
-    except OSError:
-        pass
-
-
-@contextmanager
-def local_file(ref: str | Path):
-    """A local path for a path, an https URL or a Hub repo id; downloads are deleted when the block ends."""
-    from probex.fetch import fetch_to_temp
-
-    if not is_remote(ref):
-        yield Path(ref)  # read_weights names a missing file in its error
-        return
-    fetched = fetch_to_temp(str(ref), max_bytes=MAX_UPLOAD_BYTES, timeout=FETCH_TIMEOUT_S)
-    try:
-        yield fetched.path
-    finally:
-        fetched.cleanup()
-
-
 def read_upload(path: str | Path) -> ModelWeights:
     """The file checked and read as every verb reads it, without a bundle: callers fail fast on bad files."""
     return read_weights(path, max_bytes=MAX_UPLOAD_BYTES)
@@ -800,24 +706,3 @@ def is_missing_local_dir(ref: str) -> bool:
     first = Path(ref).parts[0] if Path(ref).parts else ""
     return (path.is_absolute() or ref.startswith((".", "~")) or Path(first).is_dir()
             or (PROJECT_ROOT / first).is_dir())
-
-
-def is_remote(ref: str | Path) -> bool:
-    """A link (``…://…``) or a Hub repo id — unless it names something on disk: ``dir/file.safetensors`` whose first
-    folder exists here is a local path, even though it has the shape of ``user/name``."""
-    from probex.fetch import HUB_ID
-
-    if not isinstance(ref, str) or exists(ref):
-        return False
-    ref = ref.strip()
-    if "://" in ref:
-        return True
-    return bool(HUB_ID.match(ref)) and not ref.startswith((".", "/")) and not exists(ref.split("/")[0])
-
-
-def exists(path: str | Path) -> bool:
-    """Path.exists that answers False for names the OS refuses to look up (too long, NUL bytes)."""
-    try:
-        return Path(path).exists()
-    except (OSError, ValueError):
-        return False

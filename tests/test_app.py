@@ -95,6 +95,30 @@ def test_the_app_starts_without_a_bundle_and_says_so(tmp_path):
         assert app.process.poll() is None
 
 
+def test_request_files_are_deleted_only_when_no_request_holds_them(tmp_path):
+    from probex.request_files import RequestFiles
+
+    files = RequestFiles(grace_s=3600)  # the background sweep never fires here; sweep() is called by hand
+    upload = tmp_path / "hash123" / "lora.safetensors"
+    upload.parent.mkdir()
+    upload.write_bytes(b"x")
+    card = tmp_path / "card"
+    card.mkdir()
+    (card / "README.md").write_text("card")
+    files.hold(upload)
+    files.hold(upload, card)  # a second request with the same upload (Gradio shares the path)
+    files.release(upload, card)
+    files.grace_s = 0
+    assert files.sweep() == [card] and upload.exists() and not card.exists()
+    files.release(upload)
+    files.grace_s = 60  # the file was (re-)uploaded just now: a queued request may still be waiting for it
+    assert files.sweep() == [] and upload.exists()
+    files.grace_s = 0
+    files.hold(upload)
+    files.release(upload)
+    assert files.sweep() == [upload] and not upload.exists() and not upload.parent.exists()
+
+
 @pytest.fixture(scope="module")
 def app_module(built):
     """app.py imported in this process (its handlers called directly, no server)."""

@@ -14,7 +14,7 @@ from huggingface_hub import ModelCard
 from PIL import Image
 
 from probex.errors import InputError, NoExpertError, ProbexError
-from probex.service import local_file
+from probex.fetch import local_file as fetch_local_file
 from probex.weights import LoraFactors, read_weights, save_lora
 
 
@@ -271,6 +271,12 @@ def test_requests_never_write_into_the_bundle(studio, built):
     verify_manifest(bundle, json.loads((bundle / "bundle.json").read_text())["manifest"])
 
 
+def local_file(ref: str):
+    from probex.service import FETCH_TIMEOUT_S, MAX_UPLOAD_BYTES
+
+    return fetch_local_file(ref, max_bytes=MAX_UPLOAD_BYTES, timeout=FETCH_TIMEOUT_S)
+
+
 def test_downloads_are_deleted_after_use_even_on_failure(studio, tmp_path, monkeypatch):
     import probex.fetch as fetch
 
@@ -330,30 +336,6 @@ def test_examples_are_labelled_and_exist(studio):
     examples = studio.examples()
     assert examples and all(e["path"].is_file() and e["label"] for e in examples)
     assert any("held-out" in e["label"] for e in examples)
-
-
-def test_request_files_are_deleted_only_when_no_request_holds_them(tmp_path):
-    from probex.service import RequestFiles
-
-    files = RequestFiles(grace_s=3600)  # the background sweep never fires here; sweep() is called by hand
-    upload = tmp_path / "hash123" / "lora.safetensors"
-    upload.parent.mkdir()
-    upload.write_bytes(b"x")
-    card = tmp_path / "card"
-    card.mkdir()
-    (card / "README.md").write_text("card")
-    files.hold(upload)
-    files.hold(upload, card)  # a second request with the same upload (Gradio shares the path)
-    files.release(upload, card)
-    files.grace_s = 0
-    assert files.sweep() == [card] and upload.exists() and not card.exists()
-    files.release(upload)
-    files.grace_s = 60  # the file was (re-)uploaded just now: a queued request may still be waiting for it
-    assert files.sweep() == [] and upload.exists()
-    files.grace_s = 0
-    files.hold(upload)
-    files.release(upload)
-    assert files.sweep() == [upload] and not upload.exists() and not upload.parent.exists()
 
 
 @pytest.mark.parametrize("kind", ["token rank", "attention blocks"])
