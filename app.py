@@ -123,8 +123,9 @@ def give_back_memory() -> None:
 
 # ----------------------------------------------------------------------------------------------- identify
 def identify(path: str, owned: list[str], top_k: int):
-    """Read, route, encode → summary, concept bars, neighbour table, map, card. ``owned``: this request's files,
-    released for deletion when the request is done (or now, if it fails)."""
+    """Read, route, encode → summary, concept bars, neighbour table, map, card: one analysis and one prediction, which
+    the card, map and neighbours reuse. ``owned``: this request's files, released for deletion when the request is
+    done (or now, if it fails)."""
     studio = need_studio()
     top_k = check_top_k(top_k)
     FILES.hold(*owned)
@@ -135,7 +136,7 @@ def identify(path: str, owned: list[str], top_k: int):
         FILES.hold(card_dir)
         owned = [*owned, card_dir]
         card_path = Path(card_dir) / "README.md"
-        card_path.write_text(studio.model_card(analysis, top_k=top_k))
+        card_path.write_text(studio.model_card(analysis, prediction=result))
         figure = studio.map_figure(analysis) if studio.has_gallery(analysis.tree) else None
         neighbours = [] if analysis.negligible else studio.drawable_neighbors(analysis, NEIGHBOURS_DRAWN)
     except BaseException:

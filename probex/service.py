@@ -22,7 +22,7 @@ import math
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -76,6 +76,10 @@ class Analysis:
     negligible: bool = False    # the LoRA changes (almost) nothing: no concept is claimed for it
     instance_prompt: str | None = None   # the probe a prompted reader pushed through the LoRA (sd15.instance_prompt)
     prompt_source: str | None = None     # where that prompt came from: a metadata key, or "default"
+    # filled from the encoding on first use (Studio.similarity, Studio.concept_scores) and kept: predict, card, map
+    # and neighbours of one upload read the same tensors instead of recomputing them
+    similarity: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    concept_scores: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
 
 class Studio:
@@ -291,7 +295,7 @@ class Studio:
         """Tree, concepts and nearest known models. A LoRA that changes nothing gets ``notice`` and no concepts."""
         top_k = check_top_k(top_k)
         a = self.analyse(source)
-        similarity = None if a.negligible else self.gallery_similarity(a.tree, a.encoding)  # one pass, three uses
+        similarity = None if a.negligible else self.similarity(a)
         neighbors = [] if similarity is None else self.ranked(a.tree, similarity, top_k)
         return require_finite({
             "tree": a.tree, "layer": a.layer, "router": {"distance": a.distance, "confidence": a.confidence},
@@ -302,19 +306,24 @@ class Studio:
             "expert": self.expert_note(a.tree), "instance_prompt": a.instance_prompt,
             "prompt_source": a.prompt_source})
 
-    @torch.no_grad()
     def concepts(self, a: Analysis, top_k: int) -> list[dict]:
-        """Top-k of the tree's class vocabulary: cosine to each class's anchor — the mean of its known models, else its
-        text (align) — z-normed per anchor (Gallery.concept_scores), or the classifier head's probabilities."""
-        t = self.bundle.trees[a.tree]
-        names = t.gallery.vocabulary
-        read = self.class_text(a.tree, a.instance_prompt)
-        if read is not None:
-            scores = t.gallery.concept_scores(a.encoding[None], read.anchors, read.calibration)[0]
-        else:
-            logits = t.expert.logits(a.encoding[None])[0]
-            scores = logits.softmax(-1) if t.expert.head_kind == "multiclass" else logits.sigmoid()
-        return top_scores(names, scores, top_k)
+        """Top-k of the tree's class vocabulary by ``concept_scores``."""
+        return top_scores(self.bundle.trees[a.tree].gallery.vocabulary, self.concept_scores(a), top_k)
+
+    @torch.no_grad()
+    def concept_scores(self, a: Analysis) -> torch.Tensor:
+        """(C,) scores of the upload over the tree's class vocabulary: cosine to each class's anchor — the mean of its
+        known models, else its text (align) — z-normed per anchor (Gallery.concept_scores), or the classifier head's
+        probabilities. Computed once per Analysis."""
+        if a.concept_scores is None:
+            t = self.bundle.trees[a.tree]
+            read = self.class_text(a.tree, a.instance_prompt)
+            if read is not None:
+                a.concept_scores = t.gallery.concept_scores(a.encoding[None], read.anchors, read.calibration)[0]
+            else:
+                logits = t.expert.logits(a.encoding[None])[0]
+                a.concept_scores = logits.softmax(-1) if t.expert.head_kind == "multiclass" else logits.sigmoid()
+        return a.concept_scores
 
     def score_unit(self, tree: str) -> str:
         """What the tree's concept scores are: "z" (z-normed cosine to class anchors), "cosine" (a tree without
@@ -413,9 +422,6 @@ class Studio:
         nearest = float(similarity[train].max())
         return {"nearest_known_cosine": nearest, "threshold": threshold, "unlike_known": nearest < threshold}
 
-    def nearest(self, tree: str, vector: torch.Tensor, top_k: int) -> list[dict]:
-        return self.ranked(tree, self.gallery_similarity(tree, vector), top_k)
-
     def ranked(self, tree: str, scores: torch.Tensor, top_k: int, order_by: torch.Tensor | None = None) -> list[dict]:
         """The tree's top_k gallery models by ``scores`` (one per model; or by ``order_by``), best first."""
         g = self.bundle.trees[tree].gallery
@@ -425,6 +431,13 @@ class Studio:
 
     def gallery_similarity(self, tree: str, vector: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.bundle.trees[tree].gallery.encodings, dim=-1) @ F.normalize(vector, dim=-1)
+
+    def similarity(self, a: Analysis) -> torch.Tensor:
+        """The upload's cosine to every known model of its tree (concept-free: also for a negligible LoRA); computed
+        once per Analysis."""
+        if a.similarity is None:
+            a.similarity = self.gallery_similarity(a.tree, a.encoding)
+        return a.similarity
 
     # ---------------------------------------------------------------------------------------------- map
     @torch.no_grad()
@@ -441,17 +454,17 @@ class Studio:
         if not g.ids:
             raise ProbexError(f"tree {tree} has no known models to map (a training-free reader: concepts and zero-shot "
                               "only; a bundle trained on a population adds the map)")
-        marks, focus, labelled = [], None, []
+        marks, labelled, scores = [], [], None  # scores: the models' cosine to the upload, else to the query
         if a is not None:
             marks.append(self.mark(tree, a.encoding, "your LoRA", "upload"))
-            focus = a.encoding
             labelled = [c["name"] for c in self.concepts(a, 5)]
+            scores = self.similarity(a).tolist()
         if query:
             text = clean_text(query)
             q = self.query_features(tree, text, self.read_query(text))[0]
             marks.append(self.mark(tree, q, f"“{query.strip()}”", "query"))
-            focus = q if focus is None else focus
-        scores = self.gallery_similarity(tree, focus).tolist() if focus is not None else None
+            if scores is None:
+                scores = self.gallery_similarity(tree, q).tolist()
         features = self.class_features(tree)
         class_points = None
         if features is not None:
@@ -479,11 +492,14 @@ class Studio:
         return max(self.bundle.trees, key=lambda name: len(self.bundle.trees[name].gallery.ids))
 
     # --------------------------------------------------------------------------------------------- card
-    def model_card(self, source: str | Path | ModelWeights | Analysis, top_k: int = 5) -> str:
+    def model_card(self, source: str | Path | ModelWeights | Analysis, top_k: int = 5,
+                   prediction: dict | None = None) -> str:
+        """The Hub README.md draft. ``prediction``: ``predict``'s answer for this source at ``top_k``, when the
+        caller has it already (the app predicts once per upload)."""
         from probex.card import CardFacts, render_card
 
         a = self.analyse(source)
-        r = self.predict(a, top_k)
+        r = prediction if prediction is not None else self.predict(a, top_k)
         return render_card(CardFacts(
             file_name=a.source, description=a.description, tree=a.tree, base_model=r["base_model"], layer=a.layer,
             router_confidence=a.confidence, classes=r["classes"], neighbors=r["neighbors"], profile=self.profile.name,
@@ -545,7 +561,7 @@ class Studio:
     def drawable_neighbors(self, source: str | Path | Analysis, n: int = 4, search_k: int = 50) -> list[dict]:
         """The nearest known models that can be drawn (their LoRA, or one of their class, ships with the bundle)."""
         a = self.analyse(source)
-        return self.drawable(self.nearest(a.tree, a.encoding, search_k), n)
+        return self.drawable(self.ranked(a.tree, self.similarity(a), search_k), n)
 
     def drawable(self, models: list[dict], n: int) -> list[dict]:
         """The first ``n`` of ``models`` (dicts with "id" and "tree") that can be drawn: a held-out-class model has no

@@ -155,6 +155,27 @@ def test_model_card_is_a_hub_readme(studio, built):
     assert {"z": "as a z-score", "probability": "probabilities of the expert's classifier head"}[unit] in text
 
 
+def test_one_analysis_is_read_once_for_every_answer_about_it(studio, built, monkeypatch):
+    """The app's flow: predict, then the card from that prediction, the map and the drawable neighbours, all from one
+    Analysis: the gallery comparison and the concept scores run once, and each answer equals the one from a path."""
+    path = zoo_file(built["zoos"]["tree-a"], "test", "fish")
+    a = studio.analyse(path)
+    calls = []
+
+    def counted(owner, name):
+        real = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *args, **kwargs: calls.append(name) or real(*args, **kwargs))
+    counted(studio, "gallery_similarity")
+    counted(studio.bundle.trees[a.tree].gallery, "concept_scores")
+    result = studio.predict(a, top_k=3)
+    card = studio.model_card(a, prediction=result)
+    studio.map_figure(a)
+    neighbours = studio.drawable_neighbors(a, 4)
+    assert sorted(calls) == ["concept_scores", "gallery_similarity"]
+    monkeypatch.undo()
+    assert result == studio.predict(path, top_k=3) and card == studio.model_card(path, top_k=3)
+    assert neighbours == studio.drawable_neighbors(path, 4)
+
 # ------------------------------------------------------------------------------------------------- samples
 def test_samples_of_a_known_model_are_drawn_once_then_cached(studio):
     g = studio.bundle.trees["tree-b"].gallery
