@@ -158,7 +158,7 @@ def fetch_url(url: str, *, max_bytes: int, timeout: float, policy: FetchPolicy) 
         raise InputError(f"download from {host_of(url)} timed out after {timeout:g} s") from None
     except httpx.HTTPError as err:
         shutil.rmtree(directory, ignore_errors=True)
-        raise InputError(f"download from {host_of(url)} failed: {one_line(err)}") from None
+        raise InputError(f"download from {host_of(url)} failed: {whole_message(err)}") from None
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
@@ -250,7 +250,9 @@ def clip(text: str, limit: int = 100) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def one_line(err: BaseException) -> str:
+def whole_message(err: BaseException) -> str:
+    """Every line of an httpx or Hub error, joined and clipped: the Hub says what went wrong after its first line
+    (first_line would keep only "404 Client Error. (Request ID: …)")."""
     return clip(str(err) or type(err).__name__, 200)
 
 
@@ -308,10 +310,10 @@ def hub_errors(repo: str):
     except errors.RepositoryNotFoundError:
         raise InputError(f"no Hub model repository named {repo} (or it is private)") from None
     except errors.EntryNotFoundError as err:
-        raise InputError(f"{repo} has no such file ({one_line(err)})") from None
+        raise InputError(f"{repo} has no such file ({whole_message(err)})") from None
     except errors.HfHubHTTPError as err:
-        raise InputError(f"the Hub refused the request for {repo}: {one_line(err)}") from None
+        raise InputError(f"the Hub refused the request for {repo}: {whole_message(err)}") from None
     except Exception as err:
         if isinstance(err, OSError) or any(c.__name__ == "TransportError" for c in type(err).__mro__):
-            raise InputError(f"the Hugging Face Hub is unreachable (offline or blocked): {one_line(err)}") from None
+            raise InputError(f"the Hugging Face Hub is unreachable (offline or blocked): {whole_message(err)}") from None
         raise

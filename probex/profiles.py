@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from probex.errors import InputError
+from probex.errors import InputError, first_line
 from probex.text import prompt
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -91,7 +91,7 @@ def download_bundle(repo_id: str, *, revision: str | None = None, endpoint: str 
         path = snapshot_download(repo_id, revision=revision, endpoint=endpoint,
                                  allow_patterns=["*.json", "*.safetensors", "*.md"])
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
-        raise InputError(f"cannot download bundle {repo_id}: {str(exc).splitlines()[0]}") from None
+        raise InputError(f"cannot download bundle {repo_id}: {first_line(exc, None)}") from None
     path = Path(path)
     if not (path / "bundle.json").is_file():
         raise InputError(f"Hub repo {repo_id} holds no bundle.json: not a ProbeX Studio bundle")

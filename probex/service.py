@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from probex.errors import InputError, NoExpertError, ProbexError
+from probex.errors import InputError, NoExpertError, ProbexError, first_line
 from probex.text import prompt
 from probex.weights import FAMILY_NAMES, NEGLIGIBLE_UPDATE_NORM, LoraFactors, ModelWeights, describe, negligible, read_weights, short
 
@@ -647,10 +647,6 @@ def example_label(path: Path) -> str:
     if "holdout" in path.stem:
         return f"{name} · held-out class (never seen in training){tree}"
     return f"{name} · test model{tree}"
-
-
-def first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
 def top_scores(names: list[str], scores: torch.Tensor, k: int) -> list[dict]:

@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from probex.errors import InputError
+from probex.errors import InputError, first_line
 
 MAX_HEADER_BYTES = 100 * 2**20  # real headers are kilobytes; anything near this is hostile or not safetensors
 
@@ -337,11 +337,6 @@ def short(value, limit: int = 80) -> str:
     """A user-supplied name or value, quoted and clipped so messages stay one readable line."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def first_line(err: Exception) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0][:200] if lines else type(err).__name__
 
 
 # --------------------------------------------------------------------------------------- tensors → canonical

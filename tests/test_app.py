@@ -198,3 +198,29 @@ def test_crafted_file_arguments_get_a_message_and_delete_nothing(client, app, fi
         client.predict(file, 5, api_name="/predict")
     assert str(err.value).strip(), "an error with no message"
     assert Path("/etc/passwd").exists() and app.process.poll() is None
+
+
+def test_handler_failures_are_one_line_messages(app_module, built, monkeypatch):
+    """ProbexErrors come back as their line (the sample handlers' after "Samples could not be drawn: "), anything
+    else as one line naming it, from plain and streaming handlers alike."""
+    import gradio as gr
+
+    from probex.errors import InputError
+
+    studio = app_module.STUDIO
+    request = app_module.identify_example(0, 3)[6]
+    models = studio.search("tiger", top_k=3)["models"]
+    for failure, expected in ((InputError("no such\nthing"), "Samples could not be drawn: no such thing"),
+                              (RuntimeError("broke\ndetail"), "unexpected RuntimeError: broke (please report this)")):
+        def fail(*args, **kwargs):
+            raise failure
+        monkeypatch.setattr(studio, "samples", fail)
+        for call in (lambda: list(app_module.draw_samples(request, progress=lambda *a, **k: None)),
+                     lambda: app_module.draw_search_samples(models, progress=lambda *a, **k: None)):
+            with pytest.raises(gr.Error) as err:
+                call()
+            assert err.value.message == expected
+    monkeypatch.undo()
+    with pytest.raises(gr.Error) as err:
+        app_module.custom_labels(request, "")
+    assert err.value.message.startswith("no labels given") and err.value.duration == 12
