@@ -29,7 +29,7 @@ from probex.card import as_text  # noqa: E402
 from probex.errors import InputError, ProbexError, first_line  # noqa: E402
 from probex.plots import concept_bars  # noqa: E402
 from probex.request_files import RequestFiles  # noqa: E402
-from probex.service import MAX_UPLOAD_BYTES, check_top_k, open_studio  # noqa: E402
+from probex.service import MAX_UPLOAD_BYTES, check_top_k, load_with_fallback  # noqa: E402
 
 try:  # on a ZeroGPU Space, generation runs inside a GPU allocation; elsewhere the decorator is a no-op
     import spaces
@@ -39,7 +39,7 @@ except ImportError:
     def on_gpu(fn):
         return fn
 
-STUDIO, NOTICE = open_studio()
+STUDIO, NOTICE = load_with_fallback()
 NEIGHBOURS_DRAWN = 4      # nearest models shown with live samples
 UPLOAD_SAMPLES = 4        # images of "what does your LoRA draw"
 CONCURRENCY = int(os.environ.get("PROBEX_CONCURRENCY", "2"))  # requests running at once; the rest wait in the queue

@@ -35,10 +35,11 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 # ----------------------------------------------------------------------------------------------- verbs
-def open_studio(args):
+def load_studio(args):
+    """The studio of ``--bundle``; the text encoder loads only if the verb needs it."""
     from probex.service import Studio
 
-    return Studio.load(args.bundle, warm=False)  # the text encoder loads only if the verb needs it
+    return Studio.load(args.bundle, warm=False)
 
 
 def read_file(ref: str):
@@ -60,20 +61,20 @@ def local_file(ref: str):
 
 def run_predict(args) -> int:
     weights = read_file(args.file)
-    result = open_studio(args).predict(weights, top_k=args.top_k)
+    result = load_studio(args).predict(weights, top_k=args.top_k)
     print(as_json(result) if args.json else format_prediction(result))
     return 0
 
 
 def run_zero_shot(args) -> int:
     weights = read_file(args.file)
-    scores = open_studio(args).zero_shot(weights, args.labels)
+    scores = load_studio(args).zero_shot(weights, args.labels)
     print(as_json(scores) if args.json else format_scores(scores))
     return 0
 
 
 def run_search(args) -> int:
-    result = open_studio(args).search(args.text, top_k=args.top_k)
+    result = load_studio(args).search(args.text, top_k=args.top_k)
     if args.json:
         print(as_json(result))
     else:
@@ -85,7 +86,7 @@ def run_search(args) -> int:
 
 def run_route(args) -> int:
     weights = read_file(args.file)
-    result = open_studio(args).route(weights)
+    result = load_studio(args).route(weights)
     if args.json:
         print(as_json(result))
     else:
@@ -97,7 +98,7 @@ def run_route(args) -> int:
 
 def run_card(args) -> int:
     weights = read_file(args.file)
-    card = open_studio(args).model_card(weights)
+    card = load_studio(args).model_card(weights)
     if args.out:
         Path(args.out).write_text(card)
         print(f"model card written to {args.out}")
@@ -107,7 +108,7 @@ def run_card(args) -> int:
 
 
 def run_samples(args) -> int:
-    studio = open_studio(args)
+    studio = load_studio(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if studio.is_known_model(args.model, args.tree):
@@ -158,7 +159,7 @@ def run_eval(args) -> int:
     from probex.zoo import Zoo, build_cache
 
     torch.set_num_threads(args.threads)
-    studio = open_studio(args)
+    studio = load_studio(args)
     zoo = Zoo.scan(args.zoo)
     name = zoo.name
     tree = studio.bundle.trees.get(name) or (studio.bundle.trees.get(studio.trees[0]) if len(studio.trees) == 1

@@ -41,6 +41,7 @@ METADATA_ADDRESSES = {ipaddress.ip_address(a) for a in ("169.254.169.254", "169.
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
 # LoRA file names the Hub's own tools write, in the order we prefer them when a repo id names no file
 HUB_LORA_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors", "model.safetensors")
+# A Hub repo id, "owner/name" with the Hub's characters (no leading dot or dash), and an optional file path in the repo
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95})(?:/(?P<file>[\w. /-]+))?$")
 
 

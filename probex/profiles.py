@@ -12,7 +12,6 @@ its bundle, its SD 1.5 model id and its CLIP model id without code changes (a Sp
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,8 +22,6 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PROFILE = "emoji-mini"
 SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 CLIP_MODEL_ID = "openai/clip-vit-large-patch14"
-# A Hub repo id: "owner/name" with the Hub's allowed characters (one slash, no leading dot or dash).
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 
 
 @dataclass(frozen=True)
@@ -67,7 +64,11 @@ def get_profile(name: str | None = None) -> Profile:
 
 
 def is_hub_repo_id(ref: str) -> bool:
-    return bool(_REPO_ID.match(ref))
+    """"owner/name" alone (probex.fetch.HUB_ID without a file in the repo)."""
+    from probex.fetch import HUB_ID
+
+    match = HUB_ID.match(ref)
+    return bool(match) and match["file"] is None
 
 
 def resolve_bundle_dir(profile: Profile | str | None = None, *, endpoint: str | None = None) -> Path:

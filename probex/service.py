@@ -367,7 +367,7 @@ class Studio:
             t = self.bundle.trees[name]
             query = self.query_features(name, text, read_as)
             scores = t.gallery.search_scores(query, self.class_text(name).search_calibration)[0]
-            order = scores + torch.tensor([boost(class_text(c)) for c in t.gallery.model_classes])
+            order = scores + torch.tensor([boost(class_name(c)) for c in t.gallery.model_classes])
             found += [{**m, "found_by": "class" if m["class"] in weight else "weights",
                        "rank": m["score"] + boost(m["class"])}
                       for m in self.ranked(name, scores, top_k, order_by=order)]
@@ -426,7 +426,7 @@ class Studio:
         """The tree's top_k gallery models by ``scores`` (one per model; or by ``order_by``), best first."""
         g = self.bundle.trees[tree].gallery
         order = torch.argsort(scores if order_by is None else order_by, descending=True)[:top_k].tolist()
-        return [{"id": g.ids[i], "class": class_text(g.model_classes[i]), "split": g.splits[i], "score": float(scores[i]),
+        return [{"id": g.ids[i], "class": class_name(g.model_classes[i]), "split": g.splits[i], "score": float(scores[i]),
                  "tree": tree} for i in order]
 
     def gallery_similarity(self, tree: str, vector: torch.Tensor) -> torch.Tensor:
@@ -472,7 +472,7 @@ class Studio:
             class_points = {name: (float(x), float(y)) for name, (x, y) in zip(g.vocabulary, xy)}
             if len(g.vocabulary) <= 40 and not labelled:
                 labelled = list(g.vocabulary)
-        return weight_text_map(g.coords.numpy(), g.ids, [class_text(c) for c in g.model_classes], g.splits, scores,
+        return weight_text_map(g.coords.numpy(), g.ids, [class_name(c) for c in g.model_classes], g.splits, scores,
                                class_points, labelled, marks,
                                title=f"Weight–text map of tree {tree}")
 
@@ -554,9 +554,9 @@ class Studio:
         g = self.bundle.trees[tree].gallery
         if model_id in g.sample_paths:
             return model_id
-        wanted = class_text(g.model_classes[g.ids.index(model_id)])
+        wanted = class_name(g.model_classes[g.ids.index(model_id)])
         index = {m: i for i, m in enumerate(g.ids)}
-        return next((other for other in g.sample_paths if class_text(g.model_classes[index[other]]) == wanted), None)
+        return next((other for other in g.sample_paths if class_name(g.model_classes[index[other]]) == wanted), None)
 
     def drawable_neighbors(self, source: str | Path | Analysis, n: int = 4, search_k: int = 50) -> list[dict]:
         """The nearest known models that can be drawn (their LoRA, or one of their class, ships with the bundle)."""
@@ -599,7 +599,7 @@ def read_upload(path: str | Path) -> ModelWeights:
     return read_weights(path, max_bytes=MAX_UPLOAD_BYTES)
 
 
-def open_studio(bundle_dir: str | Path | None = None) -> tuple[Studio | None, str]:
+def load_with_fallback(bundle_dir: str | Path | None = None) -> tuple[Studio | None, str]:
     """(studio, notice) for the app: the profile's bundle; if that cannot load and the profile is not the embedded
     one, the embedded emoji-mini bundle; if nothing loads, (None, why) — the app still starts and says so."""
     from probex.profiles import DEFAULT_PROFILE, get_profile
@@ -627,8 +627,9 @@ def as_batch_of_one(layer: LoraFactors | torch.Tensor):
     return layer[None]
 
 
-def class_text(label) -> str:
-    """A gallery model's class: a name (generative trees) or a label list (discriminative trees)."""
+def class_name(label) -> str:
+    """A gallery model's class as one name: its name (generative trees) or its label list joined (discriminative
+    trees)."""
     return ", ".join(label) if isinstance(label, (list, tuple)) else str(label)
 
 

@@ -329,14 +329,14 @@ def test_local_paths_are_not_mistaken_for_hub_ids(studio, built):
 
 
 # -------------------------------------------------------------------------------------------- start-up
-def test_open_studio_without_a_bundle_says_why(tmp_path, monkeypatch):
-    from probex.service import open_studio
+def test_load_with_fallback_without_a_bundle_says_why(tmp_path, monkeypatch):
+    from probex.service import load_with_fallback
 
     monkeypatch.setenv("PROBEX_BUNDLE", str(tmp_path / "nothing-here"))
-    studio, notice = open_studio()
+    studio, notice = load_with_fallback()
     assert studio is None and "nothing-here" in notice and "\n" not in notice
     monkeypatch.setenv("PROBEX_BUNDLE", "checkpoints/not-built-yet")  # a project folder, not a Hub repo id
-    studio, notice = open_studio()
+    studio, notice = load_with_fallback()
     assert studio is None and notice.startswith("no bundle at checkpoints/not-built-yet: the folder does not exist")
 
 
