@@ -25,11 +25,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import gradio as gr  # noqa: E402  (after the logging settings, which libraries read at import)
 
-from probex.errors import ProbexError  # noqa: E402
 from probex.card import as_text  # noqa: E402
+from probex.errors import InputError, ProbexError, first_line  # noqa: E402
 from probex.plots import concept_bars  # noqa: E402
-from probex.errors import InputError  # noqa: E402
-from probex.service import MAX_UPLOAD_BYTES, RequestFiles, check_top_k, first_line, open_studio  # noqa: E402
+from probex.request_files import RequestFiles  # noqa: E402
+from probex.service import MAX_UPLOAD_BYTES, check_top_k, load_with_fallback  # noqa: E402
 
 try:  # on a ZeroGPU Space, generation runs inside a GPU allocation; elsewhere the decorator is a no-op
     import spaces
@@ -39,7 +39,7 @@ except ImportError:
     def on_gpu(fn):
         return fn
 
-STUDIO, NOTICE = open_studio()
+STUDIO, NOTICE = load_with_fallback()
 NEIGHBOURS_DRAWN = 4      # nearest models shown with live samples
 UPLOAD_SAMPLES = 4        # images of "what does your LoRA draw"
 CONCURRENCY = int(os.environ.get("PROBEX_CONCURRENCY", "2"))  # requests running at once; the rest wait in the queue
@@ -66,34 +66,32 @@ def need_studio():
     return STUDIO
 
 
-def user_error(err: ProbexError) -> gr.Error:
-    return gr.Error(str(err), duration=12)
-
-
-def answers(fn):
-    """Every handler's one error path: the user's mistakes come back as their one line, anything else as one line
-    naming the failure (logged with its traceback here), never as Gradio's message-less "Error". Streaming handlers
-    (generators) get the same around every step."""
+def answers(fn=None, *, prefix: str = ""):
+    """Every handler's one error path: the user's mistakes come back as their one line (after ``prefix``), anything
+    else as one line naming the failure (logged with its traceback here), never as Gradio's message-less "Error".
+    Streaming handlers (generators) get the same around every step. ``@answers`` or ``@answers(prefix=…)``."""
+    if fn is None:
+        return functools.partial(answers, prefix=prefix)
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def streaming(*args, **kwargs):
-            with one_line_errors():
+            with one_line_errors(prefix):
                 yield from fn(*args, **kwargs)
         return streaming
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with one_line_errors():
+        with one_line_errors(prefix):
             return fn(*args, **kwargs)
     return wrapper
 
 
 @contextlib.contextmanager
-def one_line_errors():
+def one_line_errors(prefix: str = ""):
     try:
         yield
     except ProbexError as err:
-        raise user_error(err) from None
+        raise gr.Error(f"{prefix}{err}", duration=12) from None
     except gr.Error:
         raise
     except Exception as err:  # noqa: BLE001 — the contract: one line to the client
@@ -122,8 +120,9 @@ def give_back_memory() -> None:
 
 # ----------------------------------------------------------------------------------------------- identify
 def identify(path: str, owned: list[str], top_k: int):
-    """Read, route, encode → summary, concept bars, neighbour table, map, card. ``owned``: this request's files,
-    released for deletion when the request is done (or now, if it fails)."""
+    """Read, route, encode → summary, concept bars, neighbour table, map, card: one analysis and one prediction, which
+    the card, map and neighbours reuse. ``owned``: this request's files, released for deletion when the request is
+    done (or now, if it fails)."""
     studio = need_studio()
     top_k = check_top_k(top_k)
     FILES.hold(*owned)
@@ -134,7 +133,7 @@ def identify(path: str, owned: list[str], top_k: int):
         FILES.hold(card_dir)
         owned = [*owned, card_dir]
         card_path = Path(card_dir) / "README.md"
-        card_path.write_text(studio.model_card(analysis, top_k=top_k))
+        card_path.write_text(studio.model_card(analysis, prediction=result))
         figure = studio.map_figure(analysis) if studio.has_gallery(analysis.tree) else None
         neighbours = [] if analysis.negligible else studio.drawable_neighbors(analysis, NEIGHBOURS_DRAWN)
     except BaseException:
@@ -187,8 +186,9 @@ def identify_example(index: int, top_k: int):
     return identify(str(examples[int(index)]["path"]), [], top_k)  # shipped files: never deleted
 
 
-@answers
+# on_gpu outermost: errors are already one-line gr.Errors when they leave the GPU worker
 @on_gpu
+@answers(prefix="Samples could not be drawn: ")
 def draw_samples(request: Request | None, progress=gr.Progress()):
     """Images of the uploaded LoRA and of its nearest known models, drawn live by the tree's root pipeline and shown
     as they come: the LoRA's own first, then each neighbour. A neighbour whose file does not ship is drawn from a
@@ -200,18 +200,15 @@ def draw_samples(request: Request | None, progress=gr.Progress()):
     steps = 1 + len(request.neighbours)
     progress(0, desc="Loading the tree's image generator…")
     own, neighbours = [], []
-    try:
-        if request.lora and Path(request.lora).exists():
-            progress(0.05, desc="Drawing your LoRA…")
-            own = [(im, f"seed {i}") for i, im in enumerate(studio.samples(request.lora, n=UPLOAD_SAMPLES))]
-            yield own, list(neighbours)
-        for i, n in enumerate(request.neighbours, start=1):
-            progress(i / steps, desc=f"Drawing neighbour {i}/{len(request.neighbours)}: {n['class']}")
-            image = studio.samples(n["id"], n=1, tree=n["tree"])[0]
-            neighbours.append((image, f"{n['class']} {n['score']:.2f}" + stand_in_note(studio, n)))
-            yield own, list(neighbours)
-    except ProbexError as err:
-        raise gr.Error(f"Samples could not be drawn: {err}", duration=12) from None
+    if request.lora and Path(request.lora).exists():
+        progress(0.05, desc="Drawing your LoRA…")
+        own = [(im, f"seed {i}") for i, im in enumerate(studio.samples(request.lora, n=UPLOAD_SAMPLES))]
+        yield own, list(neighbours)
+    for i, n in enumerate(request.neighbours, start=1):
+        progress(i / steps, desc=f"Drawing neighbour {i}/{len(request.neighbours)}: {n['class']}")
+        image = studio.samples(n["id"], n=1, tree=n["tree"])[0]
+        neighbours.append((image, f"{n['class']} {n['score']:.2f}" + stand_in_note(studio, n)))
+        yield own, list(neighbours)
     if not own and not neighbours:
         yield own, neighbours
 
@@ -255,8 +252,8 @@ def reading_markdown(read_as: list[dict]) -> str:
     return f"Read as {classes}: models of {'this class' if len(read_as) == 1 else 'these classes'} first."
 
 
-@answers
 @on_gpu
+@answers(prefix="Samples could not be drawn: ")
 def draw_search_samples(models: list[dict] | None, progress=gr.Progress()):
     if not models:
         return []
@@ -266,11 +263,8 @@ def draw_search_samples(models: list[dict] | None, progress=gr.Progress()):
         return gr.update(value=[], label="best matches: none of them can be drawn (their class ships no LoRA)")
     for i, m in enumerate(drawn):
         progress(i / len(drawn), desc=f"Drawing {m['class']}…")
-        try:
-            images.append((studio.samples(m["id"], n=1, tree=m["tree"])[0],
-                           f"{m['class']} {m['score']:.2f}" + stand_in_note(studio, m)))
-        except ProbexError as err:
-            raise gr.Error(f"Samples could not be drawn: {err}") from None
+        images.append((studio.samples(m["id"], n=1, tree=m["tree"])[0],
+                       f"{m['class']} {m['score']:.2f}" + stand_in_note(studio, m)))
     return gr.update(value=images, label="best matches, drawn live")
 
 

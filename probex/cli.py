@@ -39,37 +39,46 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 # ----------------------------------------------------------------------------------------------- verbs
-def open_studio(args):
+def load_studio(args):
+    """The studio of ``--bundle``; the text encoder loads only if the verb needs it."""
     from probex.service import Studio
 
-    return Studio.load(args.bundle, warm=False)  # the text encoder loads only if the verb needs it
+    return Studio.load(args.bundle, warm=False)
 
 
 def read_file(ref: str):
     """The user's file (a path, link or Hub id), read and checked BEFORE the bundle and text encoder load, so a bad
     file is answered in the time it takes to import torch, not to start the whole studio."""
-    from probex.service import local_file, read_upload
+    from probex.service import read_upload
 
     with local_file(ref) as path:
         return read_upload(path)
 
 
+def local_file(ref: str):
+    """A path, link or Hub id as a local path for a ``with`` block (probex.fetch.local_file at the service's caps)."""
+    from probex.fetch import local_file
+    from probex.service import FETCH_TIMEOUT_S, MAX_UPLOAD_BYTES
+
+    return local_file(ref, max_bytes=MAX_UPLOAD_BYTES, timeout=FETCH_TIMEOUT_S)
+
+
 def run_predict(args) -> int:
     weights = read_file(args.file)
-    result = open_studio(args).predict(weights, top_k=args.top_k)
+    result = load_studio(args).predict(weights, top_k=args.top_k)
     print(as_json(result) if args.json else format_prediction(result))
     return 0
 
 
 def run_zero_shot(args) -> int:
     weights = read_file(args.file)
-    scores = open_studio(args).zero_shot(weights, args.labels)
+    scores = load_studio(args).zero_shot(weights, args.labels)
     print(as_json(scores) if args.json else format_scores(scores))
     return 0
 
 
 def run_search(args) -> int:
-    result = open_studio(args).search(args.text, top_k=args.top_k)
+    result = load_studio(args).search(args.text, top_k=args.top_k)
     if args.json:
         print(as_json(result))
     else:
@@ -81,7 +90,7 @@ def run_search(args) -> int:
 
 def run_route(args) -> int:
     weights = read_file(args.file)
-    result = open_studio(args).route(weights)
+    result = load_studio(args).route(weights)
     if args.json:
         print(as_json(result))
     else:
@@ -93,7 +102,7 @@ def run_route(args) -> int:
 
 def run_card(args) -> int:
     weights = read_file(args.file)
-    card = open_studio(args).model_card(weights)
+    card = load_studio(args).model_card(weights)
     if args.out:
         Path(args.out).write_text(card)
         print(f"model card written to {args.out}")
@@ -103,14 +112,12 @@ def run_card(args) -> int:
 
 
 def run_samples(args) -> int:
-    studio = open_studio(args)
+    studio = load_studio(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if studio.is_known_model(args.model, args.tree):
         images = studio.samples(args.model, n=args.n, seed=args.seed, tree=args.tree)
     else:
-        from probex.service import local_file
-
         with local_file(args.model) as path:
             images = studio.samples(path, n=args.n, seed=args.seed)
     stem = args.model.replace("/", "_").removesuffix(".safetensors")
@@ -155,7 +162,7 @@ def run_eval(args) -> int:
     from probex.zoo import Zoo, build_cache
 
     torch.set_num_threads(args.threads)
-    studio = open_studio(args)
+    studio = load_studio(args)
     zoo = Zoo.scan(args.zoo)
     name = zoo.name
     tree = studio.bundle.trees.get(name) or (studio.bundle.trees.get(studio.trees[0]) if len(studio.trees) == 1

@@ -20,3 +20,10 @@ class InputError(ProbexError):
 
 class NoExpertError(ProbexError):
     """The file is readable, but no tree expert fits it (the message names the base it looks like)."""
+
+
+def first_line(err: BaseException, limit: int | None = 200) -> str:
+    """A caught exception's message as one line to quote in ours: its first line (its type's name if it has none),
+    cut at ``limit`` characters (None: uncut)."""
+    lines = str(err).strip().splitlines()
+    return lines[0][:limit] if lines else type(err).__name__

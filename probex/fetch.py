@@ -12,7 +12,8 @@ URL rules (a public Space must not become a proxy into its own network):
 Proxy environment variables are ignored (a proxy would connect to addresses we did not check).
 
 Hub ids (``user/name`` or ``user/name/path/in/repo.safetensors``) go through ``huggingface_hub``, which honours
-``HF_HUB_OFFLINE``; an unreachable Hub is a clear one-line error.
+``HF_HUB_OFFLINE``; an unreachable Hub is a clear one-line error. ``local_file`` tells a link or Hub id from a path on
+disk (``is_remote``) and fetches only the former.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ METADATA_ADDRESSES = {ipaddress.ip_address(a) for a in ("169.254.169.254", "169.
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
 # LoRA file names the Hub's own tools write, in the order we prefer them when a repo id names no file
 HUB_LORA_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors", "model.safetensors")
+# A Hub repo id, "owner/name" with the Hub's characters (no leading dot or dash), and an optional file path in the repo
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95})(?:/(?P<file>[\w. /-]+))?$")
 
 
@@ -99,6 +101,38 @@ def fetch_to_temp(ref: str, *, max_bytes: int, timeout: float, policy: FetchPoli
     raise InputError(f"{clip(ref)} is neither an https:// link nor a Hub repo id like user/name")
 
 
+@contextmanager
+def local_file(ref: str | Path, *, max_bytes: int, timeout: float):
+    """A local path for a path, an https URL or a Hub repo id; downloads are deleted when the block ends."""
+    if not is_remote(ref):
+        yield Path(ref)  # read_weights names a missing file in its error
+        return
+    fetched = fetch_to_temp(str(ref), max_bytes=max_bytes, timeout=timeout)
+    try:
+        yield fetched.path
+    finally:
+        fetched.cleanup()
+
+
+def is_remote(ref: str | Path) -> bool:
+    """A link (``…://…``) or a Hub repo id — unless it names something on disk: ``dir/file.safetensors`` whose first
+    folder exists here is a local path, even though it has the shape of ``user/name``."""
+    if not isinstance(ref, str) or exists(ref):
+        return False
+    ref = ref.strip()
+    if "://" in ref:
+        return True
+    return bool(HUB_ID.match(ref)) and not ref.startswith((".", "/")) and not exists(ref.split("/")[0])
+
+
+def exists(path: str | Path) -> bool:
+    """Path.exists that answers False for names the OS refuses to look up (too long, NUL bytes)."""
+    try:
+        return Path(path).exists()
+    except (OSError, ValueError):
+        return False
+
+
 # --------------------------------------------------------------------------------------------------- URLs
 def fetch_url(url: str, *, max_bytes: int, timeout: float, policy: FetchPolicy) -> Fetched:
     directory = Path(tempfile.mkdtemp(prefix="probex-fetch-"))
@@ -125,7 +159,7 @@ def fetch_url(url: str, *, max_bytes: int, timeout: float, policy: FetchPolicy) 
         raise InputError(f"download from {host_of(url)} timed out after {timeout:g} s") from None
     except httpx.HTTPError as err:
         shutil.rmtree(directory, ignore_errors=True)
-        raise InputError(f"download from {host_of(url)} failed: {one_line(err)}") from None
+        raise InputError(f"download from {host_of(url)} failed: {whole_message(err)}") from None
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
@@ -217,7 +251,9 @@ def clip(text: str, limit: int = 100) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def one_line(err: BaseException) -> str:
+def whole_message(err: BaseException) -> str:
+    """Every line of an httpx or Hub error, joined and clipped: the Hub says what went wrong after its first line
+    (first_line would keep only "404 Client Error. (Request ID: …)")."""
     return clip(str(err) or type(err).__name__, 200)
 
 
@@ -275,10 +311,10 @@ def hub_errors(repo: str):
     except errors.RepositoryNotFoundError:
         raise InputError(f"no Hub model repository named {repo} (or it is private)") from None
     except errors.EntryNotFoundError as err:
-        raise InputError(f"{repo} has no such file ({one_line(err)})") from None
+        raise InputError(f"{repo} has no such file ({whole_message(err)})") from None
     except errors.HfHubHTTPError as err:
-        raise InputError(f"the Hub refused the request for {repo}: {one_line(err)}") from None
+        raise InputError(f"the Hub refused the request for {repo}: {whole_message(err)}") from None
     except Exception as err:
         if isinstance(err, OSError) or any(c.__name__ == "TransportError" for c in type(err).__mro__):
-            raise InputError(f"the Hugging Face Hub is unreachable (offline or blocked): {one_line(err)}") from None
+            raise InputError(f"the Hugging Face Hub is unreachable (offline or blocked): {whole_message(err)}") from None
         raise

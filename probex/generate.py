@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from probex.errors import InputError, ProbexError
+from probex.errors import InputError, ProbexError, first_line
 from probex.profiles import Profile, get_profile
 
 SD15_SAMPLING = {"num_inference_steps": 30, "guidance_scale": 7.5}
@@ -37,8 +37,7 @@ def load_sd15(model_id: str, device: str | None = None, dtype: torch.dtype | Non
         pipe = StableDiffusionPipeline.from_pretrained(model_id, dtype=dtype, safety_checker=None,
                                                        requires_safety_checker=False)
     except (OSError, ValueError) as exc:  # offline, a UNet-only folder, a repo that is not a pipeline
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise ProbexError(f"cannot load the SD 1.5 pipeline {model_id}: {first}") from None
+        raise ProbexError(f"cannot load the SD 1.5 pipeline {model_id}: {first_line(exc)}") from None
     pipe.set_progress_bar_config(disable=True)
     pipe.sampling_defaults = dict(SD15_SAMPLING)
     return pipe.to(device)

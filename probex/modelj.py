@@ -29,7 +29,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from probex.errors import InputError, ProbexError
+from probex.errors import InputError, ProbexError, first_line
 from probex.profiles import PROFILES
 from probex.zoo import SPLITS, Zoo
 
@@ -88,11 +88,11 @@ def _snapshot(repo_id, repo_type, patterns, local_dir, revision, max_workers, re
             return
         except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError, EntryNotFoundError) as exc:
             # asking again will not help
-            raise ProbexError(f"cannot download {repo_id}: {str(exc).splitlines()[0]}") from None
+            raise ProbexError(f"cannot download {repo_id}: {first_line(exc, None)}") from None
         except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
             if attempt == retries:
                 raise ProbexError(f"downloading {repo_id} failed {retries} times, last: "
-                                  f"{str(exc).splitlines()[0]} (rerun to resume)") from None
+                                  f"{first_line(exc, None)} (rerun to resume)") from None
             time.sleep(min(2 ** (attempt - 1), 30))
 
 

@@ -12,19 +12,16 @@ its bundle, its SD 1.5 model id and its CLIP model id without code changes (a Sp
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from probex.errors import InputError
+from probex.errors import InputError, first_line
 from probex.text import prompt
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PROFILE = "emoji-mini"
 SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 CLIP_MODEL_ID = "openai/clip-vit-large-patch14"
-# A Hub repo id: "owner/name" with the Hub's allowed characters (one slash, no leading dot or dash).
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 
 
 @dataclass(frozen=True)
@@ -67,7 +64,11 @@ def get_profile(name: str | None = None) -> Profile:
 
 
 def is_hub_repo_id(ref: str) -> bool:
-    return bool(_REPO_ID.match(ref))
+    """"owner/name" alone (probex.fetch.HUB_ID without a file in the repo)."""
+    from probex.fetch import HUB_ID
+
+    match = HUB_ID.match(ref)
+    return bool(match) and match["file"] is None
 
 
 def resolve_bundle_dir(profile: Profile | str | None = None, *, endpoint: str | None = None) -> Path:
@@ -91,7 +92,7 @@ def download_bundle(repo_id: str, *, revision: str | None = None, endpoint: str 
         path = snapshot_download(repo_id, revision=revision, endpoint=endpoint,
                                  allow_patterns=["*.json", "*.safetensors", "*.md"])
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
-        raise InputError(f"cannot download bundle {repo_id}: {str(exc).splitlines()[0]}") from None
+        raise InputError(f"cannot download bundle {repo_id}: {first_line(exc, None)}") from None
     path = Path(path)
     if not (path / "bundle.json").is_file():
         raise InputError(f"Hub repo {repo_id} holds no bundle.json: not a ProbeX Studio bundle")

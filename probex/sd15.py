@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from probex.experts import PROJECTIONS, AttentionReader
-from probex.errors import InputError
+from probex.errors import InputError, first_line
 
 TREE = "sd15"
 ATTN2_WEIGHT = re.compile(r"\.attn2\.(to_q|to_k|to_v|to_out\.0)\.weight$")
@@ -82,7 +82,7 @@ def _download_unet(repo_id: str) -> tuple[dict, list[Path]]:
             except EntryNotFoundError:
                 continue
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
-        raise InputError(f"cannot download the SD 1.5 UNet {repo_id}: {str(exc).splitlines()[0]}") from None
+        raise InputError(f"cannot download the SD 1.5 UNet {repo_id}: {first_line(exc, None)}") from None
     raise InputError(f"{repo_id} has no unet/{' or unet/'.join(UNET_WEIGHTS)}")
 
 

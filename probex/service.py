@@ -12,25 +12,23 @@ Every verb that takes a file starts from ``analyse``: read (safetensors only, si
 LoRA of a known tree → route → encode the tree's layer. An ``Analysis`` can be passed instead of a path, so the app
 reads an upload once and answers the follow-up questions (custom labels, map, card) from memory.
 
-Inputs are paths. Links and Hub ids become temp files through ``local_file`` (probex.fetch, deleted after use);
-uploads are the app's temp files. Nothing here writes into the bundle, so a request cannot touch shipped artifacts.
+Inputs are paths. Links and Hub ids become temp files through ``probex.fetch.local_file`` (deleted after use); how
+long uploads live is the app's business (probex.request_files). Nothing here writes into the bundle or deletes a
+file, so a request cannot touch shipped artifacts.
 """
 from __future__ import annotations
 
 import math
 import os
-import shutil
 import threading
-import time
 from collections import OrderedDict
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from probex.errors import InputError, NoExpertError, ProbexError
+from probex.errors import InputError, NoExpertError, ProbexError, first_line
 from probex.text import prompt
 from probex.weights import FAMILY_NAMES, NEGLIGIBLE_UPDATE_NORM, LoraFactors, ModelWeights, describe, negligible, read_weights, short
 
@@ -78,6 +76,10 @@ class Analysis:
     negligible: bool = False    # the LoRA changes (almost) nothing: no concept is claimed for it
     instance_prompt: str | None = None   # the probe a prompted reader pushed through the LoRA (sd15.instance_prompt)
     prompt_source: str | None = None     # where that prompt came from: a metadata key, or "default"
+    # filled from the encoding on first use (Studio.similarity, Studio.concept_scores) and kept: predict, card, map
+    # and neighbours of one upload read the same tensors instead of recomputing them
+    similarity: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    concept_scores: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
 
 class Studio:
@@ -293,7 +295,7 @@ class Studio:
         """Tree, concepts and nearest known models. A LoRA that changes nothing gets ``notice`` and no concepts."""
         top_k = check_top_k(top_k)
         a = self.analyse(source)
-        similarity = None if a.negligible else self.gallery_similarity(a.tree, a.encoding)  # one pass, three uses
+        similarity = None if a.negligible else self.similarity(a)
         neighbors = [] if similarity is None else self.ranked(a.tree, similarity, top_k)
         return require_finite({
             "tree": a.tree, "layer": a.layer, "router": {"distance": a.distance, "confidence": a.confidence},
@@ -304,19 +306,24 @@ class Studio:
             "expert": self.expert_note(a.tree), "instance_prompt": a.instance_prompt,
             "prompt_source": a.prompt_source})
 
-    @torch.no_grad()
     def concepts(self, a: Analysis, top_k: int) -> list[dict]:
-        """Top-k of the tree's class vocabulary: cosine to each class's anchor — the mean of its known models, else its
-        text (align) — z-normed per anchor (Gallery.concept_scores), or the classifier head's probabilities."""
-        t = self.bundle.trees[a.tree]
-        names = t.gallery.vocabulary
-        read = self.class_text(a.tree, a.instance_prompt)
-        if read is not None:
-            scores = t.gallery.concept_scores(a.encoding[None], read.anchors, read.calibration)[0]
-        else:
-            logits = t.expert.logits(a.encoding[None])[0]
-            scores = logits.softmax(-1) if t.expert.head_kind == "multiclass" else logits.sigmoid()
-        return top_scores(names, scores, top_k)
+        """Top-k of the tree's class vocabulary by ``concept_scores``."""
+        return top_scores(self.bundle.trees[a.tree].gallery.vocabulary, self.concept_scores(a), top_k)
+
+    @torch.no_grad()
+    def concept_scores(self, a: Analysis) -> torch.Tensor:
+        """(C,) scores of the upload over the tree's class vocabulary: cosine to each class's anchor — the mean of its
+        known models, else its text (align) — z-normed per anchor (Gallery.concept_scores), or the classifier head's
+        probabilities. Computed once per Analysis."""
+        if a.concept_scores is None:
+            t = self.bundle.trees[a.tree]
+            read = self.class_text(a.tree, a.instance_prompt)
+            if read is not None:
+                a.concept_scores = t.gallery.concept_scores(a.encoding[None], read.anchors, read.calibration)[0]
+            else:
+                logits = t.expert.logits(a.encoding[None])[0]
+                a.concept_scores = logits.softmax(-1) if t.expert.head_kind == "multiclass" else logits.sigmoid()
+        return a.concept_scores
 
     def score_unit(self, tree: str) -> str:
         """What the tree's concept scores are: "z" (z-normed cosine to class anchors), "cosine" (a tree without
@@ -360,7 +367,7 @@ class Studio:
             t = self.bundle.trees[name]
             query = self.query_features(name, text, read_as)
             scores = t.gallery.search_scores(query, self.class_text(name).search_calibration)[0]
-            order = scores + torch.tensor([boost(class_text(c)) for c in t.gallery.model_classes])
+            order = scores + torch.tensor([boost(class_name(c)) for c in t.gallery.model_classes])
             found += [{**m, "found_by": "class" if m["class"] in weight else "weights",
                        "rank": m["score"] + boost(m["class"])}
                       for m in self.ranked(name, scores, top_k, order_by=order)]
@@ -415,18 +422,22 @@ class Studio:
         nearest = float(similarity[train].max())
         return {"nearest_known_cosine": nearest, "threshold": threshold, "unlike_known": nearest < threshold}
 
-    def nearest(self, tree: str, vector: torch.Tensor, top_k: int) -> list[dict]:
-        return self.ranked(tree, self.gallery_similarity(tree, vector), top_k)
-
     def ranked(self, tree: str, scores: torch.Tensor, top_k: int, order_by: torch.Tensor | None = None) -> list[dict]:
         """The tree's top_k gallery models by ``scores`` (one per model; or by ``order_by``), best first."""
         g = self.bundle.trees[tree].gallery
         order = torch.argsort(scores if order_by is None else order_by, descending=True)[:top_k].tolist()
-        return [{"id": g.ids[i], "class": class_text(g.model_classes[i]), "split": g.splits[i], "score": float(scores[i]),
+        return [{"id": g.ids[i], "class": class_name(g.model_classes[i]), "split": g.splits[i], "score": float(scores[i]),
                  "tree": tree} for i in order]
 
     def gallery_similarity(self, tree: str, vector: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.bundle.trees[tree].gallery.encodings, dim=-1) @ F.normalize(vector, dim=-1)
+
+    def similarity(self, a: Analysis) -> torch.Tensor:
+        """The upload's cosine to every known model of its tree (concept-free: also for a negligible LoRA); computed
+        once per Analysis."""
+        if a.similarity is None:
+            a.similarity = self.gallery_similarity(a.tree, a.encoding)
+        return a.similarity
 
     # ---------------------------------------------------------------------------------------------- map
     @torch.no_grad()
@@ -443,17 +454,17 @@ class Studio:
         if not g.ids:
             raise ProbexError(f"tree {tree} has no known models to map (a training-free reader: concepts and zero-shot "
                               "only; a bundle trained on a population adds the map)")
-        marks, focus, labelled = [], None, []
+        marks, labelled, scores = [], [], None  # scores: the models' cosine to the upload, else to the query
         if a is not None:
             marks.append(self.mark(tree, a.encoding, "your LoRA", "upload"))
-            focus = a.encoding
             labelled = [c["name"] for c in self.concepts(a, 5)]
+            scores = self.similarity(a).tolist()
         if query:
             text = clean_text(query)
             q = self.query_features(tree, text, self.read_query(text))[0]
             marks.append(self.mark(tree, q, f"“{query.strip()}”", "query"))
-            focus = q if focus is None else focus
-        scores = self.gallery_similarity(tree, focus).tolist() if focus is not None else None
+            if scores is None:
+                scores = self.gallery_similarity(tree, q).tolist()
         features = self.class_features(tree)
         class_points = None
         if features is not None:
@@ -461,7 +472,7 @@ class Studio:
             class_points = {name: (float(x), float(y)) for name, (x, y) in zip(g.vocabulary, xy)}
             if len(g.vocabulary) <= 40 and not labelled:
                 labelled = list(g.vocabulary)
-        return weight_text_map(g.coords.numpy(), g.ids, [class_text(c) for c in g.model_classes], g.splits, scores,
+        return weight_text_map(g.coords.numpy(), g.ids, [class_name(c) for c in g.model_classes], g.splits, scores,
                                class_points, labelled, marks,
                                title=f"Weight–text map of tree {tree}")
 
@@ -481,11 +492,14 @@ class Studio:
         return max(self.bundle.trees, key=lambda name: len(self.bundle.trees[name].gallery.ids))
 
     # --------------------------------------------------------------------------------------------- card
-    def model_card(self, source: str | Path | ModelWeights | Analysis, top_k: int = 5) -> str:
+    def model_card(self, source: str | Path | ModelWeights | Analysis, top_k: int = 5,
+                   prediction: dict | None = None) -> str:
+        """The Hub README.md draft. ``prediction``: ``predict``'s answer for this source at ``top_k``, when the
+        caller has it already (the app predicts once per upload)."""
         from probex.card import CardFacts, render_card
 
         a = self.analyse(source)
-        r = self.predict(a, top_k)
+        r = prediction if prediction is not None else self.predict(a, top_k)
         return render_card(CardFacts(
             file_name=a.source, description=a.description, tree=a.tree, base_model=r["base_model"], layer=a.layer,
             router_confidence=a.confidence, classes=r["classes"], neighbors=r["neighbors"], profile=self.profile.name,
@@ -540,14 +554,14 @@ class Studio:
         g = self.bundle.trees[tree].gallery
         if model_id in g.sample_paths:
             return model_id
-        wanted = class_text(g.model_classes[g.ids.index(model_id)])
+        wanted = class_name(g.model_classes[g.ids.index(model_id)])
         index = {m: i for i, m in enumerate(g.ids)}
-        return next((other for other in g.sample_paths if class_text(g.model_classes[index[other]]) == wanted), None)
+        return next((other for other in g.sample_paths if class_name(g.model_classes[index[other]]) == wanted), None)
 
     def drawable_neighbors(self, source: str | Path | Analysis, n: int = 4, search_k: int = 50) -> list[dict]:
         """The nearest known models that can be drawn (their LoRA, or one of their class, ships with the bundle)."""
         a = self.analyse(source)
-        return self.drawable(self.nearest(a.tree, a.encoding, search_k), n)
+        return self.drawable(self.ranked(a.tree, self.similarity(a), search_k), n)
 
     def drawable(self, models: list[dict], n: int) -> list[dict]:
         """The first ``n`` of ``models`` (dicts with "id" and "tree") that can be drawn: a held-out-class model has no
@@ -580,104 +594,12 @@ class Studio:
             return self._pipelines[tree]
 
 
-class RequestFiles:
-    """Deletes the files of requests (uploads, downloads, generated cards) once they are done with.
-
-    Gradio stores an upload under the hash of its content, so two requests sending the same file share ONE path, and
-    the second may still wait in the queue when the first finishes. A path is therefore deleted only when no request
-    holds it, none has released it for ``grace_s`` seconds, and it was not uploaded again in that time (each upload
-    rewrites the file: its mtime is the last upload); a background sweep does it. Nothing is kept longer.
-    """
-
-    def __init__(self, grace_s: float = 60.0):
-        self.grace_s = grace_s
-        self._held: dict[Path, int] = {}
-        self._released: dict[Path, float] = {}
-        self._lock = threading.Lock()
-        self._sweeper = threading.Thread(target=self._sweep_forever, daemon=True, name="probex-request-files")
-        self._sweeper.start()
-
-    def hold(self, *paths: str | Path) -> None:
-        with self._lock:
-            for p in map(Path, paths):
-                self._held[p] = self._held.get(p, 0) + 1
-                self._released.pop(p, None)
-
-    def release(self, *paths: str | Path) -> None:
-        now = time.monotonic()
-        with self._lock:
-            for p in map(Path, paths):
-                self._held[p] = self._held.get(p, 1) - 1
-                if self._held[p] <= 0:
-                    del self._held[p]
-                    self._released[p] = now
-
-    @contextmanager
-    def holding(self, *paths: str | Path):
-        self.hold(*paths)
-        try:
-            yield
-        finally:
-            self.release(*paths)
-
-    def sweep(self) -> list[Path]:
-        """Delete every released path whose grace time is over; returns what was deleted."""
-        now, wall = time.monotonic(), time.time()
-        with self._lock:
-            due = [p for p, t in self._released.items()
-                   if now - t >= self.grace_s and wall - modified_at(p) >= self.grace_s]
-            for p in due:
-                del self._released[p]
-        for p in due:
-            delete_path(p)
-        return due
-
-    def _sweep_forever(self) -> None:
-        while True:
-            time.sleep(max(0.2, self.grace_s / 4))
-            self.sweep()
-
-
-def modified_at(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0  # already gone: due at once
-
-
-def delete_path(path: Path) -> None:
-    """A file (and its folder when that is left empty: Gradio gives each upload its own) or a whole temp dir."""
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-        return
-    path.unlink(missing_ok=True)
-    try:
-        path.parent.rmdir()  # only succeeds when empty
-    except OSError:
-        pass
-
-
-@contextmanager
-def local_file(ref: str | Path):
-    """A local path for a path, an https URL or a Hub repo id; downloads are deleted when the block ends."""
-    from probex.fetch import fetch_to_temp
-
-    if not is_remote(ref):
-        yield Path(ref)  # read_weights names a missing file in its error
-        return
-    fetched = fetch_to_temp(str(ref), max_bytes=MAX_UPLOAD_BYTES, timeout=FETCH_TIMEOUT_S)
-    try:
-        yield fetched.path
-    finally:
-        fetched.cleanup()
-
-
 def read_upload(path: str | Path) -> ModelWeights:
     """The file checked and read as every verb reads it, without a bundle: callers fail fast on bad files."""
     return read_weights(path, max_bytes=MAX_UPLOAD_BYTES)
 
 
-def open_studio(bundle_dir: str | Path | None = None) -> tuple[Studio | None, str]:
+def load_with_fallback(bundle_dir: str | Path | None = None) -> tuple[Studio | None, str]:
     """(studio, notice) for the app: the profile's bundle; if that cannot load and the profile is not the embedded
     one, the embedded emoji-mini bundle; if nothing loads, (None, why) — the app still starts and says so."""
     from probex.profiles import DEFAULT_PROFILE, get_profile
@@ -705,8 +627,9 @@ def as_batch_of_one(layer: LoraFactors | torch.Tensor):
     return layer[None]
 
 
-def class_text(label) -> str:
-    """A gallery model's class: a name (generative trees) or a label list (discriminative trees)."""
+def class_name(label) -> str:
+    """A gallery model's class as one name: its name (generative trees) or its label list joined (discriminative
+    trees)."""
     return ", ".join(label) if isinstance(label, (list, tuple)) else str(label)
 
 
@@ -725,10 +648,6 @@ def example_label(path: Path) -> str:
     if "holdout" in path.stem:
         return f"{name} · held-out class (never seen in training){tree}"
     return f"{name} · test model{tree}"
-
-
-def first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
 def top_scores(names: list[str], scores: torch.Tensor, k: int) -> list[dict]:
@@ -800,24 +719,3 @@ def is_missing_local_dir(ref: str) -> bool:
     first = Path(ref).parts[0] if Path(ref).parts else ""
     return (path.is_absolute() or ref.startswith((".", "~")) or Path(first).is_dir()
             or (PROJECT_ROOT / first).is_dir())
-
-
-def is_remote(ref: str | Path) -> bool:
-    """A link (``…://…``) or a Hub repo id — unless it names something on disk: ``dir/file.safetensors`` whose first
-    folder exists here is a local path, even though it has the shape of ``user/name``."""
-    from probex.fetch import HUB_ID
-
-    if not isinstance(ref, str) or exists(ref):
-        return False
-    ref = ref.strip()
-    if "://" in ref:
-        return True
-    return bool(HUB_ID.match(ref)) and not ref.startswith((".", "/")) and not exists(ref.split("/")[0])
-
-
-def exists(path: str | Path) -> bool:
-    """Path.exists that answers False for names the OS refuses to look up (too long, NUL bytes)."""
-    try:
-        return Path(path).exists()
-    except (OSError, ValueError):
-        return False

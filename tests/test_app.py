@@ -95,6 +95,30 @@ def test_the_app_starts_without_a_bundle_and_says_so(tmp_path):
         assert app.process.poll() is None
 
 
+def test_request_files_are_deleted_only_when_no_request_holds_them(tmp_path):
+    from probex.request_files import RequestFiles
+
+    files = RequestFiles(grace_s=3600)  # the background sweep never fires here; sweep() is called by hand
+    upload = tmp_path / "hash123" / "lora.safetensors"
+    upload.parent.mkdir()
+    upload.write_bytes(b"x")
+    card = tmp_path / "card"
+    card.mkdir()
+    (card / "README.md").write_text("card")
+    files.hold(upload)
+    files.hold(upload, card)  # a second request with the same upload (Gradio shares the path)
+    files.release(upload, card)
+    files.grace_s = 0
+    assert files.sweep() == [card] and upload.exists() and not card.exists()
+    files.release(upload)
+    files.grace_s = 60  # the file was (re-)uploaded just now: a queued request may still be waiting for it
+    assert files.sweep() == [] and upload.exists()
+    files.grace_s = 0
+    files.hold(upload)
+    files.release(upload)
+    assert files.sweep() == [upload] and not upload.exists() and not upload.parent.exists()
+
+
 @pytest.fixture(scope="module")
 def app_module(built):
     """app.py imported in this process (its handlers called directly, no server)."""
@@ -174,3 +198,29 @@ def test_crafted_file_arguments_get_a_message_and_delete_nothing(client, app, fi
         client.predict(file, 5, api_name="/predict")
     assert str(err.value).strip(), "an error with no message"
     assert Path("/etc/passwd").exists() and app.process.poll() is None
+
+
+def test_handler_failures_are_one_line_messages(app_module, built, monkeypatch):
+    """ProbexErrors come back as their line (the sample handlers' after "Samples could not be drawn: "), anything
+    else as one line naming it, from plain and streaming handlers alike."""
+    import gradio as gr
+
+    from probex.errors import InputError
+
+    studio = app_module.STUDIO
+    request = app_module.identify_example(0, 3)[6]
+    models = studio.search("tiger", top_k=3)["models"]
+    for failure, expected in ((InputError("no such\nthing"), "Samples could not be drawn: no such thing"),
+                              (RuntimeError("broke\ndetail"), "unexpected RuntimeError: broke (please report this)")):
+        def fail(*args, **kwargs):
+            raise failure
+        monkeypatch.setattr(studio, "samples", fail)
+        for call in (lambda: list(app_module.draw_samples(request, progress=lambda *a, **k: None)),
+                     lambda: app_module.draw_search_samples(models, progress=lambda *a, **k: None)):
+            with pytest.raises(gr.Error) as err:
+                call()
+            assert err.value.message == expected
+    monkeypatch.undo()
+    with pytest.raises(gr.Error) as err:
+        app_module.custom_labels(request, "")
+    assert err.value.message.startswith("no labels given") and err.value.duration == 12

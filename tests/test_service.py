@@ -14,7 +14,7 @@ from huggingface_hub import ModelCard
 from PIL import Image
 
 from probex.errors import InputError, NoExpertError, ProbexError
-from probex.service import local_file
+from probex.fetch import local_file as fetch_local_file
 from probex.weights import LoraFactors, read_weights, save_lora
 
 
@@ -155,6 +155,27 @@ def test_model_card_is_a_hub_readme(studio, built):
     assert {"z": "as a z-score", "probability": "probabilities of the expert's classifier head"}[unit] in text
 
 
+def test_one_analysis_is_read_once_for_every_answer_about_it(studio, built, monkeypatch):
+    """The app's flow: predict, then the card from that prediction, the map and the drawable neighbours, all from one
+    Analysis: the gallery comparison and the concept scores run once, and each answer equals the one from a path."""
+    path = zoo_file(built["zoos"]["tree-a"], "test", "fish")
+    a = studio.analyse(path)
+    calls = []
+
+    def counted(owner, name):
+        real = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *args, **kwargs: calls.append(name) or real(*args, **kwargs))
+    counted(studio, "gallery_similarity")
+    counted(studio.bundle.trees[a.tree].gallery, "concept_scores")
+    result = studio.predict(a, top_k=3)
+    card = studio.model_card(a, prediction=result)
+    studio.map_figure(a)
+    neighbours = studio.drawable_neighbors(a, 4)
+    assert sorted(calls) == ["concept_scores", "gallery_similarity"]
+    monkeypatch.undo()
+    assert result == studio.predict(path, top_k=3) and card == studio.model_card(path, top_k=3)
+    assert neighbours == studio.drawable_neighbors(path, 4)
+
 # ------------------------------------------------------------------------------------------------- samples
 def test_samples_of_a_known_model_are_drawn_once_then_cached(studio):
     g = studio.bundle.trees["tree-b"].gallery
@@ -271,6 +292,12 @@ def test_requests_never_write_into_the_bundle(studio, built):
     verify_manifest(bundle, json.loads((bundle / "bundle.json").read_text())["manifest"])
 
 
+def local_file(ref: str):
+    from probex.service import FETCH_TIMEOUT_S, MAX_UPLOAD_BYTES
+
+    return fetch_local_file(ref, max_bytes=MAX_UPLOAD_BYTES, timeout=FETCH_TIMEOUT_S)
+
+
 def test_downloads_are_deleted_after_use_even_on_failure(studio, tmp_path, monkeypatch):
     import probex.fetch as fetch
 
@@ -302,14 +329,14 @@ def test_local_paths_are_not_mistaken_for_hub_ids(studio, built):
 
 
 # -------------------------------------------------------------------------------------------- start-up
-def test_open_studio_without_a_bundle_says_why(tmp_path, monkeypatch):
-    from probex.service import open_studio
+def test_load_with_fallback_without_a_bundle_says_why(tmp_path, monkeypatch):
+    from probex.service import load_with_fallback
 
     monkeypatch.setenv("PROBEX_BUNDLE", str(tmp_path / "nothing-here"))
-    studio, notice = open_studio()
+    studio, notice = load_with_fallback()
     assert studio is None and "nothing-here" in notice and "\n" not in notice
     monkeypatch.setenv("PROBEX_BUNDLE", "checkpoints/not-built-yet")  # a project folder, not a Hub repo id
-    studio, notice = open_studio()
+    studio, notice = load_with_fallback()
     assert studio is None and notice.startswith("no bundle at checkpoints/not-built-yet: the folder does not exist")
 
 
@@ -330,30 +357,6 @@ def test_examples_are_labelled_and_exist(studio):
     examples = studio.examples()
     assert examples and all(e["path"].is_file() and e["label"] for e in examples)
     assert any("held-out" in e["label"] for e in examples)
-
-
-def test_request_files_are_deleted_only_when_no_request_holds_them(tmp_path):
-    from probex.service import RequestFiles
-
-    files = RequestFiles(grace_s=3600)  # the background sweep never fires here; sweep() is called by hand
-    upload = tmp_path / "hash123" / "lora.safetensors"
-    upload.parent.mkdir()
-    upload.write_bytes(b"x")
-    card = tmp_path / "card"
-    card.mkdir()
-    (card / "README.md").write_text("card")
-    files.hold(upload)
-    files.hold(upload, card)  # a second request with the same upload (Gradio shares the path)
-    files.release(upload, card)
-    files.grace_s = 0
-    assert files.sweep() == [card] and upload.exists() and not card.exists()
-    files.release(upload)
-    files.grace_s = 60  # the file was (re-)uploaded just now: a queued request may still be waiting for it
-    assert files.sweep() == [] and upload.exists()
-    files.grace_s = 0
-    files.hold(upload)
-    files.release(upload)
-    assert files.sweep() == [upload] and not upload.exists() and not upload.parent.exists()
 
 
 @pytest.mark.parametrize("kind", ["token rank", "attention blocks"])

@@ -1,6 +1,8 @@
 """Pieces of the one-line messages every refusal ends in."""
 from __future__ import annotations
 
+from probex.errors import first_line  # noqa: F401  (re-exported: guard and read end messages with it)
+
 
 def human_bytes(n: int) -> str:
     """Sizes in binary units everywhere (the upload limit is set in MiB): 256 MiB, never "268.4 MB"."""
@@ -14,8 +16,3 @@ def short(value, limit: int = 80) -> str:
     """A user-supplied name or value, quoted and clipped so messages stay one readable line."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def first_line(err: Exception) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0][:200] if lines else type(err).__name__
