@@ -142,8 +142,9 @@ def identify(path: str, owned: list[str], top_k: int):
     request = Request(analysis, path, neighbours, owned)
     title = ("Top concepts (read from their captions)" if result["score_unit"] == "cosine" else
              "Top concepts (known: models' mean · unseen: text)")
-    bars = None if result["notice"] else concept_bars(result["classes"], title,
-                                                      score_label=SCORE_LABELS[result["score_unit"]])
+    marked = [{**c, "name": c["name"] + (" · unseen" if c.get("known") is False and result["score_unit"] == "z" else "")}
+              for c in result["classes"]]   # classes read from text alone, beside classes with known models
+    bars = None if result["notice"] else concept_bars(marked, title, score_label=SCORE_LABELS[result["score_unit"]])
     return (summary_markdown(result), gr.update(value=bars, visible=bars is not None),
             model_rows(result["neighbors"], False), figure, str(card_path), card_path.read_text(), request,
             gr.update(visible=True))
@@ -189,7 +190,7 @@ def identify_example(index: int, top_k: int):
 # on_gpu outermost: errors are already one-line gr.Errors when they leave the GPU worker
 @on_gpu
 @answers(prefix="Samples could not be drawn: ")
-def draw_samples(request: Request | None, progress=gr.Progress()):
+def draw_samples(request: Request | None):
     """Images of the uploaded LoRA and of its nearest known models, drawn live by the tree's root pipeline and shown
     as they come: the LoRA's own first, then each neighbour. A neighbour whose file does not ship is drawn from a
     shipped model of its class, and its caption says so."""
@@ -197,15 +198,11 @@ def draw_samples(request: Request | None, progress=gr.Progress()):
         yield gr.skip(), gr.skip()
         return
     studio = need_studio()
-    steps = 1 + len(request.neighbours)
-    progress(0, desc="Loading the tree's image generator…")
     own, neighbours = [], []
     if request.lora and Path(request.lora).exists():
-        progress(0.05, desc="Drawing your LoRA…")
         own = [(im, f"seed {i}") for i, im in enumerate(studio.samples(request.lora, n=UPLOAD_SAMPLES))]
         yield own, list(neighbours)
     for i, n in enumerate(request.neighbours, start=1):
-        progress(i / steps, desc=f"Drawing neighbour {i}/{len(request.neighbours)}: {n['class']}")
         image = studio.samples(n["id"], n=1, tree=n["tree"])[0]
         neighbours.append((image, f"{n['class']} {n['score']:.2f}" + stand_in_note(studio, n)))
         yield own, list(neighbours)
@@ -254,15 +251,14 @@ def reading_markdown(read_as: list[dict]) -> str:
 
 @on_gpu
 @answers(prefix="Samples could not be drawn: ")
-def draw_search_samples(models: list[dict] | None, progress=gr.Progress()):
+def draw_search_samples(models: list[dict] | None):
     if not models:
         return []
     studio = need_studio()
     images, drawn = [], studio.drawable(models, NEIGHBOURS_DRAWN)  # held-out-class models ship no LoRA to draw
     if not drawn:
         return gr.update(value=[], label="best matches: none of them can be drawn (their class ships no LoRA)")
-    for i, m in enumerate(drawn):
-        progress(i / len(drawn), desc=f"Drawing {m['class']}…")
+    for m in drawn:
         images.append((studio.samples(m["id"], n=1, tree=m["tree"])[0],
                        f"{m['class']} {m['score']:.2f}" + stand_in_note(studio, m)))
     return gr.update(value=images, label="best matches, drawn live")
@@ -312,10 +308,12 @@ def summary_markdown(result: dict) -> str:
                 else f"### Most likely concept: **{top['name']}**\n")
     novelty = result.get("novelty")
     if novelty and novelty["unlike_known"] and not result.get("known_as"):
-        headline += (f"This LoRA looks unlike the known classes' models (nearest training model at cosine "
-                     f"{novelty['nearest_known_cosine']:.2f}, below the {novelty['threshold']:.2f} that 95 % of "
-                     "validation models reach): its concept may be none of them — weigh the unseen classes "
-                     "(read from text) and try your own labels below.  \n")
+        why = (f"a class without known models, read from its text, scores above every known class (best known: "
+               f"{novelty['best_known']})" if novelty["test"] == "unseen class first" else
+               f"nearest training model at cosine {novelty['nearest_known_cosine']:.2f}, below the "
+               f"{novelty['threshold']:.2f} that 95 % of validation models reach")
+        headline += (f"**This LoRA looks unlike every known class** ({why}): its concept is likely none of the known "
+                     "ones — the list leads with classes read from text; try your own labels below.  \n")
     known = result.get("known_as")
     if known:
         headline += (f"This file is known model `{known['id']}` ({known['class']}, {known['split']} split) of the "
@@ -479,7 +477,9 @@ def build_demo() -> gr.Blocks:
         identify_outputs = [summary, concepts, neighbours, weight_map, card_file, card_preview, request, details]
 
         def then_draw_and_forget(event):
-            event.success(draw_samples, request, [own_gallery, neighbour_gallery], api_visibility="private") \
+            # "minimal": no overlay; the full one covered the LoRA's own images while the neighbours were drawn
+            event.success(draw_samples, request, [own_gallery, neighbour_gallery], api_visibility="private",
+                          show_progress="minimal") \
                  .then(forget_upload, request, [request, upload], api_visibility="private")
             event.failure(lambda: None, None, upload, api_visibility="private")
 
@@ -493,7 +493,7 @@ def build_demo() -> gr.Blocks:
               api_visibility="private")
         gr.on([search_btn.click, query.submit], run_search, [query, search_k, request],
               [search_table, weight_map, search_models, search_reading], api_visibility="private") \
-            .success(draw_search_samples, search_models, search_gallery, api_visibility="private")
+            .success(draw_search_samples, search_models, search_gallery, api_visibility="private", show_progress="minimal")
         gr.on([map_btn.click, map_query.submit], show_map, [map_query, request], weight_map,
               api_visibility="private")
         gr.api(api_predict, api_name="predict")

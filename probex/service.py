@@ -59,6 +59,7 @@ class ClassText:
     anchors: torch.Tensor             # (C, r_T) Gallery.class_anchors
     calibration: tuple                # the anchors' z-norm (Gallery.calibration)
     search_calibration: tuple         # its models' z-norm against the class captions (Gallery.model_calibration)
+    unseen_offset: float = 0.0        # added to classes without known models: the open-set list (Gallery.unseen_offset)
 
 
 @dataclass
@@ -262,8 +263,12 @@ class Studio:
             t = self.bundle.trees[tree]
             text = t.class_text_features()
             anchors = None if text is None else t.gallery.class_anchors(text)
-            self._class_text[tree] = None if anchors is None else ClassText(
-                anchors, t.gallery.calibration(anchors), t.gallery.model_calibration(text))
+            if anchors is None:
+                self._class_text[tree] = None
+            else:
+                calibration = t.gallery.calibration(anchors)
+                offset = t.gallery.unseen_offset(t.gallery.concept_scores(t.gallery.encodings, anchors, calibration))
+                self._class_text[tree] = ClassText(anchors, calibration, t.gallery.model_calibration(text), offset)
         return self._class_text[tree]
 
     def class_features(self, tree: str) -> torch.Tensor | None:
@@ -301,25 +306,31 @@ class Studio:
             "tree": a.tree, "layer": a.layer, "router": {"distance": a.distance, "confidence": a.confidence},
             "classes": [] if a.negligible else self.concepts(a, top_k), "score_unit": self.score_unit(a.tree),
             "neighbors": neighbors, "notice": NEGLIGIBLE_NOTICE if a.negligible else None,
-            "known_as": known_as(neighbors), "novelty": self.novelty(a.tree, similarity),
+            "known_as": known_as(neighbors), "novelty": None if a.negligible else self.novelty(a, similarity),
             "file": a.source, "description": a.description, "base_model": self.base_model(a.tree),
             "expert": self.expert_note(a.tree), "instance_prompt": a.instance_prompt,
             "prompt_source": a.prompt_source})
 
     def concepts(self, a: Analysis, top_k: int) -> list[dict]:
-        """Top-k of the tree's class vocabulary by ``concept_scores``."""
-        return top_scores(self.bundle.trees[a.tree].gallery.vocabulary, self.concept_scores(a), top_k)
+        """Top-k of the tree's class vocabulary by ``concept_scores``; "known": whether the class has known models
+        (else it is read from its text alone)."""
+        g = self.bundle.trees[a.tree].gallery
+        scores, known = self.concept_scores(a), g.known_classes()
+        order = torch.argsort(scores, descending=True)[:top_k].tolist()
+        return [{"name": g.vocabulary[i], "score": float(scores[i]), "known": bool(known[i])} for i in order]
 
     @torch.no_grad()
     def concept_scores(self, a: Analysis) -> torch.Tensor:
         """(C,) scores of the upload over the tree's class vocabulary: cosine to each class's anchor — the mean of its
-        known models, else its text (align) — z-normed per anchor (Gallery.concept_scores), or the classifier head's
-        probabilities. Computed once per Analysis."""
+        known models, else its text (align) — z-normed per anchor (Gallery.concept_scores), with the open-set offset
+        on classes without known models (Gallery.unseen_offset); or the classifier head's probabilities. Computed
+        once per Analysis."""
         if a.concept_scores is None:
             t = self.bundle.trees[a.tree]
             read = self.class_text(a.tree, a.instance_prompt)
             if read is not None:
-                a.concept_scores = t.gallery.concept_scores(a.encoding[None], read.anchors, read.calibration)[0]
+                z = t.gallery.concept_scores(a.encoding[None], read.anchors, read.calibration)[0]
+                a.concept_scores = t.gallery.open_set_scores(z, read.unseen_offset)
             else:
                 logits = t.expert.logits(a.encoding[None])[0]
                 a.concept_scores = logits.softmax(-1) if t.expert.head_kind == "multiclass" else logits.sigmoid()
@@ -403,11 +414,21 @@ class Studio:
         features = self.text_features(tree, [r["class"] for r in read_as])
         return F.normalize(torch.tensor([r["weight"] for r in read_as]) @ features, dim=-1)[None]
 
-    def novelty(self, tree: str, similarity: torch.Tensor | None) -> dict | None:
-        """Whether an upload looks unlike every known class: its cosine to the nearest train-split model of its tree
-        (from its ``similarity`` to every gallery model), against the threshold that NOVELTY_KEPT of the tree's
-        validation models (known classes) reach. None without train and val models, or without a reading."""
+    def novelty(self, a: Analysis, similarity: torch.Tensor | None) -> dict | None:
+        """Whether an upload looks unlike every known class. Where the tree's vocabulary has classes with and without
+        known models, the open-set concept list decides: an unseen class leads it (test "unseen class first"; on the
+        shipped gallery this tells held-out from known LoRAs at AUC 0.965, bench/novelty.py). Elsewhere: its cosine
+        to the nearest train-split model (``similarity`` to every gallery model) against the threshold that
+        NOVELTY_KEPT of the tree's validation models reach (test "nearest known model"). None without a reading."""
+        tree = a.tree
         g = self.bundle.trees[tree].gallery
+        known = g.known_classes()
+        if self.class_text(tree, a.instance_prompt) is not None and 0 < int(known.sum()) < len(known):
+            scores = self.concept_scores(a)
+            best_known, best_unseen = (int(torch.where(mask, scores, -torch.inf).argmax()) for mask in (known, ~known))
+            return {"test": "unseen class first", "unlike_known": bool(scores[best_unseen] > scores[best_known]),
+                    "best_known": g.vocabulary[best_known], "best_unseen": g.vocabulary[best_unseen],
+                    "margin": float(scores[best_unseen] - scores[best_known])}
         train = [i for i, s in enumerate(g.splits) if s == "train"]
         if similarity is None or not train:
             return None
@@ -420,7 +441,8 @@ class Studio:
         if threshold is None:
             return None
         nearest = float(similarity[train].max())
-        return {"nearest_known_cosine": nearest, "threshold": threshold, "unlike_known": nearest < threshold}
+        return {"test": "nearest known model", "nearest_known_cosine": nearest, "threshold": threshold,
+                "unlike_known": nearest < threshold}
 
     def ranked(self, tree: str, scores: torch.Tensor, top_k: int, order_by: torch.Tensor | None = None) -> list[dict]:
         """The tree's top_k gallery models by ``scores`` (one per model; or by ``order_by``), best first."""

@@ -90,3 +90,54 @@ def test_a_bad_file_shows_a_message_and_the_page_keeps_working(page, tmp_path, a
     page.wait_for_function("document.querySelectorAll('#search-gallery img').length >= 1")
     assert "tiger" in page.locator("#search-table").inner_text()
     screenshot(page, tmp_path, "search")
+
+
+SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints" / "emoji-mini"
+
+
+@pytest.fixture(scope="module")
+def shipped_page(tmp_path_factory):
+    """The committed bundle that app.py serves by default, in its own app and browser."""
+    from playwright.sync_api import sync_playwright
+
+    with running_app(SHIPPED, tmp_path_factory.mktemp("shipped-app")) as running, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(running.url)
+        yield page
+        browser.close()
+
+
+def test_a_held_out_class_lora_is_told_it_looks_unlike_every_known_class(shipped_page, tmp_path):
+    """A LoRA of a class without known models (bomb) that is not itself in the gallery — the shipped example with
+    noise on its up factors, as another training run of it would differ: its class leads, read from text, and the
+    summary says the LoRA looks unlike every known class."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    page = shipped_page
+    source = SHIPPED / "examples" / "emoji-root-1__test_holdout__model_idx_0903.safetensors"
+    with safe_open(str(source), "pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    g = torch.Generator().manual_seed(0)
+    example = tmp_path / "another_bomb.safetensors"
+    save_file({k: v + 0.3 * v.std() * torch.randn(v.shape, generator=g) if "lora_B" in k else v
+               for k, v in tensors.items()}, str(example), metadata=metadata)
+    page.set_input_files("#upload input[type=file]", str(example))
+    page.wait_for_selector("#summary h3:has-text('bomb')")
+    assert "looks unlike every known class" in page.locator("#summary").inner_text()
+    page.wait_for_selector("#concepts .js-plotly-plot")
+    assert "bomb · unseen" in page.locator("#concepts").inner_text()
+    screenshot(page, tmp_path, "unseen_class")
+
+
+def test_a_description_finds_models_of_its_class_in_the_browser(shipped_page, tmp_path):
+    page = shipped_page
+    page.get_by_role("tab", name="Search models by text").click()
+    page.locator("#query textarea").fill("a planet with rings around it")
+    page.locator("#query textarea").press("Enter")
+    page.wait_for_selector("#search-table:has-text('ringed planet')")
+    assert "ringed planet" in page.locator("#search-reading").inner_text()
+    screenshot(page, tmp_path, "search_description")
