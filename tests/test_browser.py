@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,17 +25,30 @@ def app(built, tmp_path_factory):
         yield running, built
 
 
-@pytest.fixture(scope="module")
-def page(app):
+@contextmanager
+def browser_page(url: str):
+    """A Chromium page on ``url``, 1400×1000, closed afterwards."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(TIMEOUT_MS)
-        page.goto(app[0].url)
+        page.goto(url)
         yield page
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(app):
+    with browser_page(app[0].url) as page:
+        yield page
+
+
+def search(page, text: str) -> None:
+    page.get_by_role("tab", name="Search models by text").click()
+    page.locator("#query textarea").fill(text)
+    page.locator("#query textarea").press("Enter")
 
 
 def screenshot(page, tmp_path: Path, name: str) -> Path:
@@ -84,9 +98,7 @@ def test_a_bad_file_shows_a_message_and_the_page_keeps_working(page, tmp_path, a
     message.wait_for()
     assert message.is_visible()
     screenshot(page, tmp_path, "error")
-    page.get_by_role("tab", name="Search models by text").click()
-    page.locator("#query textarea").fill("tiger")
-    page.locator("#query textarea").press("Enter")
+    search(page, "tiger")
     page.wait_for_function("document.querySelectorAll('#search-gallery img').length >= 1")
     assert "tiger" in page.locator("#search-table").inner_text()
     screenshot(page, tmp_path, "search")
@@ -98,15 +110,8 @@ SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints" / "emoji-mini"
 @pytest.fixture(scope="module")
 def shipped_page(tmp_path_factory):
     """The committed bundle that app.py serves by default, in its own app and browser."""
-    from playwright.sync_api import sync_playwright
-
-    with running_app(SHIPPED, tmp_path_factory.mktemp("shipped-app")) as running, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(TIMEOUT_MS)
-        page.goto(running.url)
+    with running_app(SHIPPED, tmp_path_factory.mktemp("shipped-app")) as running, browser_page(running.url) as page:
         yield page
-        browser.close()
 
 
 def test_a_held_out_class_lora_is_told_it_looks_unlike_every_known_class(shipped_page, tmp_path):
@@ -135,9 +140,7 @@ def test_a_held_out_class_lora_is_told_it_looks_unlike_every_known_class(shipped
 
 def test_a_description_finds_models_of_its_class_in_the_browser(shipped_page, tmp_path):
     page = shipped_page
-    page.get_by_role("tab", name="Search models by text").click()
-    page.locator("#query textarea").fill("a planet with rings around it")
-    page.locator("#query textarea").press("Enter")
+    search(page, "a planet with rings around it")
     page.wait_for_selector("#search-table:has-text('ringed planet')")
     assert "ringed planet" in page.locator("#search-reading").inner_text()
     screenshot(page, tmp_path, "search_description")
