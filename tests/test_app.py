@@ -152,7 +152,7 @@ def test_a_link_is_fetched_identified_and_deleted_afterwards(app_module, built, 
     outputs = app_module.identify_link("someone/rocket-lora", 5)
     summary, request = outputs[0], outputs[6]
     assert "rocket" in summary and "tree-b" in summary
-    steps = list(app_module.draw_samples(request, progress=lambda *a, **k: None))
+    steps = list(app_module.draw_samples(request))
     assert len(steps[0][0]) == app_module.UPLOAD_SAMPLES and steps[0][1] == []  # the LoRA's own samples come first
     own, neighbours = steps[-1]
     assert len(own) == app_module.UPLOAD_SAMPLES and len(neighbours) == len(steps) - 1
@@ -215,8 +215,8 @@ def test_handler_failures_are_one_line_messages(app_module, built, monkeypatch):
         def fail(*args, **kwargs):
             raise failure
         monkeypatch.setattr(studio, "samples", fail)
-        for call in (lambda: list(app_module.draw_samples(request, progress=lambda *a, **k: None)),
-                     lambda: app_module.draw_search_samples(models, progress=lambda *a, **k: None)):
+        for call in (lambda: list(app_module.draw_samples(request)),
+                     lambda: app_module.draw_search_samples(models)):
             with pytest.raises(gr.Error) as err:
                 call()
             assert err.value.message == expected
