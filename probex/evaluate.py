@@ -199,6 +199,7 @@ def evaluate_tree(tree, cache, task: str | None, text: torch.Tensor | None, k: i
             **concept_top1(tree, cache, encodings), **search_precision(tree, k)}
 
 
+@torch.no_grad()
 def concept_top1(tree, cache, encodings: torch.Tensor) -> dict:
     """Top-1 of the app's concept list (Studio.concepts) per split: every class of the tree's vocabulary scored
     together — known ones by their train models' mean, the others by text, z-normed (Gallery.concept_scores) — the

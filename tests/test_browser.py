@@ -25,23 +25,30 @@ def app(built, tmp_path_factory):
         yield running, built
 
 
-@contextmanager
-def browser_page(url: str):
-    """A Chromium page on ``url``, 1400×1000, closed afterwards."""
+@pytest.fixture(scope="module")
+def browser():
+    """One Chromium for the module: Playwright's sync API allows one instance per thread at a time."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(TIMEOUT_MS)
-        page.goto(url)
-        yield page
+        yield browser
         browser.close()
 
 
+@contextmanager
+def browser_page(browser, url: str):
+    """A page on ``url``, 1400×1000, closed afterwards."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(url)
+    yield page
+    page.close()
+
+
 @pytest.fixture(scope="module")
-def page(app):
-    with browser_page(app[0].url) as page:
+def page(app, browser):
+    with browser_page(browser, app[0].url) as page:
         yield page
 
 
@@ -108,9 +115,10 @@ SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints" / "emoji-mini"
 
 
 @pytest.fixture(scope="module")
-def shipped_page(tmp_path_factory):
-    """The committed bundle that app.py serves by default, in its own app and browser."""
-    with running_app(SHIPPED, tmp_path_factory.mktemp("shipped-app")) as running, browser_page(running.url) as page:
+def shipped_page(browser, tmp_path_factory):
+    """The committed bundle that app.py serves by default, in its own app and page."""
+    with running_app(SHIPPED, tmp_path_factory.mktemp("shipped-app")) as running, \
+            browser_page(browser, running.url) as page:
         yield page
 
 

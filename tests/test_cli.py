@@ -40,7 +40,7 @@ def test_predict_json_shape(built, capsys):
     assert {"tree", "layer", "router", "classes", "neighbors"} <= set(result)
     assert result["tree"] == "tree-a" and isinstance(result["layer"], str)
     assert set(result["router"]) >= {"distance", "confidence"}
-    assert len(result["classes"]) == 3 and all(set(c) == {"name", "score"} for c in result["classes"])
+    assert len(result["classes"]) == 3 and all(set(c) == {"name", "score", "known"} for c in result["classes"])
     assert "banana" in [c["name"] for c in result["classes"]]
     assert len(result["neighbors"]) == 3
     assert all({"id", "class", "score"} <= set(n) for n in result["neighbors"])
