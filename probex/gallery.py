@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 PLACE_K = 5
 MIN_UMAP_MODELS = 10  # below this UMAP's neighbour graph is degenerate: PCA lays the gallery out instead
+MIN_OFFSET_MODELS = 10  # val and val_holdout models each needed to set the open-set offset (fewer: noise, offset 0)
 
 
 def class_means(encodings: torch.Tensor, y: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,7 +97,7 @@ class Gallery:
         """What the open-set concept list adds to the scores of classes without known models (held-out or new), so
         that it reads known and unseen classes equally well: the offset, on a grid of 0.05, that maximises the mean
         of top-1 on the tree's val models (known classes) and on its val_holdout models (unseen), nearest 0 among
-        equals. ``scores``: ``concept_scores`` of every gallery model. 0 where either kind of val model is missing.
+        equals. ``scores``: ``concept_scores`` of every gallery model. 0 with fewer than MIN_OFFSET_MODELS of either kind.
 
         A known class's mean sits among its LoRAs while an unseen class has only its caption's text feature, so
         without an offset a LoRA of an unseen class nearly always has some known class first."""
@@ -104,7 +105,7 @@ class Gallery:
         groups = [[i for i, s in enumerate(self.splits) if s == split and isinstance(self.model_classes[i], str)]
                   for split in ("val", "val_holdout")]
         known = self.known_classes()
-        if not all(groups) or known.all() or not known.any():
+        if min(map(len, groups)) < MIN_OFFSET_MODELS or known.all() or not known.any():
             return 0.0
         offsets = torch.arange(-60, 121) * 0.05
         reads = []

@@ -264,17 +264,17 @@ def test_examples_of_two_trees_with_the_same_model_id_both_ship(tmp_path):
 def test_unseen_offset_lifts_unseen_classes_until_val_reads_both_kinds():
     """Scores made by hand: val models of the known class score it 3 and the unseen class 1; val_holdout models of
     the unseen class score the known class 2 and their own 1.5. No offset names the unseen class for none of them;
-    the chosen offset (nearest 0 among the best) puts each kind's own class first, and it is 0 without val_holdout."""
-    ids = ["train/a", "train/b", "val/c", "val/d", "val_holdout/e", "val_holdout/f"]
-    splits = [i.split("/")[0] for i in ids]
-    gallery = Gallery(ids, ["cat", "cat", "cat", "cat", "owl", "owl"], splits, ["cat", "owl"], torch.randn(6, 4),
-                      torch.zeros(6, 2), torch.zeros(2, 4))
-    scores = torch.tensor([[3.0, 1.0], [3.0, 1.0], [3.0, 1.0], [3.0, 1.0], [2.0, 1.5], [2.0, 1.5]])
+    the chosen offset (nearest 0 among the best) puts each kind's own class first, and it is 0 with too few models."""
+    splits = ["train"] * 2 + ["val"] * 10 + ["val_holdout"] * 10
+    ids = [f"{s}/{i}" for i, s in enumerate(splits)]
+    classes = ["cat"] * 12 + ["owl"] * 10
+    gallery = Gallery(ids, classes, splits, ["cat", "owl"], torch.randn(22, 4), torch.zeros(22, 2), torch.zeros(2, 4))
+    scores = torch.tensor([[3.0, 1.0]] * 12 + [[2.0, 1.5]] * 10)
     assert gallery.known_classes().tolist() == [True, False]
     offset = gallery.unseen_offset(scores)
     assert 0.5 < offset < 2.0 and offset == pytest.approx(0.55)   # the grid's first step past the tie at 0.5
     named = gallery.open_set_scores(scores, offset).argmax(1).tolist()
-    assert named == [0, 0, 0, 0, 1, 1] and scores.argmax(1).tolist() == [0] * 6
-    no_holdout = Gallery(ids[:4], ["cat"] * 4, splits[:4], ["cat", "owl"], torch.randn(4, 4), torch.zeros(4, 2),
-                         torch.zeros(2, 4))
-    assert no_holdout.unseen_offset(scores[:4]) == 0.0
+    assert named == [0] * 12 + [1] * 10 and scores.argmax(1).tolist() == [0] * 22
+    few = Gallery(ids[:21], classes[:21], splits[:21], ["cat", "owl"], torch.randn(21, 4), torch.zeros(21, 2),
+                  torch.zeros(2, 4))
+    assert few.unseen_offset(scores[:21]) == 0.0   # 9 val_holdout models: too few to set an offset
