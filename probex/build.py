@@ -36,6 +36,7 @@ class TreeSpec:
     signature: object | None = None    # probex.weights.Signature; default: that of the cache's first model file
     samples: list[str] = field(default_factory=list)   # ids of models whose LoRA files ship (to draw samples)
     encodings: torch.Tensor | None = None   # precomputed, for experts reading several layers; default: encode `layer`
+    keywords: dict[str, list[str]] = field(default_factory=dict)  # class id → words people search it by (CLDR's)
 
 
 def make_gallery(spec: TreeSpec, encoder, seed: int = 0) -> Gallery:
@@ -62,6 +63,7 @@ def make_gallery(spec: TreeSpec, encoder, seed: int = 0) -> Gallery:
         model_classes=[m.get("labels", m.get("class_name")) for m in models],
         splits=[m["split"] for m in models],
         vocabulary=names, vocabulary_ids=[c["id"] for c in vocab],
+        vocabulary_keywords=[spec.keywords.get(c["id"], []) for c in vocab] if spec.keywords else [],
         encodings=encodings, coords=coords, text_emb=text_emb.float(),
         sample_paths={m["id"]: str(zoo_root / m["source"]) for m in models if m["id"] in set(spec.samples)},
         layout={"method": method, "seed": seed, "place_k": PLACE_K})

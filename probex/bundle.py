@@ -196,7 +196,8 @@ def _save_tree(tree: TreeBundle, folder: Path, root: Path) -> list[Path]:
                for mid, p in g.sample_paths.items()}
     (folder / "gallery.json").write_text(json.dumps(
         {"ids": g.ids, "classes": g.model_classes, "splits": g.splits, "classes_vocabulary": g.vocabulary,
-         "class_ids": g.vocabulary_ids, "sample_paths": {m: p.relative_to(root).as_posix() for m, p in samples.items()},
+         "class_ids": g.vocabulary_ids, **({"class_keywords": g.vocabulary_keywords} if g.vocabulary_keywords else {}),
+         "sample_paths": {m: p.relative_to(root).as_posix() for m, p in samples.items()},
          "layout": g.layout, "gallery_files": gallery_files}, indent=1))
     return [folder / "expert" / "config.json", folder / "expert" / "model.safetensors",
             *(folder / f for f in gallery_files), folder / "text.safetensors", folder / "gallery.json", *samples.values()]
@@ -241,6 +242,14 @@ def quantize(encodings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (encodings.float() / scale[:, None]).round().to(torch.int8).contiguous(), scale.contiguous()
 
 
+def _keywords(lists, n_classes: int) -> list[list[str]]:
+    if not lists:
+        return []
+    if len(lists) != n_classes or not all(isinstance(w, list) and all(isinstance(x, str) for x in w) for w in lists):
+        raise ValueError("class_keywords is not one list of words per vocabulary class")
+    return lists
+
+
 def _load_gallery(directory: Path, folder: str) -> Gallery:
     try:
         j = json.loads((directory / folder / "gallery.json").read_text())
@@ -252,6 +261,8 @@ def _load_gallery(directory: Path, folder: str) -> Gallery:
         return Gallery(j["ids"], j["classes"], j["splits"], j["classes_vocabulary"],
                        codes.float() * t["encoding_scale"][:, None],
                        t["umap"].float(), t["text_emb"].float(), j.get("class_ids", []),
-                       {m: str(directory / p) for m, p in j.get("sample_paths", {}).items()}, j.get("layout", {}))
+                       vocabulary_keywords=_keywords(j.get("class_keywords", []), len(j["classes_vocabulary"])),
+                       sample_paths={m: str(directory / p) for m, p in j.get("sample_paths", {}).items()},
+                       layout=j.get("layout", {}))
     except (OSError, ValueError, KeyError) as exc:
         raise ProbexError(f"bundle {directory.name}: {folder}/gallery is incomplete ({exc})") from None

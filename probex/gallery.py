@@ -43,6 +43,7 @@ class Gallery:
     coords: torch.Tensor           # (N, 2) map coordinates, laid out by layout["method"] (UMAP or PCA)
     text_emb: torch.Tensor         # (C, text_dim) embeddings of the vocabulary's prompts
     vocabulary_ids: list[str] = field(default_factory=list)  # atlas / zoo ids of the vocabulary classes
+    vocabulary_keywords: list[list[str]] = field(default_factory=list)  # per class: words people search it by
     sample_paths: dict[str, str] = field(default_factory=dict)   # model id → LoRA file (absolute once loaded)
     layout: dict = field(default_factory=lambda: {"method": "umap", "seed": 0, "place_k": PLACE_K})
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from probex.errors import InputError, NoExpertError, ProbexError, first_line
-from probex.text import prompt
+from probex.text import described, prompt
 from probex.weights import FAMILY_NAMES, NEGLIGIBLE_UPDATE_NORM, LoraFactors, ModelWeights, describe, negligible, read_weights, short
 
 MAX_UPLOAD_BYTES = int(float(os.environ.get("PROBEX_MAX_UPLOAD_MB", "256")) * 2**20)  # rank-128 SD LoRAs ≈ 150 MB
@@ -99,7 +99,8 @@ class Studio:
         self._pipelines_lock = threading.Lock()
         self._sample_cache: OrderedDict[tuple, list] = OrderedDict()
         self._novelty_threshold: dict[str, float | None] = {}  # tree → calibrated on its validation models
-        self._vocabulary: tuple[list[str], torch.Tensor] | None = None  # every text tree's class names, embedded
+        # every text tree's class names and (2, C, d) their embeddings, alone and with their keywords
+        self._vocabulary: tuple[list[str], torch.Tensor] | None = None
         if warm:  # the app: text encoder and class texts ready before the first request, not during it
             _ = self.text
             for name in bundle.trees:
@@ -388,17 +389,28 @@ class Studio:
     @torch.no_grad()
     def read_query(self, text: str) -> list[dict]:
         """The vocabulary classes (over every tree with a text head) a search text reads as, text to text: those whose
-        names are within VOCAB_MATCH_MIN (MiniLM cosine) of it, best first, at most VOCAB_MATCH_TOP, with softmax
-        weights of their similarities. Empty: no class is that close (or the text encoder has no threshold here)."""
+        names, alone or with their keywords where the gallery has some ("cat (kitten, pet)"), are within
+        VOCAB_MATCH_MIN (MiniLM cosine) of it, best first, at most VOCAB_MATCH_TOP, with softmax weights of their
+        similarities. Empty: no class is that close (or the text encoder has no threshold here)."""
         threshold = VOCAB_MATCH_MIN.get(self.text.name)
         if threshold is None:
             return []
         if self._vocabulary is None:
-            names = sorted({c for t in self.bundle.trees.values() if t.expert.head_kind == "align"
-                            for c in t.gallery.vocabulary})
-            self._vocabulary = (names, self.text.embed(names) if names else torch.zeros(0, self.text.dim))
+            keywords: dict[str, list[str]] = {}  # class → its keywords (from the first tree that has some)
+            for t in self.bundle.trees.values():
+                if t.expert.head_kind == "align":
+                    for c in t.gallery.vocabulary:
+                        keywords.setdefault(c, [])
+                    for c, words in zip(t.gallery.vocabulary, t.gallery.vocabulary_keywords):
+                        keywords[c] = keywords[c] or words
+            names = sorted(keywords)
+            texts = names + [described(name, keywords[name]) for name in names]
+            self._vocabulary = (names, self.text.embed(texts).reshape(2, len(names), -1) if names
+                                else torch.zeros(2, 0, self.text.dim))
         names, embeddings = self._vocabulary
-        similarity = embeddings @ self.text.embed([text])[0]
+        # the closer of the name alone and the name with its keywords: keywords let "a kitten" find cat, and never
+        # push a text that matches the name itself below the threshold
+        similarity = (embeddings @ self.text.embed([text])[0]).amax(0)
         close = torch.nonzero(similarity >= threshold).flatten()
         close = close[torch.argsort(similarity[close], descending=True)][:VOCAB_MATCH_TOP]
         weights = torch.softmax(similarity[close] / VOCAB_TEMPERATURE, 0)

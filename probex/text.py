@@ -24,6 +24,11 @@ def prompt(template: str, name: str) -> str:
     return template.format(name, name=name)
 
 
+def described(name: str, keywords: list[str]) -> str:
+    """A class as text search reads it: its name, with the words people search it by in brackets."""
+    return f"{name} ({', '.join(keywords)})" if keywords else name
+
+
 class TextEncoder:
     name: str
     dim: int

@@ -2,6 +2,7 @@
 and the whole train flow (zoos → router + experts + galleries) read back and evaluated."""
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -81,6 +82,34 @@ def test_altered_or_missing_files_are_named(tmp_path, victim):
     path.unlink()
     with pytest.raises(ProbexError, match=f"{victim} is missing"):
         Bundle.load(tmp_path)
+
+
+def test_class_keywords_round_trip_and_malformed_ones_are_named(tmp_path):
+    bundle = small_bundle()
+    assert Bundle.load(bundle.save(tmp_path / "plain")).trees["tiny-tree"].gallery.vocabulary_keywords == []
+    bundle.trees["tiny-tree"].gallery.vocabulary_keywords = [["kitten", "pet"], []]
+    bundle.save(tmp_path / "b")
+    assert Bundle.load(tmp_path / "b").trees["tiny-tree"].gallery.vocabulary_keywords == [["kitten", "pet"], []]
+    bundle.trees["tiny-tree"].gallery.vocabulary_keywords = [["kitten"]]   # one list for two classes
+    bundle.save(tmp_path / "bad")
+    with pytest.raises(ProbexError, match="gallery is incomplete.*one list of words per vocabulary class"):
+        Bundle.load(tmp_path / "bad")
+
+
+def test_cldr_keywords_are_matched_to_atlas_ids(tmp_path):
+    from probex.jungle.atlas import build_keywords, load_keywords
+
+    atlas = tmp_path / "atlas"
+    atlas.mkdir()
+    np.save(atlas / "atlas.npy", np.zeros((2, 32, 32, 4), np.uint8))
+    (atlas / "classes.json").write_text(json.dumps({"classes": [{"id": "U+1F408", "name": "cat"},
+                                                                {"id": "U+2744", "name": "snowflake"}]}))
+    cldr = tmp_path / "annotations.json"   # CLDR writes some emoji with the variation selector, some without
+    cldr.write_text(json.dumps({"annotations": {"annotations": {
+        "🐈": {"default": ["cat", "kitten", "pet"], "tts": ["cat"]}, "❄️": {"default": ["cold", "snow"]}}}}))
+    info = build_keywords(cldr, "48.2.0", atlas)
+    assert load_keywords(atlas) == {"U+1F408": ["kitten", "pet"], "U+2744": ["cold", "snow"]}
+    assert "48.2.0" in info["source"] and load_keywords(tmp_path) == {}
 
 
 def test_broken_bundle_json_is_a_one_line_error(tmp_path):

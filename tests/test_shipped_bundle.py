@@ -44,6 +44,14 @@ def test_a_description_finds_models_of_its_class(studio):
     assert [m["class"] for m in result["models"]] == ["ringed planet"] * 3
 
 
+@pytest.mark.parametrize("text, cls", [("a kitten", "cat"), ("a carved pumpkin for halloween", "jack-o-lantern"),
+                                       ("a striped wild cat", "cat")])
+def test_a_description_is_read_through_the_class_keywords(studio, text, cls):
+    # "kitten" and "pumpkin" are not in the class names, only in their CLDR keywords; the name alone still counts
+    assert studio.bundle.trees["emoji-root-1"].gallery.vocabulary_keywords
+    assert studio.search(text, top_k=1)["read_as"][0]["class"] == cls
+
+
 def test_unlike_every_known_class_flags_held_out_examples_and_spares_known_ones(studio):
     """Tree A has held-out classes, so the open-set list decides (an unseen class first); tree B has none, so the
     nearest known model's cosine does, against a threshold that 95 % of its validation models reach."""

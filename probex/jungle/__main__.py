@@ -4,6 +4,7 @@
     python -m probex.jungle root --name emoji-root-1 --seed 0 [--minutes M] [--steps N]
     python -m probex.jungle build pilot|emoji-mini [--zoo zoo] [--roots emoji-root-1] [--ray [ADDRESS]]
     python -m probex.jungle ship pilot [--roots emoji-root-1] [--out checkpoints/emoji-mini]
+    python -m probex.jungle keywords --cldr annotations/en/annotations.json --version V [--bundle DIR]
 """
 from __future__ import annotations
 
@@ -57,8 +58,12 @@ def main(argv=None):
     ship.add_argument("--epochs", type=int, default=200)
     ship.add_argument("--roots", nargs="*", help="only these trees")
     ship.add_argument("--threads", type=int, default=2)
+    words = sub.add_parser("keywords", help="write the atlas classes' CLDR keywords (what text search reads them by)")
+    words.add_argument("--cldr", required=True, help="annotations/en/annotations.json of npm cldr-annotations-full")
+    words.add_argument("--version", required=True, help="that package's version (recorded with the keywords)")
+    words.add_argument("--bundle", help="also write them into this bundle's galleries (nothing else changes)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(getattr(args, "threads", 1))
     if args.cmd == "judge":
         from .judge import evaluate_judge, load_judge, train_judge
 
@@ -80,6 +85,18 @@ def main(argv=None):
         for record in build_preset(args.preset, Path(args.zoo), ROOTS_DIR, args.roots, args.adapters_per_pass,
                                    args.device, args.ray):
             print(json.dumps(record))
+    elif args.cmd == "keywords":
+        from ..bundle import Bundle
+        from .atlas import build_keywords
+
+        table = build_keywords(Path(args.cldr), args.version)["keywords"]
+        print(json.dumps({"classes_with_keywords": len(table)}))
+        if args.bundle:
+            bundle = Bundle.load(args.bundle)
+            for tree in bundle.trees.values():
+                g = tree.gallery
+                g.vocabulary_keywords = [table.get(i, []) for i in g.vocabulary_ids]
+            bundle.save(args.bundle)
     elif args.cmd == "ship":
         from .ship import build_emoji_bundle
 

@@ -113,6 +113,31 @@ def _font_version() -> str:
         return "(version unknown)"
 
 
+def build_keywords(annotations: Path, version: str, out_dir: Path = ATLAS_DIR) -> dict:
+    """Write ``keywords.json``: each atlas class's English CLDR keywords (the words people search emoji by: 🐈 cat →
+    kitten, pet), from the ``annotations/en/annotations.json`` of the npm package ``cldr-annotations-full``."""
+    data = json.loads(Path(annotations).read_text())["annotations"]
+    table = data["annotations"]
+    _, classes = load_atlas(out_dir)
+    words = {}
+    for c in classes:
+        char = chr(int(c["id"][2:], 16))
+        entry = table.get(char) or table.get(char + "\ufe0f") or {}
+        found = [w for w in entry.get("default", []) if w.lower() != c["name"]]
+        if found:
+            words[c["id"]] = found
+    info = {"source": f"Unicode CLDR annotations (en), npm cldr-annotations-full {version}",
+            "licence": "Unicode License v3 (https://www.unicode.org/license.txt)", "keywords": words}
+    (out_dir / "keywords.json").write_text(json.dumps(info, indent=0, ensure_ascii=False))
+    return info
+
+
+def load_keywords(atlas_dir: Path = ATLAS_DIR) -> dict[str, list[str]]:
+    """Atlas id → CLDR keywords ({} when the file is absent)."""
+    path = atlas_dir / "keywords.json"
+    return json.loads(path.read_text())["keywords"] if path.exists() else {}
+
+
 def load_atlas(atlas_dir: Path = ATLAS_DIR) -> tuple[np.ndarray, list[dict]]:
     """The shipped atlas: images (N,32,32,4) uint8 and class records {id, name, subject}."""
     images = np.load(atlas_dir / "atlas.npy")

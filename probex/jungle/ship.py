@@ -30,6 +30,7 @@ from ..text import load_text_encoder
 from ..train import TrainConfig, encode_all, fit_anchored, loss_and_score, nearest_mean_top1
 from ..weights import read_weights
 from ..zoo import Zoo, build_cache
+from .atlas import load_keywords
 from .lora import INSTANCE_PROMPT
 from .root import caption, load_root
 
@@ -87,7 +88,8 @@ def build_emoji_bundle(population: Path, out: Path, epochs: int = 200, cache_roo
         kind = max(candidates, key=lambda k: (candidates[k][1]["selection"], candidates[k][0].r_t))
         expert, metrics, encodings, names = candidates[kind]
         specs.append(TreeSpec(name, expert, cache, names, recipe.prompt_template, zoo.tree["root_model"],
-                              INSTANCE_PROMPT, samples=sample_ids(cache, 1), encodings=encodings))
+                              INSTANCE_PROMPT, samples=sample_ids(cache, 1), encodings=encodings,
+                              keywords=load_keywords()))
         caches.append(cache)
         summary[name] = {"layers": names, "n_models": len(cache.models), "expert": kind,
                          **{f"top1_{k}": round(v, 4) for k, v in metrics.items()},
