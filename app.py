@@ -101,21 +101,29 @@ def one_line_errors(prefix: str = ""):
         give_back_memory()
 
 
-def _malloc_trim():
+def _glibc():
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:  # not glibc (macOS, musl): nothing to tune
         return None
 
 
-MALLOC_TRIM = _malloc_trim()
+GLIBC = _glibc()
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+MMAP_THRESHOLD_KB = int(os.environ.get("PROBEX_MMAP_THRESHOLD_KB", "128"))  # 0: glibc's own (dynamic) threshold
+if GLIBC is not None and MMAP_THRESHOLD_KB > 0:
+    # tensors above the threshold get their own mmap, given back to the OS when freed. glibc otherwise raises the
+    # threshold after each large free, so later tensors land in per-thread heaps that concurrent requests fragment:
+    # resident memory then grows ~100 MB over 800 calls (bench/load.py --compare prints both)
+    GLIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_KB * 1024)
 
 
 def give_back_memory() -> None:
     """Return freed heap pages to the OS after a request: concurrent requests leave glibc's heaps fragmented, and a
     long-running Space's resident memory otherwise creeps up (bench/load.py prints it per round)."""
-    if MALLOC_TRIM is not None:
-        MALLOC_TRIM(0)
+    if GLIBC is not None:
+        GLIBC.malloc_trim(0)
 
 
 # ----------------------------------------------------------------------------------------------- identify

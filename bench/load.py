@@ -1,6 +1,6 @@
 """Load on the app: many concurrent gradio_client calls of every API endpoint against `python app.py` on localhost.
 
-    python bench/load.py [--bundle DIR] [--clients 16] [--rounds 5] [--requests 200] [--max-seconds 300]
+    python bench/load.py [--bundle DIR] [--clients 16] [--rounds 5] [--requests 200] [--max-seconds 300] [--compare]
 
 Each round, ``--clients`` threads (one client each) make ``--requests`` calls in all, mixed in a fixed cycle of ten:
 six `/predict` uploads of the bundle's examples, two `/search` texts, one `/predict_link` to a link that cannot be
@@ -8,7 +8,8 @@ fetched here and one broken upload. The last two must come back as error answers
 keep serving. Printed per round: calls answered, unexpected failures, latency p50 / p95 (queueing included) and the
 server's resident memory (VmRSS); then the growth after the first round (caches fill in round 1; growth that repeats
 every round is a leak; target ≤ 50 MB), whether the server is still alive, and what Gradio's upload cache still holds
-once the deletion grace time and a sweep have passed.
+once the deletion grace time and a sweep have passed. ``--compare`` first runs the same load on a server left with
+glibc's dynamic mmap threshold (PROBEX_MMAP_THRESHOLD_KB=0) and prints both growths.
 """
 from __future__ import annotations
 
@@ -102,20 +103,51 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=200, help="calls per round")
     parser.add_argument("--max-seconds", type=float, default=300, help="per round")
+    parser.add_argument("--compare", action="store_true",
+                        help="first the same load on a server left with glibc's dynamic mmap threshold")
     args = parser.parse_args()
     from probex.service import Studio
-    from test_app import running_app
 
     studio = Studio.load(args.bundle)  # resolves the default bundle and lists its examples
     files = [e["path"] for e in studio.examples()]
     if not files:
         sys.exit("the bundle lists no example LoRAs to predict on")
+    runs = {"shipped": {}}
+    if args.compare:  # glibc's own dynamic mmap threshold first, then the app's fixed one (app.py)
+        runs = {"glibc's dynamic mmap threshold (PROBEX_MMAP_THRESHOLD_KB=0)": {"PROBEX_MMAP_THRESHOLD_KB": "0"},
+                "shipped (fixed 128 KiB threshold)": {}}
+    print(f"{args.clients} concurrent clients, {args.rounds} rounds of {args.requests} mixed calls "
+          f"({', '.join(f'{MIX.count(k)} {k}' for k in dict.fromkeys(MIX))} in every ten)")
+    growths = {}
+    for label, env in runs.items():
+        started, rounds, alive, left = measure(studio, files, args, env)
+        print(f"\n{label}: server RSS {started:.0f} MB after start-up")
+        for n, r in enumerate(rounds, 1):
+            print(f"round {n}: answered {r['answered']}/{r['sent']} in {r['seconds']:.1f} s: ok {r['ok']}, refused as "
+                  f"expected {r['refused_as_expected']}, unexpected {r['unexpected']}; p50 {r['p50_ms']:.0f} ms, "
+                  f"p95 {r['p95_ms']:.0f} ms; RSS {r['rss_mb']:.0f} MB, {r['threads']} threads")
+            for line in r["errors"]:
+                print(f"  e.g. {line}")
+        growths[label] = rounds[-1]["rss_mb"] - rounds[0]["rss_mb"]
+        calls = sum(r["answered"] for r in rounds[1:])
+        print(f"memory growth after round 1: {growths[label]:+.0f} MB over {calls} calls (target ≤ 50 MB)")
+        print(f"server alive after the run: {alive}; files left in Gradio's upload cache 80 s later: {len(left)} "
+              f"{dict((s, left.count(s)) for s in set(left)) if left else ''}")
+    if len(growths) > 1:
+        print("\n" + "; ".join(f"{label}: {g:+.0f} MB" for label, g in growths.items()))
+
+
+def measure(studio, files: list, args, env: dict) -> tuple[float, list[dict], bool, list[str]]:
+    """One server under args.rounds rounds of load: RSS after start-up, the rounds, alive at the end, what
+    Gradio's upload cache still holds once a grace time and a sweep have passed."""
+    from test_app import running_app
+
     rounds = []
     with tempfile.TemporaryDirectory(prefix="probex-load-") as tmp:
         broken = Path(tmp) / "broken.safetensors"
         broken.write_bytes(b"\x00" * 256)
         # the app's own deletion grace time (60 s), not the tests' short one
-        with running_app(studio.bundle_dir, Path(tmp) / "app", env={"PROBEX_UPLOAD_GRACE_S": "60"}) as app:
+        with running_app(studio.bundle_dir, Path(tmp) / "app", env={"PROBEX_UPLOAD_GRACE_S": "60", **env}) as app:
             pid = app.process.pid
             started = rss_mb(pid)
             for _ in range(args.rounds):
@@ -124,20 +156,7 @@ def main() -> None:
             alive = app.process.poll() is None
             time.sleep(80)  # one grace time, one sweep interval (15 s) and a margin
             left = sorted(p.suffix or p.name for p in app.temp_dir.rglob("*") if p.is_file())
-    print(f"{args.clients} concurrent clients, {args.rounds} rounds of {args.requests} mixed calls "
-          f"({', '.join(f'{MIX.count(k)} {k}' for k in dict.fromkeys(MIX))} in every ten)")
-    print(f"server RSS {started:.0f} MB after start-up")
-    for n, r in enumerate(rounds, 1):
-        print(f"round {n}: answered {r['answered']}/{r['sent']} in {r['seconds']:.1f} s: ok {r['ok']}, refused as "
-              f"expected {r['refused_as_expected']}, unexpected {r['unexpected']}; p50 {r['p50_ms']:.0f} ms, "
-              f"p95 {r['p95_ms']:.0f} ms; RSS {r['rss_mb']:.0f} MB, {r['threads']} threads")
-        for line in r["errors"]:
-            print(f"  e.g. {line}")
-    growth = rounds[-1]["rss_mb"] - rounds[0]["rss_mb"]
-    calls = sum(r["answered"] for r in rounds[1:])
-    print(f"memory growth after round 1: {growth:+.0f} MB over {calls} calls (target ≤ 50 MB)")
-    print(f"server alive after the run: {alive}; files left in Gradio's upload cache 80 s later: {len(left)} "
-          f"{dict((s, left.count(s)) for s in set(left)) if left else ''}")
+    return started, rounds, alive, left
 
 
 if __name__ == "__main__":
