@@ -458,7 +458,7 @@ def build_demo() -> gr.Blocks:
                                        placeholder="a striped wild cat", elem_id="query")
                     search_k = gr.Slider(1, 20, value=5, step=1, label="results", scale=1)
                     search_btn = gr.Button("Search", variant="primary", scale=1)
-                gr.Markdown("Your text is first compared with the known class names; models of the classes it "
+                gr.Markdown("Your text is first compared with the known class names and their keywords; models of the classes it "
                             "reads as come first, each ordered by how well its weights match. Score: how much more a "
                             "model matches than it usually matches the tree's class names (z). The query is also "
                             "placed on the **Map** tab.")

@@ -152,3 +152,7 @@ def test_a_description_finds_models_of_its_class_in_the_browser(shipped_page, tm
     page.wait_for_selector("#search-table:has-text('ringed planet')")
     assert "ringed planet" in page.locator("#search-reading").inner_text()
     screenshot(page, tmp_path, "search_description")
+    search(page, "a carved pumpkin for halloween")   # found through the class's keywords, not its name
+    page.wait_for_selector("#search-table:has-text('jack-o-lantern')")
+    assert "jack-o-lantern" in page.locator("#search-reading").inner_text()
+    screenshot(page, tmp_path, "search_keywords")
