@@ -458,10 +458,10 @@ def build_demo() -> gr.Blocks:
                                        placeholder="a striped wild cat", elem_id="query")
                     search_k = gr.Slider(1, 20, value=5, step=1, label="results", scale=1)
                     search_btn = gr.Button("Search", variant="primary", scale=1)
-                gr.Markdown("Your text is first compared with the known class names and their keywords; models of the classes it "
-                            "reads as come first, each ordered by how well its weights match. Score: how much more a "
-                            "model matches than it usually matches the tree's class names (z). The query is also "
-                            "placed on the **Map** tab.")
+                gr.Markdown("Your text is first compared with the known class names and their keywords; models of "
+                            "the classes it reads as come first, each ordered by how well its weights match. Score: "
+                            "how much more a model matches than it usually matches the tree's class names (z). The "
+                            "query is also placed on the **Map** tab.")
                 search_reading = gr.Markdown(elem_id="search-reading")
                 search_gallery = gr.Gallery(label="best matches, drawn live", columns=6, height=220, format="png",
                                             object_fit="contain", fit_columns=False, elem_classes=["pixel"],
