@@ -29,7 +29,7 @@ from probex.card import as_text  # noqa: E402
 from probex.errors import InputError, ProbexError, first_line  # noqa: E402
 from probex.plots import concept_bars  # noqa: E402
 from probex.request_files import RequestFiles  # noqa: E402
-from probex.service import MAX_UPLOAD_BYTES, check_top_k, load_with_fallback  # noqa: E402
+from probex.service import FETCH_TIMEOUT_S, MAX_UPLOAD_BYTES, check_top_k, load_with_fallback  # noqa: E402
 
 try:  # on a ZeroGPU Space, generation runs inside a GPU allocation; elsewhere the decorator is a no-op
     import spaces
@@ -184,7 +184,7 @@ def fetch_link(link) -> object:
         raise InputError("paste a Hub repo id (user/name) or an https:// link first")
     if len(link) > 2048:
         raise InputError(f"the link is {len(link):,} characters; links and Hub ids are at most 2,048")
-    return fetch_to_temp(link.strip(), max_bytes=MAX_UPLOAD_BYTES, timeout=60)
+    return fetch_to_temp(link.strip(), max_bytes=MAX_UPLOAD_BYTES, timeout=FETCH_TIMEOUT_S)
 
 
 @answers
