@@ -246,7 +246,9 @@ def run_search(text: str, top_k: int, request: Request | None):
     result = studio.search(text, top_k=check_top_k(top_k))
     figure = studio.map_figure(request.analysis if request else None, query=text,
                                tree=result["models"][0]["tree"] if result["models"] else None)
-    return model_rows(result["models"], True), figure, result["models"], reading_markdown(result["read_as"])
+    # the previous search's images and label go at once: they would stand over this one's table while it draws
+    return (model_rows(result["models"], True), figure, result["models"], reading_markdown(result["read_as"]),
+            gr.update(value=[], label="best matches, drawn live"))
 
 
 def reading_markdown(read_as: list[dict]) -> str:
@@ -500,7 +502,7 @@ def build_demo() -> gr.Blocks:
         gr.on([labels_btn.click, labels.submit], custom_labels, [request, labels], label_plot,
               api_visibility="private")
         gr.on([search_btn.click, query.submit], run_search, [query, search_k, request],
-              [search_table, weight_map, search_models, search_reading], api_visibility="private") \
+              [search_table, weight_map, search_models, search_reading, search_gallery], api_visibility="private") \
             .success(draw_search_samples, search_models, search_gallery, api_visibility="private", show_progress="minimal")
         gr.on([map_btn.click, map_query.submit], show_map, [map_query, request], weight_map,
               api_visibility="private")

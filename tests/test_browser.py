@@ -155,4 +155,6 @@ def test_a_description_finds_models_of_its_class_in_the_browser(shipped_page, tm
     search(page, "a carved pumpkin for halloween")   # found through the class's keywords, not its name
     page.wait_for_selector("#search-table:has-text('jack-o-lantern')")
     assert "jack-o-lantern" in page.locator("#search-reading").inner_text()
+    assert "none of them can be drawn" not in page.locator("#search-gallery").inner_text()  # not the last search's
+    page.wait_for_function("document.querySelectorAll('#search-gallery img').length >= 1")
     screenshot(page, tmp_path, "search_keywords")
