@@ -16,7 +16,6 @@ Also printed: how many queries were read as a class, and what a query unlike eve
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 from pathlib import Path
 
@@ -24,7 +23,6 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from probex.text import described  # noqa: E402
 
 # (description, class): written for this bench, never used to set the search's constants
 DESCRIPTIONS = [
@@ -111,17 +109,10 @@ def weights_only(studio, text: str, top_k: int) -> list[dict]:
 
 
 def minilm_class(studio, text: str, with_keywords: bool) -> str:
-    """The vocabulary class nearest to the text, MiniLM to MiniLM: its name alone or with its keywords."""
-    words = {}
-    for t in studio.bundle.trees.values():
-        words.update({c: w for c, w in itertools.zip_longest(t.gallery.vocabulary, t.gallery.vocabulary_keywords)
-                      if c is not None and (w or c not in words)})
-    vocab = sorted(words)
-    query = studio.text.embed([text])[0]
-    similarity = studio.text.embed(vocab) @ query
-    if with_keywords:  # as the shipped search reads them: the closer of the name and the name with its keywords
-        similarity = torch.maximum(similarity, studio.text.embed([described(c, words[c] or []) for c in vocab]) @ query)
-    return vocab[int(similarity.argmax())]
+    """The vocabulary class nearest to the text, MiniLM to MiniLM (Studio.vocabulary_similarity): by its name alone,
+    or as the shipped search reads it, the closer of the name and the name with its keywords."""
+    names, similarity = studio.vocabulary_similarity(text, with_keywords)
+    return names[int(similarity.argmax())]
 
 
 def report(studio, descriptions: list, held_out: set, title: str) -> None:

@@ -387,14 +387,10 @@ class Studio:
         return require_finite({"models": found[:top_k], "read_as": read_as})
 
     @torch.no_grad()
-    def read_query(self, text: str) -> list[dict]:
-        """The vocabulary classes (over every tree with a text head) a search text reads as, text to text: those whose
-        names, alone or with their keywords where the gallery has some ("cat (kitten, pet)"), are within
-        VOCAB_MATCH_MIN (MiniLM cosine) of it, best first, at most VOCAB_MATCH_TOP, with softmax weights of their
-        similarities. Empty: no class is that close (or the text encoder has no threshold here)."""
-        threshold = VOCAB_MATCH_MIN.get(self.text.name)
-        if threshold is None:
-            return []
+    def vocabulary_similarity(self, text: str, with_keywords: bool = True) -> tuple[list[str], torch.Tensor]:
+        """Every text tree's class names, sorted, and (C,) the text's cosine to each, text to text: to the name alone,
+        or (``with_keywords``) the closer of the name and the name with its keywords — keywords let "a kitten" find
+        cat, and never push a text that matches the name itself lower. The class texts are embedded once."""
         if self._vocabulary is None:
             keywords: dict[str, list[str]] = {}  # class → its keywords (from the first tree that has some)
             for t in self.bundle.trees.values():
@@ -408,9 +404,18 @@ class Studio:
             self._vocabulary = (names, self.text.embed(texts).reshape(2, len(names), -1) if names
                                 else torch.zeros(2, 0, self.text.dim))
         names, embeddings = self._vocabulary
-        # the closer of the name alone and the name with its keywords: keywords let "a kitten" find cat, and never
-        # push a text that matches the name itself below the threshold
-        similarity = (embeddings @ self.text.embed([text])[0]).amax(0)
+        return names, (embeddings[:2 if with_keywords else 1] @ self.text.embed([text])[0]).amax(0)
+
+    @torch.no_grad()
+    def read_query(self, text: str) -> list[dict]:
+        """The vocabulary classes (over every tree with a text head) a search text reads as, text to text: those whose
+        names, alone or with their keywords where the gallery has some ("cat (kitten, pet)"), are within
+        VOCAB_MATCH_MIN (MiniLM cosine) of it, best first, at most VOCAB_MATCH_TOP, with softmax weights of their
+        similarities. Empty: no class is that close (or the text encoder has no threshold here)."""
+        threshold = VOCAB_MATCH_MIN.get(self.text.name)
+        if threshold is None:
+            return []
+        names, similarity = self.vocabulary_similarity(text)
         close = torch.nonzero(similarity >= threshold).flatten()
         close = close[torch.argsort(similarity[close], descending=True)][:VOCAB_MATCH_TOP]
         weights = torch.softmax(similarity[close] / VOCAB_TEMPERATURE, 0)

@@ -51,6 +51,7 @@ def build_emoji_bundle(population: Path, out: Path, epochs: int = 200, cache_roo
                        n_examples: int = 3, roots: list[str] | None = None) -> dict:
     """``roots``: ship only these trees of the population (default: all)."""
     encoder = load_text_encoder("minilm")
+    keywords = load_keywords()
     specs, caches, summary, listeners = [], [], {}, {}
     for tree_dir in sorted(p for p in Path(population).iterdir() if (p / "tree.json").exists()
                            and (not roots or p.name in roots)):
@@ -89,7 +90,7 @@ def build_emoji_bundle(population: Path, out: Path, epochs: int = 200, cache_roo
         expert, metrics, encodings, names = candidates[kind]
         specs.append(TreeSpec(name, expert, cache, names, recipe.prompt_template, zoo.tree["root_model"],
                               INSTANCE_PROMPT, samples=sample_ids(cache, 1), encodings=encodings,
-                              keywords=load_keywords()))
+                              keywords=keywords))
         caches.append(cache)
         summary[name] = {"layers": names, "n_models": len(cache.models), "expert": kind,
                          **{f"top1_{k}": round(v, 4) for k, v in metrics.items()},
