@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import socket
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
@@ -44,23 +45,25 @@ def map_jobs(fn: Callable[[Job], Result], jobs: Iterable[Job], ray: bool | str =
     threads = torch.get_num_threads()
     task = ray_lib.remote(run_with_threads).options(num_cpus=threads, num_gpus=gpus)
     shared_fn = ray_lib.put(fn)   # stored once, not pickled again into every task
-    pending = [task.remote(shared_fn, job, threads) for job in jobs]
-    bar = tqdm(total=len(jobs), desc=desc, disable=not progress)
-    try:
+    # A bounded window of submitted tasks instead of all of them: after an error (or an abandoned iteration) only the
+    # window is left running, and nothing is cancelled — `ray.cancel` racing a task that is finishing aborts the
+    # driver process in Ray 2.x (a failed RAY_CHECK "Tried to complete task that was not pending").
+    window = 2 * max(1, int(ray_lib.cluster_resources().get("CPU", 1) // threads))
+    pending = deque(task.remote(shared_fn, job, threads) for job in jobs[:window])
+    submitted = len(pending)
+    with tqdm(total=len(jobs), desc=desc, disable=not progress) as bar:
         while pending:
             try:
-                result = ray_lib.get(pending[0])
+                result = ray_lib.get(pending.popleft())
             except ray_lib.exceptions.RayTaskError as err:
                 if err.cause is None:
                     raise
                 raise err.cause from None   # the job's own error (its one-line message), not Ray's traceback dump
-            pending.pop(0)
+            if submitted < len(jobs):
+                pending.append(task.remote(shared_fn, jobs[submitted], threads))
+                submitted += 1
             bar.update()
             yield result
-    finally:
-        for ref in pending:   # an error or an abandoned iteration: the rest is not wanted
-            ray_lib.cancel(ref)
-        bar.close()
 
 
 def run_with_threads(fn: Callable[[Job], Result], job: Job, threads: int) -> Result:
