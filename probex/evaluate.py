@@ -10,16 +10,22 @@
 """
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
+from tqdm.auto import tqdm
 
-from probex.errors import NoExpertError, ProbexError
+from probex.bundle import Bundle
 from probex.data import LayerData, LayerStack, task_targets
+from probex.errors import NoExpertError, ProbexError
+from probex.text import load_text_encoder, prompt
 from probex.train import encode_all, nearest_mean_top1
+from probex.weights import read_weights
+from probex.zoo import Zoo, build_cache
 
 
 def _np(x) -> np.ndarray:
@@ -141,15 +147,8 @@ def evaluate_bundle(bundle_dir, zoo_dir, cache_dir=None, k: int = 5) -> dict:
     """A bundle on a population (one tree, Model-J layout): how many of its models the router sends to the tree,
     then `evaluate_expert` of that tree's expert on them. The true tree is the zoo's tree.json "name" when the
     bundle has it, else the tree most models route to. Flat {metric: value}, as `probex eval` prints it."""
-    import tempfile
 
-    from tqdm.auto import tqdm
 
-    from probex.bundle import Bundle
-    from probex.text import load_text_encoder
-    from probex.text import prompt
-    from probex.weights import read_weights
-    from probex.zoo import Zoo, build_cache
 
     bundle = Bundle.load(bundle_dir)
     zoo = Zoo.scan(zoo_dir)
@@ -225,7 +224,7 @@ def concept_top1(tree, cache, encodings: torch.Tensor) -> dict:
             idx = cache.split_indices(split)
             if len(idx):
                 report[f"concept_top1_{kind}{split}"] = float((scores[idx].argmax(1) == y[idx]).float().mean())
-    known = g.known_classes()
+    known = g.known_classes
     test, held = cache.split_indices("test"), cache.split_indices("test_holdout")
     if len(test) and len(held) and 0 < known.sum() < len(known):
         # the open-set list's test for "none of the known classes": best unseen minus best known score

@@ -15,6 +15,7 @@ on it, a point between two clusters lands between them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -87,8 +88,10 @@ class Gallery:
         mean, std = calibration if calibration is not None else self.calibration(anchors)
         return (F.normalize(encodings.float(), dim=-1) @ F.normalize(anchors, dim=-1).T - mean) / std
 
+    @cached_property
     def known_classes(self) -> torch.Tensor:
-        """(C,) bool: the vocabulary classes with train-split models here (their anchors are class means)."""
+        """(C,) bool: the vocabulary classes with train-split models here (their anchors are class means); computed
+        once (a gallery is not changed after it is built)."""
         known = torch.zeros(len(self.vocabulary), dtype=torch.bool)
         row = {name: c for c, name in enumerate(self.vocabulary)}
         known[[row[c] for c, s in zip(self.model_classes, self.splits) if s == "train" and isinstance(c, str)]] = True
@@ -105,7 +108,7 @@ class Gallery:
         row = {name: c for c, name in enumerate(self.vocabulary)}
         groups = [[i for i, s in enumerate(self.splits) if s == split and isinstance(self.model_classes[i], str)]
                   for split in ("val", "val_holdout")]
-        known = self.known_classes()
+        known = self.known_classes
         if min(map(len, groups)) < MIN_OFFSET_MODELS or known.all() or not known.any():
             return 0.0
         offsets = torch.arange(-60, 121) * 0.05
@@ -122,7 +125,7 @@ class Gallery:
 
     def open_set_scores(self, scores: torch.Tensor, offset: float) -> torch.Tensor:
         """Concept scores with ``offset`` added to the classes without known models (``unseen_offset``)."""
-        return scores + offset * (~self.known_classes()).float()
+        return scores + offset * (~self.known_classes).float()
 
     def model_calibration(self, text_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Z-norm of text search, the other way round: each gallery model's mean and standard deviation of cosine

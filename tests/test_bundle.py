@@ -299,7 +299,7 @@ def test_unseen_offset_lifts_unseen_classes_until_val_reads_both_kinds():
     classes = ["cat"] * 12 + ["owl"] * 10
     gallery = Gallery(ids, classes, splits, ["cat", "owl"], torch.randn(22, 4), torch.zeros(22, 2), torch.zeros(2, 4))
     scores = torch.tensor([[3.0, 1.0]] * 12 + [[2.0, 1.5]] * 10)
-    assert gallery.known_classes().tolist() == [True, False]
+    assert gallery.known_classes.tolist() == [True, False]
     offset = gallery.unseen_offset(scores)
     assert 0.5 < offset < 2.0 and offset == pytest.approx(0.55)   # the grid's first step past the tie at 0.5
     named = gallery.open_set_scores(scores, offset).argmax(1).tolist()
