@@ -22,15 +22,30 @@ import math
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 
+from probex.bundle import Bundle
+from probex.card import CardFacts, render_card
 from probex.errors import InputError, NoExpertError, ProbexError, first_line
-from probex.text import described, prompt
-from probex.weights import FAMILY_NAMES, NEGLIGIBLE_UPDATE_NORM, LoraFactors, ModelWeights, describe, negligible, read_weights, short
+from probex.plots import Mark, weight_text_map
+from probex.profiles import DEFAULT_PROFILE, PROJECT_ROOT, get_profile, resolve_bundle_dir
+from probex.sd15 import add_reader_tree, instance_prompt
+from probex.text import described, load_text_encoder, prompt
+from probex.weights import (
+    FAMILY_NAMES,
+    NEGLIGIBLE_UPDATE_NORM,
+    LoraFactors,
+    ModelWeights,
+    describe,
+    negligible,
+    read_weights,
+    short,
+)
 
 MAX_UPLOAD_BYTES = int(float(os.environ.get("PROBEX_MAX_UPLOAD_MB", "256")) * 2**20)  # rank-128 SD LoRAs ≈ 150 MB
 FETCH_TIMEOUT_S = float(os.environ.get("PROBEX_FETCH_TIMEOUT_S", "60"))
@@ -87,9 +102,9 @@ class Studio:
     """A loaded bundle and the verbs on it. Thread-safe for concurrent requests: the experts and text encoder only
     read; each tree's image pipeline is guarded by its own lock (diffusers swaps LoRAs in and out of one model)."""
 
-    def __init__(self, bundle, bundle_dir: Path, profile, warm: bool = True):
+    def __init__(self, bundle, bundle_dir: Path, profile, warm: bool = True, notice: str = ""):
         self.bundle, self.profile = bundle, profile
-        self.notice = ""  # why a part of the profile is missing (e.g. its reader could not load), for the banner
+        self.notice = notice  # why a part of the profile is missing (e.g. its reader could not load), for the banner
         self.bundle_dir = None if bundle_dir is None else Path(bundle_dir)  # None: only in-memory trees (sd15)
         self._text = None
         self._class_text: dict[str, ClassText | None] = {}  # tree → its class vocabulary read (None: no text head)
@@ -109,7 +124,6 @@ class Studio:
     @property
     def text(self):
         """The bundle's text encoder, loaded on first use (the CLI answers a bad file without it)."""
-        from probex.text import load_text_encoder
 
         with self._text_lock:
             if self._text is None and self.bundle.text_encoder:
@@ -121,10 +135,7 @@ class Studio:
     def load(cls, bundle_dir: str | Path | None = None, *, warm: bool = True) -> "Studio":
         """The bundle in ``bundle_dir`` (a dir or Hub repo id), else the shipped one of ``PROBEX_PROFILE``.
         ``warm=False`` defers the text encoder to its first use (one-shot CLI calls)."""
-        from probex.bundle import Bundle
-        from probex.profiles import get_profile, resolve_bundle_dir
 
-        from dataclasses import replace
 
         profile = get_profile()
         named = bundle_dir is not None or bool(os.environ.get("PROBEX_BUNDLE"))
@@ -141,7 +152,6 @@ class Studio:
             bundle = Bundle.load(directory)
         notice = ""
         if profile.reader:
-            from probex.sd15 import add_reader_tree
 
             try:
                 add_reader_tree(bundle, profile)
@@ -149,9 +159,7 @@ class Studio:
                 if not bundle.trees:
                     raise ProbexError(f"the training-free {profile.reader} reader could not load: {err}") from None
                 notice = f"the training-free {profile.reader} reader could not load ({err}); trained trees only"
-        studio = cls(bundle, directory, profile, warm)
-        studio.notice = notice
-        return studio
+        return cls(bundle, directory, profile, warm, notice)
 
     @property
     def trees(self) -> list[str]:
@@ -223,7 +231,6 @@ class Studio:
                              f"({describe(weights)})")
         prompt, prompt_source = None, None
         if tree.prompted is not None:
-            from probex.sd15 import instance_prompt
 
             prompt, prompt_source = instance_prompt(weights.metadata)
         encoding = self.encode(route.tree, [weights.layers.get(n) for n in names], prompt)
@@ -316,7 +323,7 @@ class Studio:
         """Top-k of the tree's class vocabulary by ``concept_scores``; "known": whether the class has known models
         (else it is read from its text alone)."""
         g = self.bundle.trees[a.tree].gallery
-        scores, known = self.concept_scores(a), g.known_classes()
+        scores, known = self.concept_scores(a), g.known_classes
         order = torch.argsort(scores, descending=True)[:top_k].tolist()
         return [{"name": g.vocabulary[i], "score": float(scores[i]), "known": bool(known[i])} for i in order]
 
@@ -439,7 +446,7 @@ class Studio:
         NOVELTY_KEPT of the tree's validation models reach (test "nearest known model"). None without a reading."""
         tree = a.tree
         g = self.bundle.trees[tree].gallery
-        known = g.known_classes()
+        known = g.known_classes
         if self.class_text(tree, a.instance_prompt) is not None and 0 < int(known.sum()) < len(known):
             scores = self.concept_scores(a)
             best_known, best_unseen = (int(torch.where(mask, scores, -torch.inf).argmax()) for mask in (known, ~known))
@@ -484,7 +491,6 @@ class Studio:
                    tree: str | None = None):
         """The tree's weight–text map: known models at their build-time UMAP coordinates, class names and the
         request's points (upload, query) placed without refitting UMAP."""
-        from probex.plots import weight_text_map
 
         a = self.analyse(source) if source is not None else None
         tree = a.tree if a else (tree or self.default_tree())
@@ -516,8 +522,6 @@ class Studio:
                                title=f"Weight–text map of tree {tree}")
 
     def mark(self, tree: str, vector: torch.Tensor, label: str, kind: str):
-        from probex.plots import Mark
-
         x, y = self.bundle.place(tree, vector[None])[0]
         return Mark(label, float(x), float(y), kind)
 
@@ -535,7 +539,6 @@ class Studio:
                    prediction: dict | None = None) -> str:
         """The Hub README.md draft. ``prediction``: ``predict``'s answer for this source at ``top_k``, when the
         caller has it already (the app predicts once per upload)."""
-        from probex.card import CardFacts, render_card
 
         a = self.analyse(source)
         r = prediction if prediction is not None else self.predict(a, top_k)
@@ -548,7 +551,6 @@ class Studio:
 
     def base_model(self, tree: str) -> str:
         """The tree's root as a card names it: a Hub id as is, a local root folder by its name."""
-        from probex.profiles import PROJECT_ROOT
 
         root = self.bundle.trees[tree].root_model
         if not root:
@@ -614,7 +616,7 @@ class Studio:
                 or prompt(t.prompt_template, "sks"))
 
     def draw(self, tree: str, lora: Path, prompt: str, n: int, seed: int) -> list:
-        from probex.generate import sample
+        from probex.generate import sample  # diffusers takes seconds to import: only when something is drawn
 
         pipe = self.pipeline(tree)
         with self._pipeline_locks[tree]:
@@ -622,7 +624,7 @@ class Studio:
 
     def pipeline(self, tree: str):
         """The tree's root pipeline, loaded on first use (the slow part) and kept."""
-        from probex.generate import load_pipeline
+        from probex.generate import load_pipeline  # diffusers: as in draw
 
         with self._pipelines_lock:
             if tree not in self._pipelines:
@@ -641,7 +643,6 @@ def read_upload(path: str | Path) -> ModelWeights:
 def load_with_fallback(bundle_dir: str | Path | None = None) -> tuple[Studio | None, str]:
     """(studio, notice) for the app: the profile's bundle; if that cannot load and the profile is not the embedded
     one, the embedded emoji-mini bundle; if nothing loads, (None, why) — the app still starts and says so."""
-    from probex.profiles import DEFAULT_PROFILE, get_profile
 
     try:
         studio = Studio.load(bundle_dir)
@@ -674,7 +675,6 @@ def class_name(label) -> str:
 
 def example_label(path: Path) -> str:
     """"tiger · a class the expert never saw" from the example file's own metadata (header only)."""
-    from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -750,7 +750,6 @@ def clean_labels(labels: list[str] | str) -> list[str]:
 def is_missing_local_dir(ref: str) -> bool:
     """A bundle reference that names a folder here (absolute, ./…, or under an existing folder of the working dir
     or the project) which does not exist — as opposed to a Hub repo id."""
-    from probex.profiles import PROJECT_ROOT
 
     path = Path(ref).expanduser()
     if path.is_dir() or (PROJECT_ROOT / ref).is_dir():
