@@ -304,6 +304,8 @@ def add_zoo_parser(verbs) -> None:
     build.add_argument("--preset", default="emoji-mini", choices=sorted(PRESETS))
     build.add_argument("--zoo", default="zoo", help="parent folder (LoRAs go to <zoo>/<preset>/<root>/)")
     build.add_argument("--roots", nargs="*", help="only these roots' trees")
+    build.add_argument("--roots-dir", type=Path, default=None,
+                       help="where the preset's roots are (default: the shipped checkpoints/roots)")
     build.add_argument("--adapters-per-pass", type=positive, default=10)
     build.add_argument("--device", default="cpu", help="cpu or cuda (a Ray task then reserves one GPU)")
     add_job_options(build, "pass")
@@ -317,7 +319,7 @@ def run_zoo_build(args) -> int:
     from probex.jungle.root import ROOTS_DIR
 
     torch.set_num_threads(args.threads)
-    for record in build_preset(args.preset, Path(args.zoo), ROOTS_DIR, args.roots, args.adapters_per_pass,
+    for record in build_preset(args.preset, Path(args.zoo), args.roots_dir or ROOTS_DIR, args.roots, args.adapters_per_pass,
                                args.device, args.ray):
         print(json.dumps(record))
     return 0

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from probex.experts import AnchoredProbeX, training_free_scores
 from probex.jungle import atlas
 from probex.jungle.lora import LoraJob, lora_state, target_modules, train_batch, wrap_unet
-from probex.jungle.root import RootRecipe, make_scheduler, make_unet, pretrain_root
+from probex.jungle.root import ROOTS_DIR, RootRecipe, make_scheduler, make_unet, pretrain_root
 
 TINY = dict(block_out_channels=(32, 32), steps=4, batch_size=4)
 
@@ -336,6 +336,28 @@ def test_emoji_mini_preset_has_the_jungles_size_and_splits():
     assert len(seen) == 150 and len(held) == 30 and not seen & held
     assert len(b) == 200 and len({j.class_id for j in b}) == 40
     assert len({j.model_id for j in a}) == len(a) and preset_jobs("emoji-mini") == jobs   # deterministic
+
+
+def test_v2_pilot_preset_has_the_learning_curve_shape_and_names_its_root(tmp_path):
+    import json
+    from collections import Counter
+
+    from probex.jungle.presets import preset_jobs, write_tree_info
+
+    jobs = preset_jobs("v2-pilot")["emoji-root-v4a"]
+    per_class = Counter((j.class_id, j.model_id.split("/")[0]) for j in jobs)
+    seen = {j.class_id for j in jobs if "holdout" not in j.model_id}
+    held = {j.class_id for j in jobs if "holdout" in j.model_id}
+    assert len(seen) == 60 and len(held) == 20 and not seen & held
+    assert {per_class[(c, s)] for c in seen for s in ("train", "val", "test")} == {25, 2, 3}
+    assert all(per_class[(c, "val_holdout")] == 4 and per_class[(c, "test_holdout")] == 6 for c in held)
+    # the pilot's held-out classes are the jungle's first held-out ones, its training classes the first training ones
+    mini = preset_jobs("emoji-mini")["emoji-root-1"]
+    assert held <= {j.class_id for j in mini if "holdout" in j.model_id}
+    write_tree_info(tmp_path / "a", "emoji-root-v4a", jobs, tmp_path / "roots" / "emoji-root-v4a")
+    write_tree_info(tmp_path / "b", "emoji-root-1", jobs, ROOTS_DIR / "emoji-root-1")
+    assert json.loads((tmp_path / "a" / "tree.json").read_text())["root_model"] == str(tmp_path / "roots" / "emoji-root-v4a")
+    assert json.loads((tmp_path / "b" / "tree.json").read_text())["root_model"] == "checkpoints/roots/emoji-root-1"
 
 
 def test_population_build_is_resumable_and_records_itself(tmp_path, monkeypatch):

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..profiles import PROJECT_ROOT
 from .atlas import load_atlas
-from .lora import LoraJob, sample_jobs
+from .lora import INSTANCE_PROMPT, LoraJob, build_population, sample_jobs
 
 CLASS_SEED = 7
 TRAIN_CLASSES = 150
@@ -42,6 +43,14 @@ PRESETS = {
         "emoji-root-2": {"train_classes": 40, "holdout_classes": 0, "seed": 22,
                          "per_class": {"train": 3, "val": 1, "test": 1}, "per_holdout": {}},
     },
+    # the Mini Model-J v2 pilot (issue: Mini Model-J v2): one tree on a roots-v2 root, 60 training classes × 25
+    # train LoRAs (+ 2 val, 3 test) for learning curves at 5 / 10 / 25 LoRAs a class, 20 held-out classes × 10;
+    # 2,000 LoRAs. The root is not shipped: --roots-dir names where it was pretrained
+    "v2-pilot": {
+        "emoji-root-v4a": {"train_classes": 60, "holdout_classes": 20, "seed": 41,
+                           "per_class": {"train": 25, "val": 2, "test": 3},
+                           "per_holdout": {"val_holdout": 4, "test_holdout": 6}},
+    },
 }
 
 
@@ -65,11 +74,11 @@ def preset_jobs(preset: str) -> dict[str, list[LoraJob]]:
     return jobs
 
 
-def write_tree_info(zoo_dir: Path, root: str, jobs: list[LoraJob]):
+def write_tree_info(zoo_dir: Path, root: str, jobs: list[LoraJob], root_dir: Path):
     """``tree.json``: what a reader needs to know about this population besides the files."""
-    from .lora import INSTANCE_PROMPT
-
-    info = {"name": root, "root_model": f"checkpoints/roots/{root}", "task": "generative",
+    root_dir = Path(root_dir).resolve()
+    shipped = root_dir.is_relative_to(PROJECT_ROOT)   # shipped roots by their path in the repo, others as they are
+    info = {"name": root, "root_model": (root_dir.relative_to(PROJECT_ROOT).as_posix() if shipped else str(root_dir)), "task": "generative",
             "text_encoder": "minilm", "prompt_template": "an emoji of {name}", "instance_prompt": INSTANCE_PROMPT,
             "models": len(jobs), "classes": sorted({j.class_name for j in jobs})}
     zoo_dir.mkdir(parents=True, exist_ok=True)
@@ -80,8 +89,6 @@ def build_preset(preset: str, zoo: Path, roots_dir: Path, roots: list[str] | Non
                  device: str = "cpu", ray: bool | str = False) -> list[dict]:
     """Train a preset's LoRAs into ``<zoo>/<preset>/<root>/`` (Model-J layout); resumable — files that exist
     are skipped. ``ray`` (see probex.cluster.map_jobs) trains the passes as Ray tasks, side by side."""
-    from .lora import build_population
-
     if preset not in PRESETS:
         raise InputError(f"no preset {preset!r} (known: {', '.join(sorted(PRESETS))})")
     records = []
@@ -89,7 +96,7 @@ def build_preset(preset: str, zoo: Path, roots_dir: Path, roots: list[str] | Non
         if roots and root not in roots:
             continue
         tree_dir = Path(zoo) / preset / root
-        write_tree_info(tree_dir, root, jobs)
+        write_tree_info(tree_dir, root, jobs, Path(roots_dir) / root)
         records.append(build_population(Path(roots_dir) / root, jobs, tree_dir, adapters_per_pass, device,
                                         seed=PRESETS[preset][root]["seed"], ray=ray))
     return records
