@@ -20,6 +20,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -28,8 +29,12 @@ from safetensors.torch import load_file, save_file
 from probex.errors import ProbexError
 from probex.experts import Expert, load_expert
 from probex.gallery import Gallery
+from probex.router import Router
 from probex.text import DEFAULT_PROMPT
-from probex.zoo import sha256_file
+from probex.zoo import WEIGHT_FILES, sha256_file
+
+if TYPE_CHECKING:   # sd15 builds TreeBundles: importing it here at run time would be circular
+    from probex.sd15 import PromptedReading
 
 FORMAT, VERSION = "probex-bundle", 3  # 2: text_emb in its own file, encodings in int8; 3: encodings over files
 FILE_BYTES = 9_500_000  # gallery encodings are split over files of at most this many bytes (Spaces: ≤ 10 MB a file)
@@ -47,9 +52,9 @@ class TreeBundle:
     prompt_template: str = DEFAULT_PROMPT
     root_model: str | None = None   # diffusers model id or dir of the tree's root (for drawing samples)
     instance_prompt: str | None = None
-    # probex.sd15.PromptedReading: a training-free reader that takes each file's own instance prompt (built in
-    # memory, never saved)
-    prompted: object | None = None
+    # a training-free reader that takes each file's own instance prompt: built in memory (sd15.build_reader_tree),
+    # never saved
+    prompted: PromptedReading | None = None
 
     @property
     def layers(self) -> list[str]:
@@ -123,7 +128,6 @@ class Bundle:
             verify_manifest(directory, meta["manifest"])
         router = None
         if meta.get("router") is not None:
-            from probex.router import Router
 
             router = Router.from_state(_load_tensors(directory, "router.safetensors"), meta["router"])
         trees = {}
@@ -148,7 +152,6 @@ def folder_name(name: str, taken: set) -> str:
 def _example_name(source: Path) -> str:
     """Zoo files all share one name (pytorch_lora_weights.safetensors): name the copy after the model's folders,
     tree included (two trees both have a test/model_idx_0014)."""
-    from probex.zoo import WEIGHT_FILES
 
     folders = source.parent.parent.parent.name, source.parent.parent.name, source.parent.name
     stem = "__".join(folders) if source.name in WEIGHT_FILES else source.stem

@@ -16,9 +16,12 @@ import hashlib
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from probex.errors import InputError, ProbexError, first_line
-from probex.profiles import Profile, get_profile
+from probex.jungle.pipeline import EmojiPipeline
+from probex.profiles import PROJECT_ROOT, Profile, get_profile
 
 SD15_SAMPLING = {"num_inference_steps": 30, "guidance_scale": 7.5}
 
@@ -48,8 +51,6 @@ EMOJI_SAMPLING = {"num_inference_steps": 20, "guidance_scale": 3.0}  # few steps
 
 def load_emoji(root_dir: str, device: str | None = None, dtype: torch.dtype | None = None):
     """An emoji root (``probex.jungle``: unet/, scheduler/, recipe.json) as a diffusers pipeline; CPU-sized, fp32."""
-    from probex.jungle.pipeline import EmojiPipeline
-    from probex.profiles import PROJECT_ROOT
 
     path = Path(root_dir)
     if not path.is_absolute() and not path.is_dir():
@@ -81,8 +82,6 @@ def load_pipeline(profile: Profile | str | None = None, *, root_model: str | Non
 
 def read_lora_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The LoRA file's tensors, read with safetensors only (diffusers could otherwise unpickle a .bin)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     path = Path(path)
     if path.suffix != ".safetensors":

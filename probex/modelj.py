@@ -27,6 +27,9 @@ import sys
 import time
 from pathlib import Path
 
+from huggingface_hub import constants, snapshot_download
+from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                    RepositoryNotFoundError, RevisionNotFoundError)
 from tqdm.auto import tqdm
 
 from probex.errors import InputError, ProbexError, first_line
@@ -47,7 +50,6 @@ def download(subset: str = "SD_200", splits=SPLITS, out: str | Path | None = Non
              metadata_repo: str | None = METADATA_REPO, revision: str | None = None, max_workers: int = 8,
              retries: int = 3, endpoint: str | None = None) -> Path:
     """Mirror a Model-J generative subset into `out` (default ``zoo/modelj-<subset>``); returns `out`."""
-    from huggingface_hub import constants
 
     repo_id = repo_id or SUBSETS.get(subset)
     if repo_id is None:
@@ -76,9 +78,6 @@ def download(subset: str = "SD_200", splits=SPLITS, out: str | Path | None = Non
 
 def _snapshot(repo_id, repo_type, patterns, local_dir, revision, max_workers, retries, endpoint) -> None:
     """One snapshot_download, retried: files already complete in `local_dir` are skipped on every attempt."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
 
     for attempt in range(1, retries + 1):
         try:

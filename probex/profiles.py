@@ -15,7 +15,11 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
 from probex.errors import InputError, first_line
+from probex.fetch import HUB_ID
 from probex.text import prompt
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -65,7 +69,6 @@ def get_profile(name: str | None = None) -> Profile:
 
 def is_hub_repo_id(ref: str) -> bool:
     """"owner/name" alone (probex.fetch.HUB_ID without a file in the repo)."""
-    from probex.fetch import HUB_ID
 
     match = HUB_ID.match(ref)
     return bool(match) and match["file"] is None
@@ -85,9 +88,6 @@ def resolve_bundle_dir(profile: Profile | str | None = None, *, endpoint: str | 
 
 
 def download_bundle(repo_id: str, *, revision: str | None = None, endpoint: str | None = None) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
     try:
         path = snapshot_download(repo_id, revision=revision, endpoint=endpoint,
                                  allow_patterns=["*.json", "*.safetensors", "*.md"])

@@ -25,12 +25,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from probex.experts import PROJECTIONS, AttentionReader
+from probex.bundle import TreeBundle
 from probex.errors import InputError, first_line
+from probex.experts import PROJECTIONS, AttentionReader
+from probex.gallery import Gallery
+from probex.router import Router
+from probex.text import load_text_encoder, prompt
+from probex.zoo import imagenet_names
 
 TREE = "sd15"
 ATTN2_WEIGHT = re.compile(r"\.attn2\.(to_q|to_k|to_v|to_out\.0)\.weight$")
@@ -71,9 +79,6 @@ def _weight_files(folder: Path, ref) -> list[Path]:
 
 
 def _download_unet(repo_id: str) -> tuple[dict, list[Path]]:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
-
     try:
         config = json.loads(Path(hf_hub_download(repo_id, "unet/config.json")).read_text())
         for name in UNET_WEIGHTS:
@@ -191,10 +196,6 @@ def build_reader_tree(unet_ref: str | Path, text_encoder, template: str, vocabul
     """The training-free SD 1.5 TreeBundle: ``unet_ref`` a diffusers pipeline / UNet folder or Hub id, ``text_encoder``
     a loaded probex.text encoder (CLIP ViT-L/14 for SD 1.5), ``template`` the caption of a class ("a photo of a
     {name}"), ``vocabulary`` the class names (default ImageNet-1k's)."""
-    from probex.bundle import TreeBundle
-    from probex.gallery import Gallery
-    from probex.text import prompt
-    from probex.zoo import imagenet_names
 
     config, files = unet_files(unet_ref)
     weights = cross_attention_weights(files)
@@ -228,7 +229,6 @@ def caption_outputs(reader: AttentionReader, text_encoder, captions: list[str], 
         stored = load_file(str(path))
         if len(stored) == len(reader.blocks) and all(len(t) == len(captions) for t in stored.values()):
             return [stored[f"block{i}"] for i in range(len(reader.blocks))]
-    from tqdm.auto import tqdm
 
     parts = [[] for _ in reader.blocks]
     for start in tqdm(range(0, len(captions), batch), desc="SD 1.5 reader: captions", unit="batch",
@@ -261,8 +261,6 @@ def _cache_key(files: list[Path], encoder_name: str, captions: list[str]) -> str
 def add_reader_tree(bundle, profile) -> None:
     """Put the profile's training-free reader into ``bundle`` (beside its trained trees) and route to it every LoRA
     of its base that no trained tree takes."""
-    from probex.router import Router
-    from probex.text import load_text_encoder
 
     if profile.reader != "sd15":
         raise InputError(f"profile {profile.name}: no training-free reader for {profile.reader!r} (known: sd15)")

@@ -20,7 +20,6 @@ from .presets import PRESETS, build_preset
 from .root import ROOTS_DIR, RootRecipe, pretrain_root
 
 
-
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m probex.jungle")
     sub = parser.add_subparsers(dest="cmd", required=True)

@@ -12,10 +12,12 @@ tells apart.
 from __future__ import annotations
 
 import json
+import subprocess
 import unicodedata
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 FONT_SIZE = 109  # the only size the bitmap (CBDT) font renders
@@ -57,8 +59,6 @@ def subject(name: str) -> str:
 
 
 def _render(font, char: str) -> np.ndarray:
-    from PIL import Image, ImageDraw
-
     canvas = Image.new("RGBA", (136, 128), (0, 0, 0, 0))
     ImageDraw.Draw(canvas).text((0, 0), char, font=font, embedded_color=True)
     box = canvas.getbbox()
@@ -73,7 +73,6 @@ def _render(font, char: str) -> np.ndarray:
 
 def build_atlas(out_dir: Path = ATLAS_DIR) -> dict:
     """Render every kept emoji; write ``atlas.npy`` (N,32,32,4 uint8), and ``classes.json``."""
-    from PIL import ImageFont
 
     font = ImageFont.truetype(str(FONT), FONT_SIZE)
     missing = _render(font, chr(0x10FFFD))  # what the font draws for a codepoint it lacks
@@ -103,8 +102,6 @@ def build_atlas(out_dir: Path = ATLAS_DIR) -> dict:
 
 
 def _font_version() -> str:
-    import subprocess
-
     try:
         out = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "fonts-noto-color-emoji"],
                              capture_output=True, text=True, check=True).stdout

@@ -6,14 +6,17 @@ exactly the same inputs.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from ..text import load_text_encoder
 from .atlas import load_atlas
 from .lora import INSTANCE_PROMPT, target_modules, wrap_unet
+from .pipeline import EmojiPipeline, image_grid
 from .root import augment, caption, load_root, to_latent
 
 EVAL_SEED = 10_000_019  # never used for training views
@@ -35,7 +38,6 @@ def x0_error(unet, scheduler, latents, states, t: int, noise) -> torch.Tensor:
 def text_usage(root_dir: Path, timesteps=(100, 300, 500, 600, 700, 800, 900, 950), n: int = 512,
                seed: int = EVAL_SEED):
     """Gate 1: loss with shuffled captions / loss with matching captions, per timestep, on held-out views."""
-    from ..text import load_text_encoder
 
     unet, scheduler, recipe = load_root(root_dir)
     images, classes = load_atlas()
@@ -64,7 +66,6 @@ def text_usage(root_dir: Path, timesteps=(100, 300, 500, 600, 700, 800, 900, 950
 def sample_grid(root_dir: Path, names: list[str], out_png: Path, per_name: int = 4, seed: int = 0,
                 lora_paths: list[Path] | None = None):
     """Prompts → images; with ``lora_paths`` each row is one LoRA drawn with the instance prompt."""
-    from .pipeline import EmojiPipeline, image_grid
 
     pipe = EmojiPipeline.from_root(root_dir)
     pipe.set_progress_bar_config(disable=True)
@@ -86,7 +87,6 @@ def sample_grid(root_dir: Path, names: list[str], out_png: Path, per_name: int =
 
 def _lora_unet(unet, lora_files: list[Path]):
     """One UNet carrying several LoRAs side by side (batch block k → LoRA k), for evaluation."""
-    import copy
 
     states = [load_file(str(f)) for f in lora_files]
     names = target_modules(unet)
@@ -108,7 +108,6 @@ def lora_fit(root_dir: Path, lora_files: list[Path], class_ids: list[str], t: in
              chunk: int = 10):
     """Gate 2: fixed-noise x0 error on held-out views of each LoRA's class, for (LoRA, instance prompt),
     (root, instance prompt) and (root, true caption)."""
-    from ..text import load_text_encoder
 
     unet, scheduler, recipe = load_root(root_dir)
     images, classes = load_atlas()
@@ -138,7 +137,6 @@ def functional_zero_shot(root_dir: Path, lora_files: list[Path], candidate_names
                          n_inputs: int = 8, chunk: int = 10, seed: int = EVAL_SEED) -> np.ndarray:
     """Reference, not from weights: score[i, c] = −‖LoRA_i(x_t, sks) − root(x_t, caption c)‖² on shared random
     inputs. It runs the model, which a weight-space method must not."""
-    from ..text import load_text_encoder
 
     unet, scheduler, recipe = load_root(root_dir)
     text = load_text_encoder("minilm")

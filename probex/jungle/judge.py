@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from .atlas import load_atlas
 from .root import augment
@@ -75,7 +77,6 @@ def accuracy(judge: Judge, rgba: torch.Tensor, strength: float, seed: int, repea
 def train_judge(steps: int = 3000, batch_size: int = 128, lr: float = 3e-3, seed: int = 0,
                 out: Path = JUDGE_FILE) -> dict:
     """Train on the atlas, save fp16 weights with the class ids, return held-out accuracy (fresh augmentation seeds)."""
-    from safetensors.torch import save_file
 
     torch.manual_seed(seed)
     images, classes = load_atlas()
@@ -119,9 +120,6 @@ def evaluate_judge(judge: Judge, seed: int = 0) -> dict:
 
 
 def load_judge(path: Path = JUDGE_FILE) -> Judge:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     judge = Judge(json.loads(meta["class_ids"]), tuple(json.loads(meta["widths"])))

@@ -22,10 +22,15 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
+import diffusers
 import numpy as np
+import peft
 import torch
 import torch.nn as nn
+from safetensors.torch import save_file
 
+from ..cluster import map_jobs
+from ..text import load_text_encoder
 from .atlas import load_atlas
 from .root import RootRecipe, augment, diffusion_loss, load_root, make_scheduler, sample_timesteps, to_latent
 
@@ -186,8 +191,6 @@ def build_population(root_dir: Path, jobs: list[LoraJob], zoo_dir: Path, adapter
     """Train every job whose file does not exist yet (resumable) into ``zoo_dir`` in Model-J layout. Each pass is
     one job of `probex.cluster.map_jobs`, here or on Ray (``ray``): the passes are the same either way, so are the
     files (an adapter's numbers depend on the batch it trained in)."""
-    from ..cluster import map_jobs
-    from ..text import load_text_encoder
 
     root_dir, zoo_dir = Path(root_dir).resolve(), Path(zoo_dir).resolve()   # a Ray task elsewhere: the same files
     recipe = RootRecipe.load(root_dir / "recipe.json")
@@ -203,8 +206,6 @@ def build_population(root_dir: Path, jobs: list[LoraJob], zoo_dir: Path, adapter
     for _ in map_jobs(train, batches, ray, gpus=1 if device.startswith("cuda") else 0,
                       desc=f"LoRA passes on {recipe.name}"):
         pass
-    import diffusers
-    import peft
 
     record = {"root": recipe.name, "trained": len(todo), "skipped": len(jobs) - len(todo),
               "seconds": round(time.time() - started, 1), "adapters_per_pass": adapters_per_pass, "device": device,
@@ -216,7 +217,6 @@ def build_population(root_dir: Path, jobs: list[LoraJob], zoo_dir: Path, adapter
 
 def train_pass(root_dir: Path, zoo_dir: Path, states: torch.Tensor, device: str, batch: list[LoraJob]) -> None:
     """One pass of a population build: the batch's LoRAs (one rank) trained together, each written to its file."""
-    from safetensors.torch import save_file
 
     unet, _, recipe = load_root(root_dir, device)
     images, classes = load_atlas()

@@ -11,6 +11,7 @@ from diffusers import DDIMScheduler, DiffusionPipeline, ImagePipelineOutput
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from PIL import Image
 
+from ..text import load_text_encoder
 from .root import RootRecipe, from_latent, load_root
 
 
@@ -24,8 +25,6 @@ class EmojiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     @classmethod
     def from_root(cls, root_dir: str | Path, device: str = "cpu") -> "EmojiPipeline":
-        from ..text import load_text_encoder
-
         unet, train_scheduler, recipe = load_root(root_dir, device)
         text = load_text_encoder("minilm", device)
         pipe = cls(unet=unet, scheduler=DDIMScheduler.from_config(train_scheduler.config),

@@ -10,8 +10,10 @@ root without this package. Pretraining is resumable: ``train_state.safetensors``
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
+from ..text import load_text_encoder
 from .atlas import load_atlas
 
 ROOTS_DIR = Path(__file__).resolve().parents[2] / "checkpoints" / "roots"  # the shipped roots
@@ -180,9 +184,7 @@ def pretrain_root(out_dir: Path, recipe: RootRecipe, *, minutes: float | None = 
                   log_every: int = 100, checkpoint_every: int = 250, device: str = "cpu") -> Path:
     """Train (or resume) a root until ``recipe.steps``; a run may stop early after ``minutes`` or ``stop_after``
     steps (chunks across sessions) and the next call continues exactly where it stopped. Saves diffusers folders."""
-    from safetensors.torch import load_file, save_file
 
-    from ..text import load_text_encoder
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -205,7 +207,6 @@ def pretrain_root(out_dir: Path, recipe: RootRecipe, *, minutes: float | None = 
     generator = torch.Generator().manual_seed(recipe.seed)
     ema = None
     if recipe.ema_decay > 0:
-        import copy
         ema = copy.deepcopy(unet).requires_grad_(False)
     step = 0
     ckpt = out_dir / "train_state.safetensors"
@@ -258,8 +259,6 @@ def save_unet(unet, unet_dir: Path) -> Path:
     """The shipped form of a root's UNet: weights in fp16 (half the bytes: the shipped artifacts have a size budget),
     in ≤ 8 MB shards; ``load_root`` reads them back as fp32, and training state stays fp32 in train_state. Rounding
     to fp16 moves each weight by < 0.05 % of itself."""
-    import copy
-    import shutil
 
     unet_dir = Path(unet_dir)
     if unet_dir.exists():

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
+from ..build import TreeSpec, build_bundle, example_models, first_signature, sample_ids
 from ..data import LayerStack, task_targets
 from ..experts import PROJECTIONS, AnchoredProbeX, AttentionReader
-from ..build import TreeSpec, build_bundle, example_models, first_signature, sample_ids
 from ..router import Population, separating_router
 from ..text import load_text_encoder
 from ..train import TrainConfig, encode_all, fit_anchored, loss_and_score, nearest_mean_top1
