@@ -39,6 +39,8 @@ def main(argv=None):
                       help="pixel-unshuffle factor: 2 gives the UNet 16x16 positions of 12 channels, so its convs see "
                            "each pixel's neighbours and can remove per-pixel noise")
     root.add_argument("--plain-blocks", type=int, default=0, help="leading UNet blocks without attention")
+    root.add_argument("--norm-groups", type=int, default=32,
+                      help="GroupNorm groups; keep ≥ 2 channels a group (at one, each channel's mean colour is lost)")
     judge = sub.add_parser("judge", help="train the image judge on the atlas and print its held-out accuracy")
     judge.add_argument("--steps", type=int, default=3000)
     judge.add_argument("--threads", type=int, default=1)
@@ -77,7 +79,8 @@ def main(argv=None):
             things = [c["id"] for c in classes if c["subject"] == "thing"]
             recipe = RootRecipe(name=args.name, seed=args.seed, steps=args.steps, classes=things,
                                 block_out_channels=tuple(int(w) for w in args.widths.split(",")),
-                                unshuffle=args.unshuffle, plain_blocks=args.plain_blocks, ema_decay=args.ema)
+                                unshuffle=args.unshuffle, plain_blocks=args.plain_blocks, ema_decay=args.ema,
+                                norm_num_groups=args.norm_groups)
         pretrain_root(out, recipe, minutes=args.minutes, device=args.device)
         print(json.dumps({"root": str(out), "steps": recipe.steps}))
     elif args.cmd == "build":

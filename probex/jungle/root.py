@@ -44,6 +44,7 @@ class RootRecipe:
     block_out_channels: tuple = (64, 128)
     layers_per_block: int = 1
     plain_blocks: int = 0  # leading blocks without attention: self-attention over 16×16 tokens would double a step's cost
+    norm_num_groups: int = 32  # with one channel a group, GroupNorm strips each channel's image-wide mean (its colour)
     attention_head_dim: int = 8
     prediction_type: str = "v_prediction"
     num_train_timesteps: int = 1000
@@ -90,7 +91,7 @@ def make_unet(recipe: RootRecipe):
         up_block_types=tuple(d.replace("Down", "Up") for d in reversed(down)),
         cross_attention_dim=384,
         attention_head_dim=recipe.attention_head_dim,
-        norm_num_groups=32,
+        norm_num_groups=recipe.norm_num_groups,
     )
 
 
