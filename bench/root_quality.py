@@ -12,7 +12,7 @@ Printed, for each root of both sets:
 3. LoRAs trained by the jungle's recipe on each root (jungle classes and, on v2, classes the roots never saw:
    the atlas's people), prompted "an emoji of sks": judge top-1 per sample, training time per LoRA (the same jobs on
    today's root and on v2, for the ratio), and the share of v2 LoRAs the listener router sends to their own root;
-4. the gates, and one last line: ``roots v2: samples top-1 X, LoRA samples top-1 Y``.
+4. the gates (gate 3 as a number too: the per-pixel noise left in the samples, ``pixel_noise``), and one last line: ``roots v2: samples top-1 X, LoRA samples top-1 Y``.
 
 Top-1 counts each sample: the judge must name the prompted class among all 1,048 atlas classes. Per-class tables
 (CSV), sample grids (PNG) and the LoRAs go under ``--out``; LoRAs already there are reused (their training time is
@@ -39,11 +39,12 @@ from probex.jungle.atlas import load_atlas  # noqa: E402
 from probex.jungle.judge import load_judge  # noqa: E402
 from probex.jungle.lora import INSTANCE_PROMPT, build_population, sample_jobs  # noqa: E402
 from probex.jungle.presets import class_split  # noqa: E402
-from probex.jungle.root import RootRecipe, caption  # noqa: E402
+from probex.jungle.root import RootRecipe, augment, caption  # noqa: E402
 
 TODAY = [REPO / "checkpoints" / "roots" / "emoji-root-1", REPO / "checkpoints" / "roots" / "emoji-root-2"]
 SCHEDULERS = ("ddim", "dpm++")
 GATE_SAMPLES, GATE_LORAS = 0.80, 0.80
+GATE_SPECKLE = 4.0  # grey levels of per-pixel noise left in samples (atlas renders under augmentation: ≈ 1.4)
 
 
 def set_scheduler(pipe, name: str):
@@ -72,6 +73,14 @@ def grade(judge, images: torch.Tensor, labels: list[int]) -> tuple[np.ndarray, n
     top5 = judge(images).topk(5, 1).indices
     y = torch.tensor(labels)[:, None]
     return (top5[:, :1] == y).any(1).numpy(), (top5 == y).any(1).numpy()
+
+
+def pixel_noise(images: torch.Tensor) -> np.ndarray:
+    """Per image, the per-pixel noise left in it, in grey levels (0–255): Donoho's estimate σ = median |HH| / 0.6745
+    over the finest diagonal Haar band, which edges barely touch — the speckle gate 3 looks for, as a number."""
+    x = (images.clamp(-1, 1) + 1) * 127.5
+    hh = (x[..., 0::2, 0::2] - x[..., 0::2, 1::2] - x[..., 1::2, 0::2] + x[..., 1::2, 1::2]) / 2
+    return (hh.abs().flatten(1).median(1).values / 0.6745).numpy()
 
 
 def save_grid(path: Path, images: torch.Tensor, rows: int, clean: np.ndarray | None = None, zoom: int = 2):
@@ -223,9 +232,10 @@ def main() -> None:
                 pretrain = pretrain[::8]
             p_images, _ = draw(pipe, [caption(recipe, c["name"]) for c in pretrain], 1, s["steps"], s["guidance"])
             p_top1, p_top5 = grade(judge, p_images, [row_of[c["id"]] for c in pretrain])
+            noise = float(pixel_noise(images).mean())
             summary[(set_name, root_dir.name)] = {"top1": top1.mean(), "top5": top5.mean(), "pre_top1": p_top1.mean(),
                                                   "pre_top5": p_top5.mean(), "n_pre": len(pretrain),
-                                                  "s_per_image": per_image}
+                                                  "s_per_image": per_image, "noise": noise}
             grid_rows = list(range(0, len(jungle_here), max(1, len(jungle_here) // 12)))[:12]
             picked = torch.cat([images[r * seeds:(r + 1) * seeds] for r in grid_rows])
             clean = clean_renders(rgba, [row_of[jungle_here[r]["id"]] for r in grid_rows])
@@ -236,7 +246,7 @@ def main() -> None:
                 save_grid(Path(args.readme_grid), picked, len(grid_rows), clean)
             print(f"   {set_name:>5} {root_dir.name:<16} jungle top-1 {top1.mean():.3f} top-5 {top5.mean():.3f}  |  "
                   f"pretraining ({len(pretrain)}) top-1 {p_top1.mean():.3f} top-5 {p_top5.mean():.3f}  |  "
-                  f"{per_image:.3f} s per image  grid {grid_path.relative_to(REPO) if grid_path.is_relative_to(REPO) else grid_path}")
+                  f"pixel noise {noise:.1f}  |  {per_image:.3f} s per image  grid {grid_path.relative_to(REPO) if grid_path.is_relative_to(REPO) else grid_path}")
     table.close()
 
     # 3. LoRAs by the jungle's recipe
@@ -285,7 +295,13 @@ def main() -> None:
           f"gate ≥ {GATE_SAMPLES}): {'pass' if v2_top1 >= GATE_SAMPLES else 'FAIL'}")
     print(f"   2. LoRA samples on v2 root A, judge names the class {lora_top1:.3f} over {len(jobs_a)} LoRAs "
           f"(gate ≥ {GATE_LORAS} over ≥ 40): {'pass' if lora_top1 >= GATE_LORAS and len(jobs_a) >= 40 else 'FAIL'}")
-    print(f"   3. grids: {out}/grid_v2_*.png (look at them)")
+    v2_noise = np.mean([summary[("v2", r.name)]["noise"] for r in v2])
+    today_noise = np.mean([summary[("today", r.name)]["noise"] for r in TODAY])
+    g = torch.Generator().manual_seed(0)
+    renders = pixel_noise(augment(torch.from_numpy(rgba[torch.randint(0, len(rgba), (256,), generator=g).numpy()]), g))
+    print(f"   3. per-pixel noise left in v2 samples {v2_noise:.1f} grey levels (today's roots {today_noise:.1f}, atlas "
+          f"renders under augmentation {renders.mean():.1f}; gate ≤ {GATE_SPECKLE}): "
+          f"{'pass' if v2_noise <= GATE_SPECKLE else 'FAIL'}; and look at {out}/grid_v2_*.png")
     print(f"   4. routed to own root {own:.3f} (gate 1.0): {'pass' if own == 1.0 else 'FAIL'}")
     print(f"   LoRA training time v2 / today {ratio:.2f} (≤ 1.5): {'pass' if ratio <= 1.5 else 'FAIL'}")
     print(f"roots v2: samples top-1 {v2_top1:.3f}, LoRA samples top-1 {lora_top1:.3f}")
