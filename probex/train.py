@@ -41,7 +41,7 @@ from probex.errors import InputError
 from probex.data import LayerData, LayerStack, Targets, task_targets
 from probex.gallery import class_means
 from probex.text import DEFAULT_PROMPT, prompt
-from probex.experts import AnchoredProbeX, DenseExpert, Expert, ProbeX
+from probex.experts import AnchoredProbeX, DenseExpert, Expert, ProbeX, StackedProbeX
 from probex.zoo import LayerCache, select_layers
 
 
@@ -157,6 +157,15 @@ def new_probex(data: LayerData, targets: Targets, config: TrainConfig) -> ProbeX
     m = config.model
     expert = ProbeX(d_w, d_h, m.r_u, m.r_v, m.r_t, m.relu, **_head(targets, config), centred=m.centre)
     return expert.initialise(data, targets.split["train"], m.init)
+
+
+def new_stacked(stack: LayerStack, targets: Targets, config: TrainConfig) -> StackedProbeX:
+    """A ProbeX per layer of ``stack``, encodings summed (probex.experts.stacked), set up as `new_probex` sets one."""
+    torch.manual_seed(config.optimiser.seed)
+    m = config.model
+    expert = StackedProbeX([list(d.shape) for d in stack.layers], m.r_u, m.r_v, m.r_t, m.relu,
+                           **_head(targets, config), centred=m.centre)
+    return expert.initialise(stack, targets.split["train"], m.init)
 
 
 def fit_expert(cache: LayerCache, layer: str, task: str | None = None, text_embeddings: torch.Tensor | None = None,

@@ -216,3 +216,23 @@ def test_stat_mlp_aligns_statistics_with_text():
     model.fit_normaliser(feats)
     assert torch.allclose(((feats - model.mean) / model.std).mean(0), torch.zeros(7), atol=1e-4)
     assert model(feats, torch.randn(4, 5)).shape == (20, 4)
+
+
+def test_stacked_probex_sums_its_layers_probex_encodings(tmp_path):
+    """Several layers read at once: the encoding is the sum of one ProbeX per layer, the head shared; it saves and
+    loads like every expert."""
+    from probex.experts import StackedProbeX
+
+    torch.manual_seed(2)
+    model = StackedProbeX([[8, 6], [5, 7]], r_u=3, r_v=4, r_t=5, head="align", text_dim=9, centred=False)
+    layers = [random_factors(4, 8, 6, ranks=(2, 3), seed=1), random_factors(4, 5, 7, ranks=(1,), seed=2)]
+    with torch.no_grad():
+        each = [probe.encode(x) for probe, x in zip(model.layers, layers)]
+        assert torch.allclose(model.encode(layers), each[0] + each[1])
+        assert all(e.abs().sum() > 0 for e in each)  # both layers contribute
+        model.save_pretrained(tmp_path)
+        loaded = load_expert(tmp_path)
+        text = torch.randn(3, 9)
+        assert type(loaded) is StackedProbeX and torch.equal(loaded(layers, text), model(layers, text))
+    with pytest.raises(InputError, match="8×6"):
+        model.encode([layers[1], layers[0]])

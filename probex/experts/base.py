@@ -61,7 +61,8 @@ class Expert(nn.Module):
     Parameters (of every expert's head):
         r_t: width of the encodings.
         head: "multiclass" | "multilabel" (a Linear to ``n_out`` outputs) or "align" (a Linear from ``text_dim``-wide
-            text embeddings to r_t on the text side; logits are cosines, × 1/temperature if set).
+            text embeddings to r_t on the text side; logits are cosines, × 1/temperature if set), or None: an
+            encoder read inside another expert, which holds the head (probex.experts.stacked).
     """
 
     # whether a read layer that a LoRA does not adapt can be handed to `encode` as None (that layer unchanged)
@@ -74,9 +75,11 @@ class Expert(nn.Module):
 
     def __init__(self, r_t: int, head: str, n_out: int | None, text_dim: int | None, temperature: float | None):
         super().__init__()
-        if head not in HEADS:
-            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-        if head == "align":
+        if head is not None and head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS} or None, got {head!r}")
+        if head is None:
+            pass
+        elif head == "align":
             if not text_dim:
                 raise ValueError("the align head needs text_dim")
             self.text_head = nn.Linear(text_dim, r_t)
