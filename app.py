@@ -16,6 +16,7 @@ import inspect
 import logging
 import os
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -531,7 +532,19 @@ refused, never opened. Uploads are deleted after each request.
 """
 
 
+def warm_samples() -> None:
+    """Known models' samples drawn before visitors ask for them (neighbour galleries then show at once); a failure
+    here only means they are drawn on first use, as without the warm-up."""
+    try:
+        LOG.info("warm-up: %d known models' samples drawn", STUDIO.warm_samples())
+    except Exception:  # noqa: BLE001 — a background nicety must never take the server down
+        LOG.exception("warm-up of known models' samples failed; they are drawn on first use")
+
+
 def main() -> None:
+    # emoji roots draw a sample in a fraction of a second on a CPU; an SD 1.5 bundle's would take minutes
+    if STUDIO is not None and STUDIO.profile.pipeline == "emoji" and os.environ.get("PROBEX_WARM_SAMPLES", "1") != "0":
+        threading.Thread(target=warm_samples, name="warm-samples", daemon=True).start()
     demo = build_demo()
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=256)
     theme = gr.themes.Soft(primary_hue="rose", secondary_hue="slate",

@@ -51,7 +51,7 @@ MAX_UPLOAD_BYTES = int(float(os.environ.get("PROBEX_MAX_UPLOAD_MB", "256")) * 2*
 FETCH_TIMEOUT_S = float(os.environ.get("PROBEX_FETCH_TIMEOUT_S", "60"))
 MAX_LABELS = 64            # custom zero-shot labels per request
 MAX_TEXT_CHARS = 200       # a label or a search text
-SAMPLE_CACHE_SIZE = 256    # known models' samples are deterministic: drawn once, then served from memory
+SAMPLE_CACHE_SIZE = 512    # known models' samples are deterministic: drawn once, then served from memory
 # A search text is read as vocabulary classes whose names are this close to it (all-MiniLM-L6-v2 cosine: unrelated
 # phrases mostly sit below 0.3, a paraphrase or a kind of the same thing above 0.45), at most TOP of them
 VOCAB_MATCH_MIN = {"all-MiniLM-L6-v2": 0.45}  # per text encoder; others search every text as typed
@@ -113,6 +113,7 @@ class Studio:
         self._pipeline_locks: dict[str, threading.Lock] = {name: threading.Lock() for name in bundle.trees}
         self._pipelines_lock = threading.Lock()
         self._sample_cache: OrderedDict[tuple, list] = OrderedDict()
+        self._sample_cache_lock = threading.Lock()
         self._novelty_threshold: dict[str, float | None] = {}  # tree → calibrated on its validation models
         # every text tree's class names and (2, C, d) their embeddings, alone and with their keywords
         self._vocabulary: tuple[list[str], torch.Tensor] | None = None
@@ -574,20 +575,39 @@ class Studio:
         cached) or a LoRA file (routed first, never cached)."""
         if isinstance(model, str) and self.is_known_model(model, tree):
             tree = self.tree_of(model, tree)
-            key = (tree, model, n, seed)
-            if key not in self._sample_cache:
-                drawn = self.sample_source(tree, model)
-                if drawn is None:
-                    raise ProbexError(f"model {model} ships no LoRA file to draw samples from")
-                path = Path(self.bundle.trees[tree].gallery.sample_paths[drawn])
-                self._sample_cache[key] = self.draw(tree, path, self.sample_prompt(tree, {}), n, seed)
-                while len(self._sample_cache) > SAMPLE_CACHE_SIZE:
-                    self._sample_cache.popitem(last=False)
-            return self._sample_cache[key]
+            drawn = self.sample_source(tree, model)
+            if drawn is None:
+                raise ProbexError(f"model {model} ships no LoRA file to draw samples from")
+            return self.shipped_samples(tree, drawn, n, seed)
         if isinstance(model, Analysis):
             raise ProbexError("samples of an upload need its file, not only its analysis")
         a = self.analyse(model)
         return self.draw(a.tree, Path(model), self.sample_prompt(a.tree, a.metadata), n, seed)
+
+    def shipped_samples(self, tree: str, model_id: str, n: int = 1, seed: int = 0) -> list:
+        """Images of a shipped sample LoRA, drawn once and then served from memory (they are deterministic). Keyed
+        by the file drawn, so the models of a class drawn by one stand-in share its images."""
+        key = (tree, model_id, n, seed)
+        with self._sample_cache_lock:
+            images = self._sample_cache.get(key)
+        if images is None:
+            path = Path(self.bundle.trees[tree].gallery.sample_paths[model_id])
+            images = self.draw(tree, path, self.sample_prompt(tree, {}), n, seed)
+            with self._sample_cache_lock:
+                self._sample_cache[key] = images
+                while len(self._sample_cache) > SAMPLE_CACHE_SIZE:
+                    self._sample_cache.popitem(last=False)
+        return images
+
+    def warm_samples(self) -> int:
+        """Draw every shipped sample LoRA once, as the neighbour galleries show it (one image, seed 0), so a visitor
+        then waits only for the upload's own samples. For a server to run beside its first requests (each draw holds
+        its tree's pipeline for one image). Returns how many were drawn."""
+        shipped = [(name, model_id) for name, tree in self.bundle.trees.items() if tree.root_model
+                   for model_id in tree.gallery.sample_paths][:SAMPLE_CACHE_SIZE // 2]  # room left for the rest
+        for name, model_id in shipped:
+            self.shipped_samples(name, model_id)
+        return len(shipped)
 
     def sample_source(self, tree: str, model_id: str) -> str | None:
         """The id of the model whose shipped LoRA is drawn for ``model_id``: itself when its file ships, else a

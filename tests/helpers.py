@@ -106,7 +106,7 @@ def running_app(bundle: Path, workdir: Path, env: dict | None = None, timeout: f
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "PROBEX_BUNDLE": str(bundle), "HF_HUB_OFFLINE": "1",
                 "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
                 "GRADIO_TEMP_DIR": str(workdir / "gradio"), "GRADIO_ANALYTICS_ENABLED": "False",
-                "PROBEX_UPLOAD_GRACE_S": "3", **(env or {})}
+                "PROBEX_UPLOAD_GRACE_S": "3", "PROBEX_WARM_SAMPLES": "0", **(env or {})}
     log = workdir / "app.log"
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=full_env, stdout=out,

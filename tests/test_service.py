@@ -185,6 +185,20 @@ def test_samples_of_a_known_model_are_drawn_once_then_cached(studio):
     assert studio.samples(model, n=2, tree="tree-b") is images
 
 
+def test_warm_up_draws_every_shipped_sample_once_and_stand_ins_share_it(studio, built, monkeypatch):
+    """After the warm-up, a known model's neighbour image — its own file's or its class's stand-in's — is served
+    from memory: nothing more is drawn."""
+    shipped = sum(len(t.gallery.sample_paths) for t in studio.bundle.trees.values())
+    assert studio.warm_samples() == shipped
+    monkeypatch.setattr(studio, "draw", lambda *a: pytest.fail("drawn again after the warm-up"))
+    g = studio.bundle.trees["tree-a"].gallery
+    without_file = [m for m in g.ids if m not in g.sample_paths and studio.sample_source("tree-a", m)]
+    assert without_file
+    for model in [next(iter(g.sample_paths)), *without_file[:3]]:
+        source = studio.sample_source("tree-a", model)
+        assert studio.samples(model, n=1, tree="tree-a") is studio.shipped_samples("tree-a", source)
+
+
 def test_samples_of_an_uploaded_file_and_of_a_model_without_its_own_file(studio, built):
     path = zoo_file(built["zoos"]["tree-a"], "test", "fish")
     assert len(studio.samples(str(path), n=1)) == 1
