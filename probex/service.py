@@ -132,12 +132,11 @@ class Studio:
 
     # ------------------------------------------------------------------------------------------- loading
     @classmethod
-    def load(cls, bundle_dir: str | Path | None = None, *, warm: bool = True) -> "Studio":
-        """The bundle in ``bundle_dir`` (a dir or Hub repo id), else the shipped one of ``PROBEX_PROFILE``.
-        ``warm=False`` defers the text encoder to its first use (one-shot CLI calls)."""
-
-
-        profile = get_profile()
+    def load(cls, bundle_dir: str | Path | None = None, *, profile: str | None = None,
+             warm: bool = True) -> "Studio":
+        """The bundle in ``bundle_dir`` (a dir or Hub repo id), else the shipped one of ``profile`` (None: of
+        ``PROBEX_PROFILE``). ``warm=False`` defers the text encoder to its first use (one-shot CLI calls)."""
+        profile = get_profile(profile)
         named = bundle_dir is not None or bool(os.environ.get("PROBEX_BUNDLE"))
         if bundle_dir is not None:
             profile = replace(profile, bundle=str(bundle_dir))
@@ -643,7 +642,6 @@ def read_upload(path: str | Path) -> ModelWeights:
 def load_with_fallback(bundle_dir: str | Path | None = None) -> tuple[Studio | None, str]:
     """(studio, notice) for the app: the profile's bundle; if that cannot load and the profile is not the embedded
     one, the embedded emoji-mini bundle; if nothing loads, (None, why) — the app still starts and says so."""
-
     try:
         studio = Studio.load(bundle_dir)
         return studio, studio.notice
@@ -651,9 +649,9 @@ def load_with_fallback(bundle_dir: str | Path | None = None) -> tuple[Studio | N
         first = str(err)
     profile = get_profile().name
     if bundle_dir is None and profile != DEFAULT_PROFILE and not os.environ.get("PROBEX_BUNDLE"):
-        os.environ["PROBEX_PROFILE"] = DEFAULT_PROFILE
         try:
-            return Studio.load(), f"profile {profile} could not load ({first}); running {DEFAULT_PROFILE} instead"
+            return (Studio.load(profile=DEFAULT_PROFILE),
+                    f"profile {profile} could not load ({first}); running {DEFAULT_PROFILE} instead")
         except ProbexError as err:
             first = f"{first}; {DEFAULT_PROFILE}: {err}"
     return None, first

@@ -5,6 +5,7 @@ fixture of conftest.py once per session)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -338,6 +339,18 @@ def test_load_with_fallback_without_a_bundle_says_why(tmp_path, monkeypatch):
     monkeypatch.setenv("PROBEX_BUNDLE", "checkpoints/not-built-yet")  # a project folder, not a Hub repo id
     studio, notice = load_with_fallback()
     assert studio is None and notice.startswith("no bundle at checkpoints/not-built-yet: the folder does not exist")
+
+
+def test_load_with_fallback_runs_the_embedded_profile_and_leaves_the_environment_alone(tmp_path, monkeypatch):
+    from probex.service import load_with_fallback
+
+    monkeypatch.setenv("PROBEX_PROFILE", "sd15-modelj")
+    monkeypatch.setenv("PROBEX_CLIP_MODEL", str(tmp_path / "no-clip-here"))  # the reader cannot load: offline
+    monkeypatch.delenv("PROBEX_BUNDLE", raising=False)
+    studio, notice = load_with_fallback()
+    assert studio is not None and studio.profile.name == "emoji-mini"
+    assert notice.startswith("profile sd15-modelj could not load") and "\n" not in notice
+    assert os.environ["PROBEX_PROFILE"] == "sd15-modelj"
 
 
 def test_a_corrupted_bundle_is_named_at_start_up(built, tmp_path):
