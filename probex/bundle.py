@@ -20,7 +20,6 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -32,9 +31,6 @@ from probex.gallery import Gallery
 from probex.router import Router
 from probex.text import DEFAULT_PROMPT
 from probex.zoo import WEIGHT_FILES, sha256_file
-
-if TYPE_CHECKING:   # sd15 builds TreeBundles: importing it here at run time would be circular
-    from probex.sd15 import PromptedReading
 
 FORMAT, VERSION = "probex-bundle", 3  # 2: text_emb in its own file, encodings in int8; 3: encodings over files
 FILE_BYTES = 9_500_000  # gallery encodings are split over files of at most this many bytes (Spaces: ≤ 10 MB a file)
@@ -52,9 +48,6 @@ class TreeBundle:
     prompt_template: str = DEFAULT_PROMPT
     root_model: str | None = None   # diffusers model id or dir of the tree's root (for drawing samples)
     instance_prompt: str | None = None
-    # a training-free reader that takes each file's own instance prompt: built in memory (sd15.build_reader_tree),
-    # never saved
-    prompted: PromptedReading | None = None
 
     @property
     def layers(self) -> list[str]:
@@ -69,8 +62,6 @@ class TreeBundle:
 
     def class_text_features(self) -> torch.Tensor | None:
         """(C, r_T) the vocabulary's captions in the expert's space; None without a text head."""
-        if self.prompted is not None:
-            return self.prompted.class_features(self.instance_prompt)
         return self.expert.text_features(self.class_text_input()) if self.expert.head_kind == "align" else None
 
     def concept_anchors(self) -> torch.Tensor | None:

@@ -34,7 +34,7 @@ from probex.card import CardFacts, render_card
 from probex.errors import InputError, NoExpertError, ProbexError, first_line
 from probex.plots import Mark, weight_text_map
 from probex.profiles import DEFAULT_PROFILE, PROJECT_ROOT, get_profile, resolve_bundle_dir
-from probex.sd15 import add_reader_tree, instance_prompt
+from probex.sd15 import PromptedReading, add_reader_tree, instance_prompt
 from probex.text import described, load_text_encoder, prompt
 from probex.weights import (
     FAMILY_NAMES,
@@ -102,9 +102,12 @@ class Studio:
     """A loaded bundle and the verbs on it. Thread-safe for concurrent requests: the experts and text encoder only
     read; each tree's image pipeline is guarded by its own lock (diffusers swaps LoRAs in and out of one model)."""
 
-    def __init__(self, bundle, bundle_dir: Path, profile, warm: bool = True, notice: str = ""):
+    def __init__(self, bundle, bundle_dir: Path, profile, warm: bool = True, notice: str = "",
+                 prompted: dict[str, PromptedReading] | None = None):
         self.bundle, self.profile = bundle, profile
         self.notice = notice  # why a part of the profile is missing (e.g. its reader could not load), for the banner
+        # tree → the reading of a training-free reader that takes each file's own instance prompt (probex.sd15)
+        self.prompted: dict[str, PromptedReading] = dict(prompted or {})
         self.bundle_dir = None if bundle_dir is None else Path(bundle_dir)  # None: only in-memory trees (sd15)
         self._text = None
         self._class_text: dict[str, ClassText | None] = {}  # tree → its class vocabulary read (None: no text head)
@@ -149,16 +152,16 @@ class Studio:
                                   "`python -m probex train`, or point --bundle / PROBEX_BUNDLE at one)")
             directory = resolve_bundle_dir(profile)
             bundle = Bundle.load(directory)
-        notice = ""
+        notice, prompted = "", {}
         if profile.reader:
-
             try:
-                add_reader_tree(bundle, profile)
+                name, reading = add_reader_tree(bundle, profile)
+                prompted[name] = reading
             except InputError as err:  # offline, or no such base: the trained trees still answer
                 if not bundle.trees:
                     raise ProbexError(f"the training-free {profile.reader} reader could not load: {err}") from None
                 notice = f"the training-free {profile.reader} reader could not load ({err}); trained trees only"
-        return cls(bundle, directory, profile, warm, notice)
+        return cls(bundle, directory, profile, warm, notice, prompted)
 
     @property
     def trees(self) -> list[str]:
@@ -177,12 +180,12 @@ class Studio:
         return f"{len(self.bundle.trees[tree].gallery.ids)} models"
 
     def training_free_trees(self) -> list[str]:
-        return [name for name, t in self.bundle.trees.items() if t.prompted is not None]
+        return list(self.prompted)
 
     def expert_note(self, tree: str) -> str:
         """Which expert reads the tree's files, in words for the banner, results and card."""
         t = self.bundle.trees[tree]
-        if t.prompted is not None:
+        if tree in self.prompted:
             return (f"read by the training-free {FAMILY_NAMES.get(t.family, t.family)} reader: the base UNet's "
                     f"{len(t.expert.blocks)} cross-attention blocks against {self.text.name} token states (no "
                     "training; the method is validated on the emoji jungle, not on SD 1.5 LoRAs here)")
@@ -229,8 +232,7 @@ class Studio:
             raise InputError(f"{weights.source}: has no {missing[0]} module, a layer the {route.tree} expert reads "
                              f"({describe(weights)})")
         prompt, prompt_source = None, None
-        if tree.prompted is not None:
-
+        if route.tree in self.prompted:
             prompt, prompt_source = instance_prompt(weights.metadata)
         encoding = self.encode(route.tree, [weights.layers.get(n) for n in names], prompt)
         if not torch.isfinite(encoding).all():
@@ -241,8 +243,10 @@ class Studio:
 
     def expert(self, tree: str, prompt: str | None = None):
         """The tree's expert; for a prompted reader, its reader for that instance prompt (None: the tree's own)."""
-        t = self.bundle.trees[tree]
-        return t.prompted.reader_for(prompt) if t.prompted is not None and prompt is not None else t.expert
+        reading = self.prompted.get(tree)
+        if reading is not None and prompt is not None:
+            return reading.reader_for(prompt)
+        return self.bundle.trees[tree].expert
 
     @torch.no_grad()
     def encode(self, tree: str, layers: list[LoraFactors | torch.Tensor | None],
@@ -262,13 +266,12 @@ class Studio:
     def class_text(self, tree: str, prompt: str | None = None) -> ClassText | None:
         """The tree's class vocabulary read by its expert, with both z-norms; None without a text head. Cached.
         ``prompt``: a prompted reader's instance prompt (its reader keeps the features per prompt)."""
-        t = self.bundle.trees[tree]
-        if t.prompted is not None and prompt not in (None, t.instance_prompt):
-            features = t.prompted.class_features(prompt)
+        t, reading = self.bundle.trees[tree], self.prompted.get(tree)
+        if reading is not None and prompt not in (None, t.instance_prompt):
+            features = reading.class_features(prompt)
             return ClassText(features, t.gallery.calibration(features), t.gallery.model_calibration(features))
         if tree not in self._class_text:
-            t = self.bundle.trees[tree]
-            text = t.class_text_features()
+            text = reading.class_features(t.instance_prompt) if reading is not None else t.class_text_features()
             anchors = None if text is None else t.gallery.class_anchors(text)
             if anchors is None:
                 self._class_text[tree] = None
@@ -380,7 +383,7 @@ class Studio:
         if not searchable:
             raise ProbexError("no tree in this bundle has known models to search"
                               + (" (the training-free reader has none: it gives concepts and zero-shot scores)"
-                                 if any(t.prompted is not None for t in self.bundle.trees.values()) else ""))
+                                 if self.prompted else ""))
         for name in searchable:
             t = self.bundle.trees[name]
             query = self.query_features(name, text, read_as)
