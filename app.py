@@ -153,7 +153,7 @@ def identify(path: str, owned: list[str], top_k: int):
     marked = [{**c, "name": c["name"] + (" · unseen" if c.get("known") is False and result["score_unit"] == "z" else "")}
               for c in result["classes"]]   # classes read from text alone, beside classes with known models
     bars = None if result["notice"] else concept_bars(marked, title, score_label=SCORE_LABELS[result["score_unit"]])
-    return (summary_markdown(result), gr.update(value=bars, visible=bars is not None),
+    return (summary_markdown(result, analysis.layers), gr.update(value=bars, visible=bars is not None),
             model_rows(result["neighbors"], False), figure, str(card_path), card_path.read_text(), request,
             gr.update(visible=True))
 
@@ -310,7 +310,7 @@ def api_search(text: str, top_k: int = 5) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ presentation
-def summary_markdown(result: dict) -> str:
+def summary_markdown(result: dict, layers: list[str]) -> str:
     top = result["classes"][0] if result["classes"] else {"name": "—", "score": 0.0}
     confidence = result["router"]["confidence"]
     sure = "sure" if confidence >= 0.5 else ("fairly sure" if confidence >= 0.2 else "unsure")
@@ -331,7 +331,7 @@ def summary_markdown(result: dict) -> str:
     return (headline +
             f"Tree **{result['tree']}** (base model `{result['base_model']}`), the router is {sure} "
             f"(confidence {confidence:.2f}).  \n"
-            f"`{result['file']}` · {result['description']} · {layers_read(result['layer'])}"
+            f"`{result['file']}` · {result['description']} · {expert_layers(layers)}"
             + expert_markdown(result))
 
 
@@ -346,9 +346,8 @@ def expert_markdown(result: dict) -> str:
             f"Instance prompt “{as_text(result['instance_prompt'])}” ({source}).{unknown}")
 
 
-def layers_read(layer: str) -> str:
+def expert_layers(names: list[str]) -> str:
     """One layer by name; several as a count and what they share ("7 layers …attn2.to_v")."""
-    names = [n.strip() for n in layer.split(",")]
     if len(names) == 1:
         return f"expert layer `{names[0]}`"
     parts = [n.split(".") for n in names]

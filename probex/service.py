@@ -85,7 +85,7 @@ class Analysis:
     description: str            # weights.describe()
     metadata: dict[str, str]
     tree: str
-    layer: str
+    layers: list[str]           # the layers the tree's expert read (predict's "layer" joins them with ", ")
     distance: float
     confidence: float
     encoding: torch.Tensor      # (r_T,), unit norm
@@ -238,7 +238,7 @@ class Studio:
         if not torch.isfinite(encoding).all():
             raise InputError(f"{weights.source}: the {route.tree} expert's reading of this file is not finite; its "
                              "weights are too extreme to read")
-        return Analysis(weights.source, describe(weights), dict(weights.metadata), route.tree, ", ".join(names),
+        return Analysis(weights.source, describe(weights), dict(weights.metadata), route.tree, names,
                         route.distance, route.confidence, encoding, negligible(weights), prompt, prompt_source)
 
     def expert(self, tree: str, prompt: str | None = None):
@@ -313,7 +313,7 @@ class Studio:
         similarity = None if a.negligible else self.similarity(a)
         neighbors = [] if similarity is None else self.ranked(a.tree, similarity, top_k)
         return require_finite({
-            "tree": a.tree, "layer": a.layer, "router": {"distance": a.distance, "confidence": a.confidence},
+            "tree": a.tree, "layer": ", ".join(a.layers), "router": {"distance": a.distance, "confidence": a.confidence},
             "classes": [] if a.negligible else self.concepts(a, top_k), "score_unit": self.score_unit(a.tree),
             "neighbors": neighbors, "notice": NEGLIGIBLE_NOTICE if a.negligible else None,
             "known_as": known_as(neighbors), "novelty": None if a.negligible else self.novelty(a, similarity),
@@ -545,7 +545,7 @@ class Studio:
         a = self.analyse(source)
         r = prediction if prediction is not None else self.predict(a, top_k)
         return render_card(CardFacts(
-            file_name=a.source, description=a.description, tree=a.tree, base_model=r["base_model"], layer=a.layer,
+            file_name=a.source, description=a.description, tree=a.tree, base_model=r["base_model"], layers=a.layers,
             router_confidence=a.confidence, classes=r["classes"], neighbors=r["neighbors"], profile=self.profile.name,
             notice=r["notice"], text_encoder=self.text.name,
             instance_prompt=a.instance_prompt or a.metadata.get("prompt") or a.metadata.get("instance_prompt"),
