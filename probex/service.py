@@ -281,8 +281,8 @@ class Studio:
                 self._class_text[tree] = ClassText(anchors, calibration, t.gallery.model_calibration(text), offset)
         return self._class_text[tree]
 
-    def class_features(self, tree: str) -> torch.Tensor | None:
-        """(C, r_T) unit vectors of the tree's class vocabulary (align experts; Gallery.class_anchors)."""
+    def class_anchors(self, tree: str) -> torch.Tensor | None:
+        """(C, r_T) what each vocabulary class is scored against (Gallery.class_anchors); None without a text head."""
         read = self.class_text(tree)
         return None if read is None else read.anchors
 
@@ -512,10 +512,10 @@ class Studio:
             marks.append(self.mark(tree, q, f"“{query.strip()}”", "query"))
             if scores is None:
                 scores = self.gallery_similarity(tree, q).tolist()
-        features = self.class_features(tree)
+        anchors = self.class_anchors(tree)
         class_points = None
-        if features is not None:
-            xy = self.bundle.place(tree, features).tolist()
+        if anchors is not None:
+            xy = self.bundle.place(tree, anchors).tolist()
             class_points = {name: (float(x), float(y)) for name, (x, y) in zip(g.vocabulary, xy)}
             if len(g.vocabulary) <= 40 and not labelled:
                 labelled = list(g.vocabulary)
