@@ -25,6 +25,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import gradio as gr  # noqa: E402  (after the logging settings, which libraries read at import)
 
+from probex import fetch  # noqa: E402
 from probex.card import as_text  # noqa: E402
 from probex.errors import InputError, ProbexError, first_line  # noqa: E402
 from probex.plots import concept_bars  # noqa: E402
@@ -178,13 +179,11 @@ def identify_link(link: str, top_k: int):
 
 def fetch_link(link) -> object:
     """The link / Hub id checked and fetched into a temp dir (probex.fetch's rules), or a one-line refusal."""
-    from probex.fetch import fetch_to_temp
-
     if not isinstance(link, str) or not link.strip():
         raise InputError("paste a Hub repo id (user/name) or an https:// link first")
     if len(link) > 2048:
         raise InputError(f"the link is {len(link):,} characters; links and Hub ids are at most 2,048")
-    return fetch_to_temp(link.strip(), max_bytes=MAX_UPLOAD_BYTES, timeout=FETCH_TIMEOUT_S)
+    return fetch.fetch_to_temp(link.strip(), max_bytes=MAX_UPLOAD_BYTES, timeout=FETCH_TIMEOUT_S)
 
 
 @answers

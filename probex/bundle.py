@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from probex.errors import ProbexError
@@ -162,8 +162,6 @@ def _ship_half(source: Path, target: Path) -> Path:
     them into the fp32 root as it would any LoRA), metadata kept. No-op when re-saving a bundle in place."""
     if source.resolve() == target.resolve():
         return target
-    from safetensors import safe_open
-
     with safe_open(str(source), "pt") as f:
         metadata = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}

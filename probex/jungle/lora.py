@@ -65,11 +65,9 @@ def target_modules(unet) -> list[str]:
 
 def peft_initial_a(unet, rank: int, init_seed: int) -> dict[str, torch.Tensor]:
     """The A matrices peft draws for this root and rank after ``torch.manual_seed(init_seed)``."""
-    from peft import LoraConfig
-
     probe = copy.deepcopy(unet)
     torch.manual_seed(init_seed)
-    probe.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(TARGETS), init_lora_weights=True))
+    probe.add_adapter(peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=list(TARGETS), init_lora_weights=True))
     return {name: module.lora_A["default"].weight.detach().clone()
             for name, module in probe.named_modules() if hasattr(module, "lora_A") and "default" in module.lora_A}
 
