@@ -115,8 +115,8 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 MMAP_THRESHOLD_KB = int(os.environ.get("PROBEX_MMAP_THRESHOLD_KB", "128"))  # 0: glibc's own (dynamic) threshold
 if GLIBC is not None and MMAP_THRESHOLD_KB > 0:
     # tensors above the threshold get their own mmap, given back to the OS when freed. glibc otherwise raises the
-    # threshold after each large free, so later tensors land in per-thread heaps that concurrent requests fragment:
-    # resident memory then grows ~100 MB over 800 calls (bench/load.py --compare prints both)
+    # threshold after each large free, so later tensors land in per-thread heaps that concurrent requests fragment
+    # and resident memory creeps up (bench/load.py --compare measures both)
     GLIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_KB * 1024)
 
 

@@ -442,8 +442,8 @@ class Studio:
 
     def novelty(self, a: Analysis, similarity: torch.Tensor | None) -> dict | None:
         """Whether an upload looks unlike every known class. Where the tree's vocabulary has classes with and without
-        known models, the open-set concept list decides: an unseen class leads it (test "unseen class first"; on the
-        shipped gallery this tells held-out from known LoRAs at AUC 0.965, bench/novelty.py). Elsewhere: its cosine
+        known models, the open-set concept list decides: an unseen class leads it (test "unseen class first"; how well
+        that tells held-out from known LoRAs: bench/novelty.py). Elsewhere: its cosine
         to the nearest train-split model (``similarity`` to every gallery model) against the threshold that
         NOVELTY_KEPT of the tree's validation models reach (test "nearest known model"). None without a reading."""
         tree = a.tree
