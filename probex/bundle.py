@@ -119,7 +119,6 @@ class Bundle:
             verify_manifest(directory, meta["manifest"])
         router = None
         if meta.get("router") is not None:
-
             router = Router.from_state(_load_tensors(directory, "router.safetensors"), meta["router"])
         trees = {}
         for t in meta["trees"]:
@@ -143,7 +142,6 @@ def folder_name(name: str, taken: set) -> str:
 def _example_name(source: Path) -> str:
     """Zoo files all share one name (pytorch_lora_weights.safetensors): name the copy after the model's folders,
     tree included (two trees both have a test/model_idx_0014)."""
-
     folders = source.parent.parent.parent.name, source.parent.parent.name, source.parent.name
     stem = "__".join(folders) if source.name in WEIGHT_FILES else source.stem
     return re.sub(r"[^A-Za-z0-9._-]+", "_", stem) + ".safetensors"

@@ -127,7 +127,6 @@ class Studio:
     @property
     def text(self):
         """The bundle's text encoder, loaded on first use (the CLI answers a bad file without it)."""
-
         with self._text_lock:
             if self._text is None and self.bundle.text_encoder:
                 self._text = load_text_encoder(self.bundle.text_encoder)
@@ -493,7 +492,6 @@ class Studio:
                    tree: str | None = None):
         """The tree's weight–text map: known models at their build-time UMAP coordinates, class names and the
         request's points (upload, query) placed without refitting UMAP."""
-
         a = self.analyse(source) if source is not None else None
         tree = a.tree if a else (tree or self.default_tree())
         t = self.bundle.trees[tree]
@@ -541,7 +539,6 @@ class Studio:
                    prediction: dict | None = None) -> str:
         """The Hub README.md draft. ``prediction``: ``predict``'s answer for this source at ``top_k``, when the
         caller has it already (the app predicts once per upload)."""
-
         a = self.analyse(source)
         r = prediction if prediction is not None else self.predict(a, top_k)
         return render_card(CardFacts(
@@ -553,7 +550,6 @@ class Studio:
 
     def base_model(self, tree: str) -> str:
         """The tree's root as a card names it: a Hub id as is, a local root folder by its name."""
-
         root = self.bundle.trees[tree].root_model
         if not root:
             return tree
@@ -676,7 +672,6 @@ def class_name(label) -> str:
 
 def example_label(path: Path) -> str:
     """"tiger · a class the expert never saw" from the example file's own metadata (header only)."""
-
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -751,7 +746,6 @@ def clean_labels(labels: list[str] | str) -> list[str]:
 def is_missing_local_dir(ref: str) -> bool:
     """A bundle reference that names a folder here (absolute, ./…, or under an existing folder of the working dir
     or the project) which does not exist — as opposed to a Hub repo id."""
-
     path = Path(ref).expanduser()
     if path.is_dir() or (PROJECT_ROOT / ref).is_dir():
         return False

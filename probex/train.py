@@ -45,10 +45,6 @@ from probex.experts import AnchoredProbeX, DenseExpert, Expert, ProbeX
 from probex.zoo import LayerCache, select_layers
 
 
-
-
-
-
 def class_text_embeddings(cache: LayerCache, encoder, template: str | None = None) -> torch.Tensor:
     """One embedding per class of the cache, of its prompt (the given template, else the tree's, else the release's)."""
     template = template or cache.index.get("tree", {}).get("prompt_template") or DEFAULT_PROMPT

@@ -189,7 +189,6 @@ def build_population(root_dir: Path, jobs: list[LoraJob], zoo_dir: Path, adapter
     """Train every job whose file does not exist yet (resumable) into ``zoo_dir`` in Model-J layout. Each pass is
     one job of `probex.cluster.map_jobs`, here or on Ray (``ray``): the passes are the same either way, so are the
     files (an adapter's numbers depend on the batch it trained in)."""
-
     root_dir, zoo_dir = Path(root_dir).resolve(), Path(zoo_dir).resolve()   # a Ray task elsewhere: the same files
     recipe = RootRecipe.load(root_dir / "recipe.json")
     states = load_text_encoder("minilm").token_states([INSTANCE_PROMPT], recipe.token_length)
@@ -215,7 +214,6 @@ def build_population(root_dir: Path, jobs: list[LoraJob], zoo_dir: Path, adapter
 
 def train_pass(root_dir: Path, zoo_dir: Path, states: torch.Tensor, device: str, batch: list[LoraJob]) -> None:
     """One pass of a population build: the batch's LoRAs (one rank) trained together, each written to its file."""
-
     unet, _, recipe = load_root(root_dir, device)
     images, classes = load_atlas()
     row = {c["id"]: i for i, c in enumerate(classes)}
