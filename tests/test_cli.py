@@ -166,3 +166,14 @@ def test_ray_takes_an_optional_address_and_tasks_one_thread_by_default(verb):
     assert (parse(verb).ray, parse(verb).threads) == (False, 1)
     assert parse([*verb, "--ray"]).ray is True
     assert parse([*verb, "--ray", "head:6379", "--threads", "2"]).ray == "head:6379"
+
+
+def test_parsing_arguments_loads_no_diffusion_library():
+    """A bad file or a usage error is answered before diffusers / peft load (they take seconds): the parser lists
+    the zoo presets, and the module that holds them must not import either at its top."""
+    import subprocess
+
+    probe = ("import sys; from probex.cli import build_parser; build_parser(); "
+             "print(sorted(m for m in ('diffusers', 'peft') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]"

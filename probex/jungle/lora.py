@@ -20,11 +20,10 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
+from importlib.metadata import version
 from pathlib import Path
 
-import diffusers
 import numpy as np
-import peft
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
@@ -65,9 +64,13 @@ def target_modules(unet) -> list[str]:
 
 def peft_initial_a(unet, rank: int, init_seed: int) -> dict[str, torch.Tensor]:
     """The A matrices peft draws for this root and rank after ``torch.manual_seed(init_seed)``."""
+    # imported here: peft (with diffusers) takes seconds, and every `python -m probex` call imports this module to
+    # list the presets
+    from peft import LoraConfig
+
     probe = copy.deepcopy(unet)
     torch.manual_seed(init_seed)
-    probe.add_adapter(peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=list(TARGETS), init_lora_weights=True))
+    probe.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(TARGETS), init_lora_weights=True))
     return {name: module.lora_A["default"].weight.detach().clone()
             for name, module in probe.named_modules() if hasattr(module, "lora_A") and "default" in module.lora_A}
 
@@ -207,7 +210,7 @@ def build_population(root_dir: Path, jobs: list[LoraJob], zoo_dir: Path, adapter
     record = {"root": recipe.name, "trained": len(todo), "skipped": len(jobs) - len(todo),
               "seconds": round(time.time() - started, 1), "adapters_per_pass": adapters_per_pass, "device": device,
               "threads": torch.get_num_threads(), "job_seed": seed, "ray": ray,
-              "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__}}
+              "versions": {"torch": torch.__version__, "diffusers": version("diffusers"), "peft": version("peft")}}
     (zoo_dir / "build_record.jsonl").open("a").write(json.dumps(record) + "\n")
     return record
 
