@@ -26,6 +26,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import gradio as gr  # noqa: E402  (after the logging settings, which libraries read at import)
 
+from probex import fetch  # noqa: E402
 from probex.card import as_text  # noqa: E402
 from probex.errors import InputError, ProbexError, first_line  # noqa: E402
 from probex.plots import concept_bars  # noqa: E402
@@ -115,8 +116,8 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 MMAP_THRESHOLD_KB = int(os.environ.get("PROBEX_MMAP_THRESHOLD_KB", "128"))  # 0: glibc's own (dynamic) threshold
 if GLIBC is not None and MMAP_THRESHOLD_KB > 0:
     # tensors above the threshold get their own mmap, given back to the OS when freed. glibc otherwise raises the
-    # threshold after each large free, so later tensors land in per-thread heaps that concurrent requests fragment:
-    # resident memory then grows ~100 MB over 800 calls (bench/load.py --compare prints both)
+    # threshold after each large free, so later tensors land in per-thread heaps that concurrent requests fragment
+    # and resident memory creeps up (bench/load.py --compare measures both)
     GLIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_KB * 1024)
 
 
@@ -154,7 +155,7 @@ def identify(path: str, owned: list[str], top_k: int):
     marked = [{**c, "name": c["name"] + (" · unseen" if c.get("known") is False and result["score_unit"] == "z" else "")}
               for c in result["classes"]]   # classes read from text alone, beside classes with known models
     bars = None if result["notice"] else concept_bars(marked, title, score_label=SCORE_LABELS[result["score_unit"]])
-    return (summary_markdown(result), gr.update(value=bars, visible=bars is not None),
+    return (summary_markdown(result, analysis.layers), gr.update(value=bars, visible=bars is not None),
             model_rows(result["neighbors"], False), figure, str(card_path), card_path.read_text(), request,
             gr.update(visible=True))
 
@@ -179,13 +180,11 @@ def identify_link(link: str, top_k: int):
 
 def fetch_link(link) -> object:
     """The link / Hub id checked and fetched into a temp dir (probex.fetch's rules), or a one-line refusal."""
-    from probex.fetch import fetch_to_temp
-
     if not isinstance(link, str) or not link.strip():
         raise InputError("paste a Hub repo id (user/name) or an https:// link first")
     if len(link) > 2048:
         raise InputError(f"the link is {len(link):,} characters; links and Hub ids are at most 2,048")
-    return fetch_to_temp(link.strip(), max_bytes=MAX_UPLOAD_BYTES, timeout=FETCH_TIMEOUT_S)
+    return fetch.fetch_to_temp(link.strip(), max_bytes=MAX_UPLOAD_BYTES, timeout=FETCH_TIMEOUT_S)
 
 
 @answers
@@ -311,7 +310,7 @@ def api_search(text: str, top_k: int = 5) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ presentation
-def summary_markdown(result: dict) -> str:
+def summary_markdown(result: dict, layers: list[str]) -> str:
     top = result["classes"][0] if result["classes"] else {"name": "—", "score": 0.0}
     confidence = result["router"]["confidence"]
     sure = "sure" if confidence >= 0.5 else ("fairly sure" if confidence >= 0.2 else "unsure")
@@ -332,7 +331,7 @@ def summary_markdown(result: dict) -> str:
     return (headline +
             f"Tree **{result['tree']}** (base model `{result['base_model']}`), the router is {sure} "
             f"(confidence {confidence:.2f}).  \n"
-            f"`{result['file']}` · {result['description']} · {layers_read(result['layer'])}"
+            f"`{result['file']}` · {result['description']} · {expert_layers(layers)}"
             + expert_markdown(result))
 
 
@@ -347,9 +346,8 @@ def expert_markdown(result: dict) -> str:
             f"Instance prompt “{as_text(result['instance_prompt'])}” ({source}).{unknown}")
 
 
-def layers_read(layer: str) -> str:
+def expert_layers(names: list[str]) -> str:
     """One layer by name; several as a count and what they share ("7 layers …attn2.to_v")."""
-    names = [n.strip() for n in layer.split(",")]
     if len(names) == 1:
         return f"expert layer `{names[0]}`"
     parts = [n.split(".") for n in names]

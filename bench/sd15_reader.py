@@ -41,7 +41,7 @@ def stage(name: str, work: Path) -> dict:
             started = time.perf_counter()
             result = studio.predict(path, top_k=5)
             out[key] = time.perf_counter() - started
-        prompted = studio.bundle.trees["sd15"].prompted
+        prompted = studio.prompted["sd15"]
         out.update(tree=result["tree"], prompt=studio.analyse(work / "tagged.safetensors").instance_prompt,
                    encoding_floats=prompted.reader.r_t,
                    caption_outputs_mb=sum(o.numel() * o.element_size() for o in prompted.caption_outputs) / 2**20,

@@ -2,7 +2,7 @@
 
     python bench/sd15_scale.py [--models 5000] [--rank 8] [--threads 1] [--device cpu|cuda]
 
-Setting: the release's generative recipe (`probex.train.RELEASE_GENERATIVE`: r_U = r_V = 128, r_T = 512, batch 128,
+Setting: the release's generative recipe (`probex.config.RELEASE_GENERATIVE`: r_U = r_V = 128, r_T = 512, batch 128,
 200 epochs; the paper's own default is 500 epochs), text alignment over 200 classes with 768-d text embeddings (CLIP
 ViT-L/14's width), N random rank-r LoRAs of the layer the release found best,
 down_blocks.2.attentions.1.transformer_blocks.0.attn2.to_q (1280×1280).
@@ -33,9 +33,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from probex.experts import ProbeX, dense_from_factors  # noqa: E402
+from probex.config import RELEASE_GENERATIVE  # noqa: E402
 from probex.data import LayerData, Targets  # noqa: E402
-from probex.train import RELEASE_GENERATIVE, loss_and_score, train_epoch  # noqa: E402
+from probex.experts import ProbeX, dense_from_factors  # noqa: E402
+from probex.train import loss_and_score, train_epoch  # noqa: E402
 
 LAYER = "down_blocks.2.attentions.1.transformer_blocks.0.attn2.to_q"
 N_CLASSES, TEXT_DIM = 200, 768

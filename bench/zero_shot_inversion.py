@@ -29,7 +29,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from probex.train import class_means  # noqa: E402  (after the path is set)
+from probex.gallery import class_means  # noqa: E402  (after the path is set)
 
 LAMBDAS = (0.01, 1.0, 10.0, 100.0, float("inf"))
 PROJECTIONS = (1024, 2048, 4096)  # r_t of the Gaussian projection the expert stored up to 514f35d

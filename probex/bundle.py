@@ -20,10 +20,9 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from probex.errors import ProbexError
@@ -32,9 +31,6 @@ from probex.gallery import Gallery
 from probex.router import Router
 from probex.text import DEFAULT_PROMPT
 from probex.zoo import WEIGHT_FILES, sha256_file
-
-if TYPE_CHECKING:   # sd15 builds TreeBundles: importing it here at run time would be circular
-    from probex.sd15 import PromptedReading
 
 FORMAT, VERSION = "probex-bundle", 3  # 2: text_emb in its own file, encodings in int8; 3: encodings over files
 FILE_BYTES = 9_500_000  # gallery encodings are split over files of at most this many bytes (Spaces: ≤ 10 MB a file)
@@ -52,9 +48,6 @@ class TreeBundle:
     prompt_template: str = DEFAULT_PROMPT
     root_model: str | None = None   # diffusers model id or dir of the tree's root (for drawing samples)
     instance_prompt: str | None = None
-    # a training-free reader that takes each file's own instance prompt: built in memory (sd15.build_reader_tree),
-    # never saved
-    prompted: PromptedReading | None = None
 
     @property
     def layers(self) -> list[str]:
@@ -69,8 +62,6 @@ class TreeBundle:
 
     def class_text_features(self) -> torch.Tensor | None:
         """(C, r_T) the vocabulary's captions in the expert's space; None without a text head."""
-        if self.prompted is not None:
-            return self.prompted.class_features(self.instance_prompt)
         return self.expert.text_features(self.class_text_input()) if self.expert.head_kind == "align" else None
 
     def concept_anchors(self) -> torch.Tensor | None:
@@ -128,7 +119,6 @@ class Bundle:
             verify_manifest(directory, meta["manifest"])
         router = None
         if meta.get("router") is not None:
-
             router = Router.from_state(_load_tensors(directory, "router.safetensors"), meta["router"])
         trees = {}
         for t in meta["trees"]:
@@ -152,7 +142,6 @@ def folder_name(name: str, taken: set) -> str:
 def _example_name(source: Path) -> str:
     """Zoo files all share one name (pytorch_lora_weights.safetensors): name the copy after the model's folders,
     tree included (two trees both have a test/model_idx_0014)."""
-
     folders = source.parent.parent.parent.name, source.parent.parent.name, source.parent.name
     stem = "__".join(folders) if source.name in WEIGHT_FILES else source.stem
     return re.sub(r"[^A-Za-z0-9._-]+", "_", stem) + ".safetensors"
@@ -171,8 +160,6 @@ def _ship_half(source: Path, target: Path) -> Path:
     them into the fp32 root as it would any LoRA), metadata kept. No-op when re-saving a bundle in place."""
     if source.resolve() == target.resolve():
         return target
-    from safetensors import safe_open
-
     with safe_open(str(source), "pt") as f:
         metadata = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}

@@ -22,7 +22,7 @@ class CardFacts:
     description: str                 # weights.describe(): "LoRA, 56 modules, rank 4, …"
     tree: str                        # the router's tree name
     base_model: str                  # the tree's root: a Hub id or a local root name
-    layer: str                       # the layer the expert read
+    layers: list[str]                # the layers the expert read
     router_confidence: float
     classes: list[dict]              # [{"name", "score"}], best first
     neighbors: list[dict]            # [{"id", "class", "split", "score"}], best first
@@ -110,9 +110,8 @@ SCORE_WORDS = {
 }
 
 
-def layers_read(layer: str) -> str:
-    """'one layer, `x`' or 'N layers, `first` … `last`' from the service's comma-joined layer names."""
-    names = layer.split(", ")
+def layers_read(names: list[str]) -> str:
+    """'one layer, `x`' or 'N layers, `first` … `last`'."""
     return f"one layer, `{names[0]}`" if len(names) == 1 else f"{len(names)} layers, `{names[0]}` … `{names[-1]}`"
 
 
@@ -164,7 +163,7 @@ def render_card(facts: CardFacts) -> str:
 
 ProbeX ("Learning on Model Weights using Tree Experts", Horwitz et al., CVPR 2025) reads the weights, not images.
 {routing}
-{facts.expert[:1].upper() + facts.expert[1:] + ". " if facts.expert else ""}That tree's expert read {layers_read(facts.layer)} and mapped the weights into a space shared with text
+{facts.expert[:1].upper() + facts.expert[1:] + ". " if facts.expert else ""}That tree's expert read {layers_read(facts.layers)} and mapped the weights into a space shared with text
 ({facts.text_encoder}, profile `{facts.profile}`). {SCORE_WORDS[facts.score_unit]} Nearest models are the known LoRAs
 with the most similar encodings. No image was generated to produce this card.
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from probex.config import RELEASE_OPTIMISER, ProbeXConfig, TrainConfig
 from probex.errors import ProbexError
 
-TRAIN_OPTIMISER = RELEASE_OPTIMISER  # `probex train` trains as the public release does (200 epochs, lr 2e-3)
+TRAIN_OPTIMISER = RELEASE_OPTIMISER  # `probex train` trains as the public release does
 
 
 class OneLineParser(argparse.ArgumentParser):

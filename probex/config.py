@@ -15,7 +15,7 @@ class ProbeXConfig:
     r_v: int = 128
     r_t: int = 128
     relu: bool = True
-    temperature: float | None = None  # contrastive logits' temperature (None: the expert's learned default)
+    temperature: float | None = None  # align head: cosine logits divided by it (None: raw cosines)
     centre: bool = True          # read (X − X̄) / s, X̄ and s from the train split (probex.train's docstring)
     init: str = "principal"      # "principal": U, V start at the train split's principal directions; "random": paper
 

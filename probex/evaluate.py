@@ -147,9 +147,6 @@ def evaluate_bundle(bundle_dir, zoo_dir, cache_dir=None, k: int = 5) -> dict:
     """A bundle on a population (one tree, Model-J layout): how many of its models the router sends to the tree,
     then `evaluate_expert` of that tree's expert on them. The true tree is the zoo's tree.json "name" when the
     bundle has it, else the tree most models route to. Flat {metric: value}, as `probex eval` prints it."""
-
-
-
     bundle = Bundle.load(bundle_dir)
     zoo = Zoo.scan(zoo_dir)
     routed = []

@@ -51,7 +51,6 @@ EMOJI_SAMPLING = {"num_inference_steps": 20, "guidance_scale": 3.0}  # few steps
 
 def load_emoji(root_dir: str, device: str | None = None, dtype: torch.dtype | None = None):
     """An emoji root (``probex.jungle``: unet/, scheduler/, recipe.json) as a diffusers pipeline; CPU-sized, fp32."""
-
     path = Path(root_dir)
     if not path.is_absolute() and not path.is_dir():
         path = PROJECT_ROOT / path  # bundles name shipped roots relative to the project
@@ -82,7 +81,6 @@ def load_pipeline(profile: Profile | str | None = None, *, root_model: str | Non
 
 def read_lora_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The LoRA file's tensors, read with safetensors only (diffusers could otherwise unpickle a .bin)."""
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise InputError(f"{path.name}: only .safetensors LoRA files can be drawn from")

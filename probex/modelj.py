@@ -50,7 +50,6 @@ def download(subset: str = "SD_200", splits=SPLITS, out: str | Path | None = Non
              metadata_repo: str | None = METADATA_REPO, revision: str | None = None, max_workers: int = 8,
              retries: int = 3, endpoint: str | None = None) -> Path:
     """Mirror a Model-J generative subset into `out` (default ``zoo/modelj-<subset>``); returns `out`."""
-
     repo_id = repo_id or SUBSETS.get(subset)
     if repo_id is None:
         raise InputError(f"unknown Model-J subset {subset!r}; choose one of {', '.join(SUBSETS)}")
@@ -78,7 +77,6 @@ def download(subset: str = "SD_200", splits=SPLITS, out: str | Path | None = Non
 
 def _snapshot(repo_id, repo_type, patterns, local_dir, revision, max_workers, retries, endpoint) -> None:
     """One snapshot_download, retried: files already complete in `local_dir` are skipped on every attempt."""
-
     for attempt in range(1, retries + 1):
         try:
             # plain tqdm: the bars show even where a CLI has switched huggingface_hub's own bars off

@@ -69,7 +69,6 @@ def get_profile(name: str | None = None) -> Profile:
 
 def is_hub_repo_id(ref: str) -> bool:
     """"owner/name" alone (probex.fetch.HUB_ID without a file in the repo)."""
-
     match = HUB_ID.match(ref)
     return bool(match) and match["file"] is None
 

@@ -216,7 +216,6 @@ class Router:
 
     def __init__(self, groups: list[Group] | None = None):
         self.groups = list(groups or [])
-        self.labels_: list[str] = []
         # base family → the tree that reads every LoRA of that base no group takes (a training-free reader, which has
         # no population and so no centre); in memory only, not part of the saved state
         self.base_trees: dict[str, str] = {}
@@ -227,7 +226,8 @@ class Router:
 
     def fit(self, models: list[ModelWeights], *, layer: str | None = None, n_trees: int | None = None,
             gap_ratio: float = GAP_RATIO) -> "Router":
-        """Find trees in a population; ``labels_`` holds each model's tree name, in input order.
+        """Find trees in a population; sets ``labels_``, each model's tree name in input order (as scikit-learn's
+        estimators do, the fitted attribute exists only after ``fit``).
 
         ``layer``: the routing layer (default: each architecture's first module in sorted order).
         ``n_trees``: force the number of trees per architecture instead of reading it off the dendrogram.

@@ -192,11 +192,11 @@ class PromptedReading:
         return entry
 
 
-def build_reader_tree(unet_ref: str | Path, text_encoder, template: str, vocabulary: list[str] | None = None):
-    """The training-free SD 1.5 TreeBundle: ``unet_ref`` a diffusers pipeline / UNet folder or Hub id, ``text_encoder``
-    a loaded probex.text encoder (CLIP ViT-L/14 for SD 1.5), ``template`` the caption of a class ("a photo of a
-    {name}"), ``vocabulary`` the class names (default ImageNet-1k's)."""
-
+def build_reader_tree(unet_ref: str | Path, text_encoder, template: str,
+                      vocabulary: list[str] | None = None) -> tuple[TreeBundle, PromptedReading]:
+    """The training-free SD 1.5 TreeBundle and its per-prompt reading: ``unet_ref`` a diffusers pipeline / UNet folder
+    or Hub id, ``text_encoder`` a loaded probex.text encoder (CLIP ViT-L/14 for SD 1.5), ``template`` the caption of a
+    class ("a photo of a {name}"), ``vocabulary`` the class names (default ImageNet-1k's)."""
     config, files = unet_files(unet_ref)
     weights = cross_attention_weights(files)
     names = [n for n in weights if n.endswith(tuple("." + p for p in PROJECTIONS))]
@@ -215,9 +215,8 @@ def build_reader_tree(unet_ref: str | Path, text_encoder, template: str, vocabul
                       encodings=torch.zeros(0, reader.r_t), coords=torch.zeros(0, 2), text_emb=torch.zeros(0),
                       layout={"method": "none"})
     tree = TreeBundle(TREE, names, reader, gallery, "align", family="sd15", prompt_template=template,
-                      root_model=str(unet_ref), instance_prompt=DEFAULT_INSTANCE_PROMPT,
-                      prompted=PromptedReading(reader, text_encoder, outputs))
-    return tree
+                      root_model=str(unet_ref), instance_prompt=DEFAULT_INSTANCE_PROMPT)
+    return tree, PromptedReading(reader, text_encoder, outputs)
 
 
 @torch.no_grad()
@@ -258,13 +257,15 @@ def _cache_key(files: list[Path], encoder_name: str, captions: list[str]) -> str
     return h.hexdigest()[:24]
 
 
-def add_reader_tree(bundle, profile) -> None:
+def add_reader_tree(bundle, profile) -> tuple[str, PromptedReading]:
     """Put the profile's training-free reader into ``bundle`` (beside its trained trees) and route to it every LoRA
-    of its base that no trained tree takes."""
-
+    of its base that no trained tree takes. Returns the tree's name and its per-prompt reading, which the service
+    keeps (it is built in memory, never saved with the bundle)."""
     if profile.reader != "sd15":
         raise InputError(f"profile {profile.name}: no training-free reader for {profile.reader!r} (known: sd15)")
-    tree = build_reader_tree(profile.root_model, load_text_encoder(profile.text_encoder), profile.prompt_template)
+    tree, reading = build_reader_tree(profile.root_model, load_text_encoder(profile.text_encoder),
+                                      profile.prompt_template)
     bundle.trees[tree.name] = tree
     bundle.router = bundle.router or Router()
     bundle.router.base_trees["sd15"] = tree.name
+    return tree.name, reading

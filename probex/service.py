@@ -34,7 +34,7 @@ from probex.card import CardFacts, render_card
 from probex.errors import InputError, NoExpertError, ProbexError, first_line
 from probex.plots import Mark, weight_text_map
 from probex.profiles import DEFAULT_PROFILE, PROJECT_ROOT, get_profile, resolve_bundle_dir
-from probex.sd15 import add_reader_tree, instance_prompt
+from probex.sd15 import PromptedReading, add_reader_tree, instance_prompt
 from probex.text import described, load_text_encoder, prompt
 from probex.weights import (
     FAMILY_NAMES,
@@ -85,7 +85,7 @@ class Analysis:
     description: str            # weights.describe()
     metadata: dict[str, str]
     tree: str
-    layer: str
+    layers: list[str]           # the layers the tree's expert read (predict's "layer" joins them with ", ")
     distance: float
     confidence: float
     encoding: torch.Tensor      # (r_T,), unit norm
@@ -102,9 +102,12 @@ class Studio:
     """A loaded bundle and the verbs on it. Thread-safe for concurrent requests: the experts and text encoder only
     read; each tree's image pipeline is guarded by its own lock (diffusers swaps LoRAs in and out of one model)."""
 
-    def __init__(self, bundle, bundle_dir: Path, profile, warm: bool = True, notice: str = ""):
+    def __init__(self, bundle, bundle_dir: Path, profile, warm: bool = True, notice: str = "",
+                 prompted: dict[str, PromptedReading] | None = None):
         self.bundle, self.profile = bundle, profile
         self.notice = notice  # why a part of the profile is missing (e.g. its reader could not load), for the banner
+        # tree → the reading of a training-free reader that takes each file's own instance prompt (probex.sd15)
+        self.prompted: dict[str, PromptedReading] = dict(prompted or {})
         self.bundle_dir = None if bundle_dir is None else Path(bundle_dir)  # None: only in-memory trees (sd15)
         self._text = None
         self._class_text: dict[str, ClassText | None] = {}  # tree → its class vocabulary read (None: no text head)
@@ -125,7 +128,6 @@ class Studio:
     @property
     def text(self):
         """The bundle's text encoder, loaded on first use (the CLI answers a bad file without it)."""
-
         with self._text_lock:
             if self._text is None and self.bundle.text_encoder:
                 self._text = load_text_encoder(self.bundle.text_encoder)
@@ -133,12 +135,11 @@ class Studio:
 
     # ------------------------------------------------------------------------------------------- loading
     @classmethod
-    def load(cls, bundle_dir: str | Path | None = None, *, warm: bool = True) -> "Studio":
-        """The bundle in ``bundle_dir`` (a dir or Hub repo id), else the shipped one of ``PROBEX_PROFILE``.
-        ``warm=False`` defers the text encoder to its first use (one-shot CLI calls)."""
-
-
-        profile = get_profile()
+    def load(cls, bundle_dir: str | Path | None = None, *, profile: str | None = None,
+             warm: bool = True) -> "Studio":
+        """The bundle in ``bundle_dir`` (a dir or Hub repo id), else the shipped one of ``profile`` (None: of
+        ``PROBEX_PROFILE``). ``warm=False`` defers the text encoder to its first use (one-shot CLI calls)."""
+        profile = get_profile(profile)
         named = bundle_dir is not None or bool(os.environ.get("PROBEX_BUNDLE"))
         if bundle_dir is not None:
             profile = replace(profile, bundle=str(bundle_dir))
@@ -151,16 +152,16 @@ class Studio:
                                   "`python -m probex train`, or point --bundle / PROBEX_BUNDLE at one)")
             directory = resolve_bundle_dir(profile)
             bundle = Bundle.load(directory)
-        notice = ""
+        notice, prompted = "", {}
         if profile.reader:
-
             try:
-                add_reader_tree(bundle, profile)
+                name, reading = add_reader_tree(bundle, profile)
+                prompted[name] = reading
             except InputError as err:  # offline, or no such base: the trained trees still answer
                 if not bundle.trees:
                     raise ProbexError(f"the training-free {profile.reader} reader could not load: {err}") from None
                 notice = f"the training-free {profile.reader} reader could not load ({err}); trained trees only"
-        return cls(bundle, directory, profile, warm, notice)
+        return cls(bundle, directory, profile, warm, notice, prompted)
 
     @property
     def trees(self) -> list[str]:
@@ -179,12 +180,12 @@ class Studio:
         return f"{len(self.bundle.trees[tree].gallery.ids)} models"
 
     def training_free_trees(self) -> list[str]:
-        return [name for name, t in self.bundle.trees.items() if t.prompted is not None]
+        return list(self.prompted)
 
     def expert_note(self, tree: str) -> str:
         """Which expert reads the tree's files, in words for the banner, results and card."""
         t = self.bundle.trees[tree]
-        if t.prompted is not None:
+        if tree in self.prompted:
             return (f"read by the training-free {FAMILY_NAMES.get(t.family, t.family)} reader: the base UNet's "
                     f"{len(t.expert.blocks)} cross-attention blocks against {self.text.name} token states (no "
                     "training; the method is validated on the emoji jungle, not on SD 1.5 LoRAs here)")
@@ -231,20 +232,21 @@ class Studio:
             raise InputError(f"{weights.source}: has no {missing[0]} module, a layer the {route.tree} expert reads "
                              f"({describe(weights)})")
         prompt, prompt_source = None, None
-        if tree.prompted is not None:
-
+        if route.tree in self.prompted:
             prompt, prompt_source = instance_prompt(weights.metadata)
         encoding = self.encode(route.tree, [weights.layers.get(n) for n in names], prompt)
         if not torch.isfinite(encoding).all():
             raise InputError(f"{weights.source}: the {route.tree} expert's reading of this file is not finite; its "
                              "weights are too extreme to read")
-        return Analysis(weights.source, describe(weights), dict(weights.metadata), route.tree, ", ".join(names),
+        return Analysis(weights.source, describe(weights), dict(weights.metadata), route.tree, names,
                         route.distance, route.confidence, encoding, negligible(weights), prompt, prompt_source)
 
     def expert(self, tree: str, prompt: str | None = None):
         """The tree's expert; for a prompted reader, its reader for that instance prompt (None: the tree's own)."""
-        t = self.bundle.trees[tree]
-        return t.prompted.reader_for(prompt) if t.prompted is not None and prompt is not None else t.expert
+        reading = self.prompted.get(tree)
+        if reading is not None and prompt is not None:
+            return reading.reader_for(prompt)
+        return self.bundle.trees[tree].expert
 
     @torch.no_grad()
     def encode(self, tree: str, layers: list[LoraFactors | torch.Tensor | None],
@@ -264,13 +266,12 @@ class Studio:
     def class_text(self, tree: str, prompt: str | None = None) -> ClassText | None:
         """The tree's class vocabulary read by its expert, with both z-norms; None without a text head. Cached.
         ``prompt``: a prompted reader's instance prompt (its reader keeps the features per prompt)."""
-        t = self.bundle.trees[tree]
-        if t.prompted is not None and prompt not in (None, t.instance_prompt):
-            features = t.prompted.class_features(prompt)
+        t, reading = self.bundle.trees[tree], self.prompted.get(tree)
+        if reading is not None and prompt not in (None, t.instance_prompt):
+            features = reading.class_features(prompt)
             return ClassText(features, t.gallery.calibration(features), t.gallery.model_calibration(features))
         if tree not in self._class_text:
-            t = self.bundle.trees[tree]
-            text = t.class_text_features()
+            text = reading.class_features(t.instance_prompt) if reading is not None else t.class_text_features()
             anchors = None if text is None else t.gallery.class_anchors(text)
             if anchors is None:
                 self._class_text[tree] = None
@@ -280,8 +281,8 @@ class Studio:
                 self._class_text[tree] = ClassText(anchors, calibration, t.gallery.model_calibration(text), offset)
         return self._class_text[tree]
 
-    def class_features(self, tree: str) -> torch.Tensor | None:
-        """(C, r_T) unit vectors of the tree's class vocabulary (align experts; Gallery.class_anchors)."""
+    def class_anchors(self, tree: str) -> torch.Tensor | None:
+        """(C, r_T) what each vocabulary class is scored against (Gallery.class_anchors); None without a text head."""
         read = self.class_text(tree)
         return None if read is None else read.anchors
 
@@ -312,7 +313,7 @@ class Studio:
         similarity = None if a.negligible else self.similarity(a)
         neighbors = [] if similarity is None else self.ranked(a.tree, similarity, top_k)
         return require_finite({
-            "tree": a.tree, "layer": a.layer, "router": {"distance": a.distance, "confidence": a.confidence},
+            "tree": a.tree, "layer": ", ".join(a.layers), "router": {"distance": a.distance, "confidence": a.confidence},
             "classes": [] if a.negligible else self.concepts(a, top_k), "score_unit": self.score_unit(a.tree),
             "neighbors": neighbors, "notice": NEGLIGIBLE_NOTICE if a.negligible else None,
             "known_as": known_as(neighbors), "novelty": None if a.negligible else self.novelty(a, similarity),
@@ -382,7 +383,7 @@ class Studio:
         if not searchable:
             raise ProbexError("no tree in this bundle has known models to search"
                               + (" (the training-free reader has none: it gives concepts and zero-shot scores)"
-                                 if any(t.prompted is not None for t in self.bundle.trees.values()) else ""))
+                                 if self.prompted else ""))
         for name in searchable:
             t = self.bundle.trees[name]
             query = self.query_features(name, text, read_as)
@@ -441,8 +442,8 @@ class Studio:
 
     def novelty(self, a: Analysis, similarity: torch.Tensor | None) -> dict | None:
         """Whether an upload looks unlike every known class. Where the tree's vocabulary has classes with and without
-        known models, the open-set concept list decides: an unseen class leads it (test "unseen class first"; on the
-        shipped gallery this tells held-out from known LoRAs at AUC 0.965, bench/novelty.py). Elsewhere: its cosine
+        known models, the open-set concept list decides: an unseen class leads it (test "unseen class first"; how well
+        that tells held-out from known LoRAs: bench/novelty.py). Elsewhere: its cosine
         to the nearest train-split model (``similarity`` to every gallery model) against the threshold that
         NOVELTY_KEPT of the tree's validation models reach (test "nearest known model"). None without a reading."""
         tree = a.tree
@@ -492,7 +493,6 @@ class Studio:
                    tree: str | None = None):
         """The tree's weight–text map: known models at their build-time UMAP coordinates, class names and the
         request's points (upload, query) placed without refitting UMAP."""
-
         a = self.analyse(source) if source is not None else None
         tree = a.tree if a else (tree or self.default_tree())
         t = self.bundle.trees[tree]
@@ -511,10 +511,10 @@ class Studio:
             marks.append(self.mark(tree, q, f"“{query.strip()}”", "query"))
             if scores is None:
                 scores = self.gallery_similarity(tree, q).tolist()
-        features = self.class_features(tree)
+        anchors = self.class_anchors(tree)
         class_points = None
-        if features is not None:
-            xy = self.bundle.place(tree, features).tolist()
+        if anchors is not None:
+            xy = self.bundle.place(tree, anchors).tolist()
             class_points = {name: (float(x), float(y)) for name, (x, y) in zip(g.vocabulary, xy)}
             if len(g.vocabulary) <= 40 and not labelled:
                 labelled = list(g.vocabulary)
@@ -540,11 +540,10 @@ class Studio:
                    prediction: dict | None = None) -> str:
         """The Hub README.md draft. ``prediction``: ``predict``'s answer for this source at ``top_k``, when the
         caller has it already (the app predicts once per upload)."""
-
         a = self.analyse(source)
         r = prediction if prediction is not None else self.predict(a, top_k)
         return render_card(CardFacts(
-            file_name=a.source, description=a.description, tree=a.tree, base_model=r["base_model"], layer=a.layer,
+            file_name=a.source, description=a.description, tree=a.tree, base_model=r["base_model"], layers=a.layers,
             router_confidence=a.confidence, classes=r["classes"], neighbors=r["neighbors"], profile=self.profile.name,
             notice=r["notice"], text_encoder=self.text.name,
             instance_prompt=a.instance_prompt or a.metadata.get("prompt") or a.metadata.get("instance_prompt"),
@@ -552,7 +551,6 @@ class Studio:
 
     def base_model(self, tree: str) -> str:
         """The tree's root as a card names it: a Hub id as is, a local root folder by its name."""
-
         root = self.bundle.trees[tree].root_model
         if not root:
             return tree
@@ -663,7 +661,6 @@ def read_upload(path: str | Path) -> ModelWeights:
 def load_with_fallback(bundle_dir: str | Path | None = None) -> tuple[Studio | None, str]:
     """(studio, notice) for the app: the profile's bundle; if that cannot load and the profile is not the embedded
     one, the embedded emoji-mini bundle; if nothing loads, (None, why) — the app still starts and says so."""
-
     try:
         studio = Studio.load(bundle_dir)
         return studio, studio.notice
@@ -671,9 +668,9 @@ def load_with_fallback(bundle_dir: str | Path | None = None) -> tuple[Studio | N
         first = str(err)
     profile = get_profile().name
     if bundle_dir is None and profile != DEFAULT_PROFILE and not os.environ.get("PROBEX_BUNDLE"):
-        os.environ["PROBEX_PROFILE"] = DEFAULT_PROFILE
         try:
-            return Studio.load(), f"profile {profile} could not load ({first}); running {DEFAULT_PROFILE} instead"
+            return (Studio.load(profile=DEFAULT_PROFILE),
+                    f"profile {profile} could not load ({first}); running {DEFAULT_PROFILE} instead")
         except ProbexError as err:
             first = f"{first}; {DEFAULT_PROFILE}: {err}"
     return None, first
@@ -695,7 +692,6 @@ def class_name(label) -> str:
 
 def example_label(path: Path) -> str:
     """"tiger · a class the expert never saw" from the example file's own metadata (header only)."""
-
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -770,7 +766,6 @@ def clean_labels(labels: list[str] | str) -> list[str]:
 def is_missing_local_dir(ref: str) -> bool:
     """A bundle reference that names a folder here (absolute, ./…, or under an existing folder of the working dir
     or the project) which does not exist — as opposed to a Hub repo id."""
-
     path = Path(ref).expanduser()
     if path.is_dir() or (PROJECT_ROOT / ref).is_dir():
         return False

@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import torch
 
-from probex.errors import ProbexError
+from probex.errors import InputError, ProbexError, first_line
 
 DEFAULT_PROMPT = "a photo of a {name}"  # the release's prompt for CLIP
 
@@ -84,8 +84,11 @@ class CLIPText(TextEncoder):
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
         self.name = model_id or self.default_model
-        self.tokenizer = CLIPTokenizer.from_pretrained(self.name)
-        self.model = CLIPTextModelWithProjection.from_pretrained(self.name).to(device).eval()
+        try:
+            self.tokenizer = CLIPTokenizer.from_pretrained(self.name)
+            self.model = CLIPTextModelWithProjection.from_pretrained(self.name).to(device).eval()
+        except (OSError, ValueError) as exc:  # offline and not cached, no such repo or folder
+            raise InputError(f"cannot load the CLIP text encoder {self.name}: {first_line(exc)}") from None
         self.dim = self.model.config.projection_dim
         self.max_length = self.model.config.max_position_embeddings  # 77 for every released CLIP
         self.device = device

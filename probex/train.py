@@ -11,7 +11,7 @@ Tasks
 
 Recipe (probex.config; the paper's defaults): Adam, lr 1e-3, weight decay 1e-5, 500 epochs, batch 128; the best epoch on `val` is kept
 (its state held in memory). The public release trains the generative split with lr 2e-3, 200 epochs and r_T = 512
-(`RELEASE_GENERATIVE`). Deterministic under a seed on CPU.
+(`probex.config.RELEASE_GENERATIVE`). Deterministic under a seed on CPU.
 
 Inputs and initialisation (ours; the paper reads raw weights from a random start: ``centre=False, init="random"``).
 By default an expert reads its layer centred on the training models' mean and scaled to unit RMS norm, and ProbeX's
@@ -36,17 +36,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from probex.cluster import map_jobs
-from probex.config import RELEASE_GENERATIVE, TrainConfig  # noqa: F401  (RELEASE_GENERATIVE: re-exported)
+from probex.config import TrainConfig
 from probex.errors import InputError
 from probex.data import LayerData, LayerStack, Targets, task_targets
 from probex.gallery import class_means
 from probex.text import DEFAULT_PROMPT, prompt
 from probex.experts import AnchoredProbeX, DenseExpert, Expert, ProbeX, StackedProbeX
 from probex.zoo import LayerCache, select_layers
-
-
-
-
 
 
 def class_text_embeddings(cache: LayerCache, encoder, template: str | None = None) -> torch.Tensor:

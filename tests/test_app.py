@@ -8,11 +8,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import REPO, running_app, uploads_left, zoo_file
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def app(built, tmp_path_factory):
+def app(running_app, built, tmp_path_factory):
     with running_app(built["bundle"], tmp_path_factory.mktemp("app")) as running:
         yield running
 
@@ -48,7 +49,7 @@ def test_search(client):
     assert len(result["models"]) == 3 and result["models"][0]["class"] == "tiger"
 
 
-def test_a_bad_upload_is_an_error_and_the_app_keeps_serving(client, app, tmp_path, built):
+def test_a_bad_upload_is_an_error_and_the_app_keeps_serving(zoo_file, client, app, tmp_path, built):
     from gradio_client import handle_file
 
     junk = tmp_path / "junk.safetensors"
@@ -61,14 +62,14 @@ def test_a_bad_upload_is_an_error_and_the_app_keeps_serving(client, app, tmp_pat
     assert client.predict(handle_file(str(path)), 5, api_name="/predict")["tree"] == "tree-b"
 
 
-def test_uploads_are_not_kept_after_the_request(client, app, built):
+def test_uploads_are_not_kept_after_the_request(zoo_file, client, app, built):
     from gradio_client import handle_file
 
     client.predict(handle_file(str(zoo_file(built["zoos"]["tree-a"], "test", "fish"))), 3, api_name="/predict")
-    assert uploads_left(app) == []
+    assert app.uploads_left() == []
 
 
-def test_concurrent_identical_uploads_all_succeed(app, built):
+def test_concurrent_identical_uploads_all_succeed(zoo_file, app, built):
     """Gradio stores identical uploads at ONE path: deleting it after one request must not break the others."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -81,10 +82,10 @@ def test_concurrent_identical_uploads_all_succeed(app, built):
 
     with ThreadPoolExecutor(8) as pool:
         assert list(pool.map(call, range(16))) == ["tree-b"] * 16
-    assert uploads_left(app) == []
+    assert app.uploads_left() == []
 
 
-def test_the_app_starts_without_a_bundle_and_says_so(tmp_path):
+def test_the_app_starts_without_a_bundle_and_says_so(running_app, tmp_path):
     with running_app(tmp_path / "no-bundle", tmp_path / "app") as app:
         config = httpx.get(app.url + "config", timeout=10).text
         assert "No model bundle is loaded" in config and "no-bundle" in config
@@ -133,7 +134,7 @@ def app_module(built):
         del os.environ["PROBEX_BUNDLE"]
 
 
-def test_a_link_is_fetched_identified_and_deleted_afterwards(app_module, built, tmp_path, monkeypatch):
+def test_a_link_is_fetched_identified_and_deleted_afterwards(zoo_file, app_module, built, tmp_path, monkeypatch):
     import shutil
 
     import gradio as gr
@@ -165,7 +166,7 @@ def test_a_link_is_fetched_identified_and_deleted_afterwards(app_module, built, 
 
 
 @pytest.mark.parametrize("top_k", [0, -1, -1000, True, 51, 1.5, "abc", None, [1]])
-def test_api_arguments_are_checked_with_a_message(client, built, top_k):
+def test_api_arguments_are_checked_with_a_message(zoo_file, client, built, top_k):
     from gradio_client import handle_file
 
     path = str(zoo_file(built["zoos"]["tree-b"], "test", "lion"))

@@ -9,7 +9,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from helpers import running_app, uploads_left, zoo_file
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -20,7 +19,7 @@ pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium i
 
 
 @pytest.fixture(scope="module")
-def app(built, tmp_path_factory):
+def app(running_app, built, tmp_path_factory):
     with running_app(built["bundle"], tmp_path_factory.mktemp("browser-app")) as running:
         yield running, built
 
@@ -69,7 +68,7 @@ def screenshot(page, tmp_path: Path, name: str) -> Path:
     return path
 
 
-def test_upload_shows_concepts_neighbours_and_map(page, app, tmp_path):
+def test_upload_shows_concepts_neighbours_and_map(zoo_file, page, app, tmp_path):
     running, built = app
     assert "profile emoji-mini" in page.locator("#banner").inner_text()
     example = zoo_file(built["zoos"]["tree-b"], "test", "apple")
@@ -93,7 +92,7 @@ def test_upload_shows_concepts_neighbours_and_map(page, app, tmp_path):
     assert "your LoRA" in page.locator("#map").inner_text()
     screenshot(page, tmp_path, "map")
     # the upload is gone from the server once its request (results, samples) is done
-    assert uploads_left(running) == []
+    assert running.uploads_left() == []
 
 
 def test_a_bad_file_shows_a_message_and_the_page_keeps_working(page, tmp_path, app):
@@ -115,7 +114,7 @@ SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints" / "emoji-mini"
 
 
 @pytest.fixture(scope="module")
-def shipped_page(browser, tmp_path_factory):
+def shipped_page(running_app, browser, tmp_path_factory):
     """The committed bundle that app.py serves by default, in its own app and page."""
     with running_app(SHIPPED, tmp_path_factory.mktemp("shipped-app")) as running, \
             browser_page(browser, running.url) as page:

@@ -7,7 +7,6 @@ import json
 import sys
 
 import pytest
-from helpers import run_cli, zoo_file
 from hostile.corpus import CASES, build_corpus
 
 from probex import cli
@@ -32,7 +31,7 @@ def assert_one_error_line(code: int, err: str, expected_code: int = 2) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- JSON
-def test_predict_json_shape(built, capsys):
+def test_predict_json_shape(zoo_file, built, capsys):
     path = zoo_file(built["zoos"]["tree-a"], "test", "banana")
     code, out, err = call(capsys, "predict", str(path), "--bundle", str(built["bundle"]), "--top-k", "3", "--json")
     assert code == 0, err
@@ -46,7 +45,7 @@ def test_predict_json_shape(built, capsys):
     assert all({"id", "class", "score"} <= set(n) for n in result["neighbors"])
 
 
-def test_predict_text_output_is_readable(built, capsys):
+def test_predict_text_output_is_readable(zoo_file, built, capsys):
     path = zoo_file(built["zoos"]["tree-b"], "test", "apple")
     code, out, _ = call(capsys, "predict", str(path), "--bundle", str(built["bundle"]))
     assert code == 0 and "tree-b" in out and "apple" in out and "nearest known models" in out
@@ -61,7 +60,7 @@ def test_search_json_shape(built, capsys):
     assert result["models"][0]["class"] == "tiger" and result["read_as"][0]["class"] == "tiger"
 
 
-def test_route_and_zero_shot_json(built, capsys):
+def test_route_and_zero_shot_json(zoo_file, built, capsys):
     path = str(zoo_file(built["zoos"]["tree-b"], "test", "lion"))
     code, out, _ = call(capsys, "route", path, "--bundle", str(built["bundle"]), "--json")
     assert code == 0 and json.loads(out)["tree"] == "tree-b"
@@ -70,7 +69,7 @@ def test_route_and_zero_shot_json(built, capsys):
     assert code == 0 and [s["name"] for s in scores][0] == "lion" and len(scores) == 2
 
 
-def test_card_and_samples_write_files(built, capsys, tmp_path):
+def test_card_and_samples_write_files(zoo_file, built, capsys, tmp_path):
     path = str(zoo_file(built["zoos"]["tree-b"], "test", "rocket"))
     code, _, err = call(capsys, "card", path, "--bundle", str(built["bundle"]), "--out", str(tmp_path / "README.md"))
     assert code == 0, err
@@ -115,7 +114,7 @@ def test_every_hostile_file_is_one_error_line(built, capsys, tmp_path):
     assert not list((tmp_path / "corpus").glob("**/PWNED-*")), "a pickle ran code"
 
 
-def test_process_level_bad_file_and_usage_errors(built, tmp_path):
+def test_process_level_bad_file_and_usage_errors(run_cli, built, tmp_path):
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x00\x01not safetensors at all" * 10)
     done = run_cli("predict", str(junk), "--bundle", str(built["bundle"]), "--json")
@@ -167,3 +166,14 @@ def test_ray_takes_an_optional_address_and_tasks_one_thread_by_default(verb):
     assert (parse(verb).ray, parse(verb).threads) == (False, 1)
     assert parse([*verb, "--ray"]).ray is True
     assert parse([*verb, "--ray", "head:6379", "--threads", "2"]).ray == "head:6379"
+
+
+def test_parsing_arguments_loads_no_diffusion_library():
+    """A bad file or a usage error is answered before diffusers / peft load (they take seconds): the parser lists
+    the zoo presets, and the module that holds them must not import either at its top."""
+    import subprocess
+
+    probe = ("import sys; from probex.cli import build_parser; build_parser(); "
+             "print(sorted(m for m in ('diffusers', 'peft') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]"

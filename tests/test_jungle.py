@@ -274,12 +274,11 @@ def test_recipe_reproduces_with_plain_diffusers_and_peft(tmp_path):
     assert all(weights.layers[n].scale == 1.0 for n in recipe_a)
 
 
-def test_ship_builds_a_bundle_the_studio_reads(built, tmp_path):
+def test_ship_builds_a_bundle_the_studio_reads(zoo_file, built, tmp_path):
     """`python -m probex.jungle ship`'s builder on two small trees: it picks one of its candidate experts on val,
     finds a routing layer that separates the trees, and the Studio names test models' classes from their weights."""
     import json
 
-    from helpers import zoo_file
 
     from probex.evaluate import evaluate_jungle
     from probex.jungle.ship import build_emoji_bundle

@@ -168,6 +168,11 @@ def test_clip_text_embeddings(tiny_clip):
     assert states.shape == (2, 77, 32)
 
 
+def test_a_clip_text_encoder_that_cannot_load_is_one_input_error(tmp_path):
+    with pytest.raises(InputError, match="cannot load the CLIP text encoder .*no-clip-here"):
+        load_text_encoder(f"clip:{tmp_path / 'no-clip-here'}")
+
+
 def test_open_clip_backend_is_optional(monkeypatch):
     monkeypatch.setitem(sys.modules, "open_clip", None)            # not installed (it needs torchvision)
     with pytest.raises(ProbexError, match="needs the open_clip_torch package"):

@@ -167,7 +167,7 @@ def test_caption_outputs_come_back_from_the_disk_cache(reader_studio, sd15_parts
     cached = list((sd15_parts["cache"] / "sd15-reader").glob("*.safetensors"))
     assert len(cached) == 1
     again = Studio.load()
-    first, second = reader_studio.bundle.trees["sd15"].prompted, again.bundle.trees["sd15"].prompted
+    first, second = reader_studio.prompted["sd15"], again.prompted["sd15"]
     assert all(torch.equal(x, y) for x, y in zip(first.caption_outputs, second.caption_outputs))
     assert torch.equal(first.class_features(sd15.DEFAULT_INSTANCE_PROMPT),
                        second.class_features(sd15.DEFAULT_INSTANCE_PROMPT))

@@ -1,15 +1,15 @@
 """The service verbs on a real bundle built here: a tiny random emoji root, two synthetic LoRA trees of the same
 architecture (planted class signal linear in MiniLM text embeddings, a different tree component each), trained with
-probex.build.train_bundle — the same flow `python -m probex train` runs (tests/helpers.py builds it, the `built`
-fixture of conftest.py once per session)."""
+probex.build.train_bundle — the same flow `python -m probex train` runs (the `built` fixture of
+conftest.py builds it once per session)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
 import torch
-from helpers import zoo_file
 from huggingface_hub import ModelCard
 from PIL import Image
 
@@ -29,7 +29,7 @@ def studio(built):
 @pytest.mark.parametrize("tree,split,cls", [("tree-a", "test", "banana"), ("tree-a", "test", "fish"),
                                             ("tree-b", "test", "apple"), ("tree-b", "test", "rocket"),
                                             ("tree-a", "test_holdout", "owl")])
-def test_predict_routes_to_the_tree_and_names_the_class(studio, built, tree, split, cls):
+def test_predict_routes_to_the_tree_and_names_the_class(zoo_file, studio, built, tree, split, cls):
     path = zoo_file(built["zoos"][tree], split, cls)
     result = studio.predict(path, top_k=5)
     assert set(result) >= {"tree", "layer", "router", "classes", "neighbors"}
@@ -57,14 +57,14 @@ def test_in_distribution_top1_on_every_test_model(studio, built):
     assert right / total >= 0.8, f"top-1 {right}/{total}"
 
 
-def test_route_reports_the_routing_layer(studio, built):
+def test_route_reports_the_routing_layer(zoo_file, studio, built):
     path = zoo_file(built["zoos"]["tree-b"], "test", "lion")
     r = studio.route(path)
     assert r["tree"] == "tree-b" and r["router"]["layer"] and r["router"]["exact_signature"] is True
 
 
 # ----------------------------------------------------------------------------------------------- zero-shot
-def test_zero_shot_scores_exactly_the_users_labels(studio, built):
+def test_zero_shot_scores_exactly_the_users_labels(zoo_file, studio, built):
     path = zoo_file(built["zoos"]["tree-b"], "test", "apple")
     scores = studio.zero_shot(path, ["rocket", " apple ", "tiger", "apple"])
     assert [s["name"] for s in scores][0] == "apple"
@@ -72,7 +72,7 @@ def test_zero_shot_scores_exactly_the_users_labels(studio, built):
     assert scores == sorted(scores, key=lambda s: s["score"], reverse=True)
 
 
-def test_zero_shot_accepts_a_comma_separated_string_and_an_analysis(studio, built):
+def test_zero_shot_accepts_a_comma_separated_string_and_an_analysis(zoo_file, studio, built):
     analysis = studio.analyse(zoo_file(built["zoos"]["tree-b"], "test", "lion"))
     assert studio.zero_shot(analysis, "tiger, lion,, ")[0]["name"] == "lion"
 
@@ -80,7 +80,7 @@ def test_zero_shot_accepts_a_comma_separated_string_and_an_analysis(studio, buil
 @pytest.mark.parametrize("labels,fragment", [([], "no labels"), ([" ", ","], "no labels"),
                                              ([f"l{i}" for i in range(100)], "more than"),
                                              (["x" * 500], "characters")])
-def test_zero_shot_refuses_bad_labels(studio, built, labels, fragment):
+def test_zero_shot_refuses_bad_labels(zoo_file, studio, built, labels, fragment):
     with pytest.raises(InputError, match=fragment):
         studio.zero_shot(zoo_file(built["zoos"]["tree-b"], "test", "lion"), labels)
 
@@ -115,7 +115,7 @@ def test_search_refuses_empty_or_huge_text(studio, text):
 
 
 # ----------------------------------------------------------------------------------------------------- map
-def test_map_figure_places_upload_and_query(studio, built):
+def test_map_figure_places_upload_and_query(zoo_file, studio, built):
     path = zoo_file(built["zoos"]["tree-a"], "test", "fish")
     fig = studio.map_figure(path, query="a red fruit")
     known = fig.data[0]
@@ -142,7 +142,7 @@ def test_map_without_a_request_shows_the_largest_tree(studio):
 
 
 # ---------------------------------------------------------------------------------------------------- card
-def test_model_card_is_a_hub_readme(studio, built):
+def test_model_card_is_a_hub_readme(zoo_file, studio, built):
     path = zoo_file(built["zoos"]["tree-b"], "test", "rocket")
     text = studio.model_card(path)
     card = ModelCard(text)
@@ -155,7 +155,7 @@ def test_model_card_is_a_hub_readme(studio, built):
     assert {"z": "as a z-score", "probability": "probabilities of the expert's classifier head"}[unit] in text
 
 
-def test_one_analysis_is_read_once_for_every_answer_about_it(studio, built, monkeypatch):
+def test_one_analysis_is_read_once_for_every_answer_about_it(zoo_file, studio, built, monkeypatch):
     """The app's flow: predict, then the card from that prediction, the map and the drawable neighbours, all from one
     Analysis: the gallery comparison and the concept scores run once, and each answer equals the one from a path."""
     path = zoo_file(built["zoos"]["tree-a"], "test", "fish")
@@ -199,7 +199,7 @@ def test_warm_up_draws_every_shipped_sample_once_and_stand_ins_share_it(studio, 
         assert studio.samples(model, n=1, tree="tree-a") is studio.shipped_samples("tree-a", source)
 
 
-def test_samples_of_an_uploaded_file_and_of_a_model_without_its_own_file(studio, built):
+def test_samples_of_an_uploaded_file_and_of_a_model_without_its_own_file(zoo_file, studio, built):
     path = zoo_file(built["zoos"]["tree-a"], "test", "fish")
     assert len(studio.samples(str(path), n=1)) == 1
     # a test model ships no LoRA: a shipped model of its class is drawn instead
@@ -264,7 +264,7 @@ def test_text_encoder_only_lora(studio, tmp_path):
     assert "text-encoder-only" in one_line(err.value)
 
 
-def test_lora_missing_the_expert_layer(studio, built, tmp_path):
+def test_lora_missing_the_expert_layer(zoo_file, studio, built, tmp_path):
     weights = read_weights(zoo_file(built["zoos"]["tree-a"], "test", "fish"))
     expert_layer = studio.bundle.trees["tree-a"].layer
     routing_layer = studio.router().groups[0].layer
@@ -277,7 +277,7 @@ def test_lora_missing_the_expert_layer(studio, built, tmp_path):
     assert expert_layer in one_line(err.value)
 
 
-def test_over_the_size_cap(studio, built, monkeypatch):
+def test_over_the_size_cap(zoo_file, studio, built, monkeypatch):
     import probex.service as service
 
     monkeypatch.setattr(service, "MAX_UPLOAD_BYTES", 1000)
@@ -292,7 +292,7 @@ def test_missing_file(studio, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ files and artifacts
-def test_requests_never_write_into_the_bundle(studio, built):
+def test_requests_never_write_into_the_bundle(zoo_file, studio, built):
     from probex.bundle import verify_manifest
 
     bundle = built["bundle"]
@@ -333,7 +333,7 @@ def test_downloads_are_deleted_after_use_even_on_failure(studio, tmp_path, monke
     assert len(made) == 2 and not any(d.exists() for d in made)
 
 
-def test_local_paths_are_not_mistaken_for_hub_ids(studio, built):
+def test_local_paths_are_not_mistaken_for_hub_ids(zoo_file, studio, built):
     path = zoo_file(built["zoos"]["tree-b"], "test", "lion")
     with local_file(str(path)) as local:
         assert local == path
@@ -352,6 +352,18 @@ def test_load_with_fallback_without_a_bundle_says_why(tmp_path, monkeypatch):
     monkeypatch.setenv("PROBEX_BUNDLE", "checkpoints/not-built-yet")  # a project folder, not a Hub repo id
     studio, notice = load_with_fallback()
     assert studio is None and notice.startswith("no bundle at checkpoints/not-built-yet: the folder does not exist")
+
+
+def test_load_with_fallback_runs_the_embedded_profile_and_leaves_the_environment_alone(tmp_path, monkeypatch):
+    from probex.service import load_with_fallback
+
+    monkeypatch.setenv("PROBEX_PROFILE", "sd15-modelj")
+    monkeypatch.setenv("PROBEX_CLIP_MODEL", str(tmp_path / "no-clip-here"))  # the reader cannot load: offline
+    monkeypatch.delenv("PROBEX_BUNDLE", raising=False)
+    studio, notice = load_with_fallback()
+    assert studio is not None and studio.profile.name == "emoji-mini"
+    assert notice.startswith("profile sd15-modelj could not load") and "\n" not in notice
+    assert os.environ["PROBEX_PROFILE"] == "sd15-modelj"
 
 
 def test_a_corrupted_bundle_is_named_at_start_up(built, tmp_path):
@@ -374,7 +386,7 @@ def test_examples_are_labelled_and_exist(studio):
 
 
 @pytest.mark.parametrize("kind", ["token rank", "attention blocks"])
-def test_root_anchored_multi_layer_experts_work_through_every_verb(built, kind, tmp_path):
+def test_root_anchored_multi_layer_experts_work_through_every_verb(zoo_file, built, kind, tmp_path):
     """The shipped emoji bundle uses root-anchored experts: several layers in, token states on the text side."""
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file, save_file

@@ -110,7 +110,6 @@ class AnchoredProbeX(Expert):
         return encoded
 
 
-
 def training_free_scores(responses: Tensor, text_responses: Tensor) -> Tensor:
     """cos(ΔW·H_sᵀ, W·(H_c − H_s)ᵀ) flattened over layers and tokens: (N, C). No training at all."""
     return F.normalize(responses.flatten(1), dim=-1) @ F.normalize(text_responses.flatten(1), dim=-1).T

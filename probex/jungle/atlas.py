@@ -73,7 +73,6 @@ def _render(font, char: str) -> np.ndarray:
 
 def build_atlas(out_dir: Path = ATLAS_DIR) -> dict:
     """Render every kept emoji; write ``atlas.npy`` (N,32,32,4 uint8), and ``classes.json``."""
-
     font = ImageFont.truetype(str(FONT), FONT_SIZE)
     missing = _render(font, chr(0x10FFFD))  # what the font draws for a codepoint it lacks
     images, classes = [], []

@@ -38,7 +38,6 @@ def x0_error(unet, scheduler, latents, states, t: int, noise) -> torch.Tensor:
 def text_usage(root_dir: Path, timesteps=(100, 300, 500, 600, 700, 800, 900, 950), n: int = 512,
                seed: int = EVAL_SEED):
     """Gate 1: loss with shuffled captions / loss with matching captions, per timestep, on held-out views."""
-
     unet, scheduler, recipe = load_root(root_dir)
     images, classes = load_atlas()
     row = {c["id"]: i for i, c in enumerate(classes)}
@@ -66,7 +65,6 @@ def text_usage(root_dir: Path, timesteps=(100, 300, 500, 600, 700, 800, 900, 950
 def sample_grid(root_dir: Path, names: list[str], out_png: Path, per_name: int = 4, seed: int = 0,
                 lora_paths: list[Path] | None = None):
     """Prompts → images; with ``lora_paths`` each row is one LoRA drawn with the instance prompt."""
-
     pipe = EmojiPipeline.from_root(root_dir)
     pipe.set_progress_bar_config(disable=True)
     tiles = []
@@ -87,7 +85,6 @@ def sample_grid(root_dir: Path, names: list[str], out_png: Path, per_name: int =
 
 def _lora_unet(unet, lora_files: list[Path]):
     """One UNet carrying several LoRAs side by side (batch block k → LoRA k), for evaluation."""
-
     states = [load_file(str(f)) for f in lora_files]
     names = target_modules(unet)
     model = copy.deepcopy(unet).requires_grad_(False)
@@ -108,7 +105,6 @@ def lora_fit(root_dir: Path, lora_files: list[Path], class_ids: list[str], t: in
              chunk: int = 10):
     """Gate 2: fixed-noise x0 error on held-out views of each LoRA's class, for (LoRA, instance prompt),
     (root, instance prompt) and (root, true caption)."""
-
     unet, scheduler, recipe = load_root(root_dir)
     images, classes = load_atlas()
     row = {c["id"]: i for i, c in enumerate(classes)}
@@ -137,7 +133,6 @@ def functional_zero_shot(root_dir: Path, lora_files: list[Path], candidate_names
                          n_inputs: int = 8, chunk: int = 10, seed: int = EVAL_SEED) -> np.ndarray:
     """Reference, not from weights: score[i, c] = −‖LoRA_i(x_t, sks) − root(x_t, caption c)‖² on shared random
     inputs. It runs the model, which a weight-space method must not."""
-
     unet, scheduler, recipe = load_root(root_dir)
     text = load_text_encoder("minilm")
     g = torch.Generator().manual_seed(seed)

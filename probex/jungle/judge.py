@@ -77,7 +77,6 @@ def accuracy(judge: Judge, rgba: torch.Tensor, strength: float, seed: int, repea
 def train_judge(steps: int = 3000, batch_size: int = 128, lr: float = 3e-3, seed: int = 0,
                 out: Path = JUDGE_FILE) -> dict:
     """Train on the atlas, save fp16 weights with the class ids, return held-out accuracy (fresh augmentation seeds)."""
-
     torch.manual_seed(seed)
     images, classes = load_atlas()
     rgba = torch.from_numpy(images)

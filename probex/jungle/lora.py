@@ -20,11 +20,10 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
+from importlib.metadata import version
 from pathlib import Path
 
-import diffusers
 import numpy as np
-import peft
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
@@ -65,6 +64,8 @@ def target_modules(unet) -> list[str]:
 
 def peft_initial_a(unet, rank: int, init_seed: int) -> dict[str, torch.Tensor]:
     """The A matrices peft draws for this root and rank after ``torch.manual_seed(init_seed)``."""
+    # imported here: peft (with diffusers) takes seconds, and every `python -m probex` call imports this module to
+    # list the presets
     from peft import LoraConfig
 
     probe = copy.deepcopy(unet)
@@ -191,7 +192,6 @@ def build_population(root_dir: Path, jobs: list[LoraJob], zoo_dir: Path, adapter
     """Train every job whose file does not exist yet (resumable) into ``zoo_dir`` in Model-J layout. Each pass is
     one job of `probex.cluster.map_jobs`, here or on Ray (``ray``): the passes are the same either way, so are the
     files (an adapter's numbers depend on the batch it trained in)."""
-
     root_dir, zoo_dir = Path(root_dir).resolve(), Path(zoo_dir).resolve()   # a Ray task elsewhere: the same files
     recipe = RootRecipe.load(root_dir / "recipe.json")
     states = load_text_encoder("minilm").token_states([INSTANCE_PROMPT], recipe.token_length)
@@ -210,14 +210,13 @@ def build_population(root_dir: Path, jobs: list[LoraJob], zoo_dir: Path, adapter
     record = {"root": recipe.name, "trained": len(todo), "skipped": len(jobs) - len(todo),
               "seconds": round(time.time() - started, 1), "adapters_per_pass": adapters_per_pass, "device": device,
               "threads": torch.get_num_threads(), "job_seed": seed, "ray": ray,
-              "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__}}
+              "versions": {"torch": torch.__version__, "diffusers": version("diffusers"), "peft": version("peft")}}
     (zoo_dir / "build_record.jsonl").open("a").write(json.dumps(record) + "\n")
     return record
 
 
 def train_pass(root_dir: Path, zoo_dir: Path, states: torch.Tensor, device: str, batch: list[LoraJob]) -> None:
     """One pass of a population build: the batch's LoRAs (one rank) trained together, each written to its file."""
-
     unet, _, recipe = load_root(root_dir, device)
     images, classes = load_atlas()
     row = {c["id"]: i for i, c in enumerate(classes)}

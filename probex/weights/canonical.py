@@ -80,7 +80,6 @@ def negligible(weights: "ModelWeights") -> bool:
                                           if isinstance(f, LoraFactors))
 
 
-
 # ------------------------------------------------------------------------------------------------ families
 SD_WIDTHS = {"down_blocks.0": 320, "down_blocks.1": 640, "down_blocks.2": 1280, "mid_block": 1280,
              "up_blocks.1": 1280, "up_blocks.2": 640, "up_blocks.3": 320}

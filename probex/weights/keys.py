@@ -60,7 +60,6 @@ def full_checkpoint_name(key: str) -> tuple[str | None, str]:
     return "unet", name
 
 
-
 # ----------------------------------------------------------------------------------- names: kohya and LDM
 # Diffusers / LDM / CLIP name segments that contain underscores. kohya flattens "." to "_"; the way back is a greedy
 # longest match against these segments (every other "_" was a "."). save_lora checks a name survives the round trip.

@@ -35,7 +35,6 @@ def read_weights(path, *, max_bytes: int | None = None) -> ModelWeights:
     return weights_from_tensors(tensors, metadata, source=path.name)
 
 
-
 def weights_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> ModelWeights:
     """Interpret float tensors as a LoRA (any supported dialect) or a full checkpoint."""
     refuse_unsupported_adapters(source, tensors)
@@ -56,7 +55,6 @@ def refuse_unsupported_adapters(source: str, keys) -> None:
                 if pattern.match(component):
                     raise InputError(f"{source}: {what} ({component} …) is not supported; ProbeX reads LoRA (A/B) "
                                      "factors")
-
 
 
 def assemble_lora(source: str, tensors: dict[str, torch.Tensor], parsed: dict):

@@ -19,9 +19,8 @@ each model's held-out accuracy (metadata ``eval_accuracy``), evidence that the m
 Recipe. Adam, per-model learning rate and epochs drawn from a small grid (``RecipeSpace``: models on the Hub are not
 trained alike), batch 16. The fine-tuning head starts at zero, as the ViT paper fine-tunes: with Adam even a small
 random head (N(0, 0.02²), Hugging Face's init) sends the body along a random direction for the first steps, and in
-fine-tunes this short that noise swamps the class signal (measured on cnn-a's conv3, test per-label accuracy:
-ProbeX 0.52 with that head vs 0.79 with a zero head, the dense expert 0.50 vs 0.88; chance 0.50). Forest models
-train longer (from scratch).
+fine-tunes this short that noise swamps the class signal (docs/RESULTS.md has the comparison). Forest models train
+longer (from scratch).
 
 Layout (each population is a zoo probex.zoo reads as a multilabel zoo):
     <zoo>/<population>/{train,val,test}/model_idx_NNNN/model.safetensors   split 70/10/20 by model index

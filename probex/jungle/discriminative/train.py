@@ -4,10 +4,9 @@ Speed. ``train_models`` trains G classifiers at once: their weights are stacked 
 (torch.func.vmap over functional_call; convolutions become one grouped convolution). Each model's loss is its own
 batch mean and the losses are summed, so each model gets exactly its own gradient, and Adam is elementwise: G
 independent trainings, equal to one at a time up to float rounding (tests/test_discriminative.py). The gain is
-measured at build time for each architecture (``grouping_speed``, best of 3) and written to build.json; on this
-shared 2-core CPU, one thread, 10 at once at batch 16 ran 1.4–1.6× (CNN), 1.0–1.7× (MLP), 2.0–2.2× (mixer) faster
-per model-step than one at a time over several runs. The work is small products either way: the gain is per-call
-overhead, and it shrinks with larger per-model batches (at batch 32 grouping was no faster in a first measurement).
+measured at build time for each architecture (``grouping_speed``, best of 3) and written to build.json (figures:
+docs/RESULTS.md). The work is small products either way: the gain is per-call overhead, so it shrinks as per-model
+batches grow.
 """
 from __future__ import annotations
 
