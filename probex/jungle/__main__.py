@@ -33,8 +33,8 @@ def main(argv=None):
     root.add_argument("--out", help="folder of the root (default: checkpoints/roots/NAME); training state stays there")
     root.add_argument("--ema", type=float, default=0.0, help="EMA decay of the saved weights (0: the raw weights)")
     root.add_argument("--widths", default="64,128",
-                      help="UNet block widths. (32,64) trains 2x faster but its first conv squeezes each 48-channel "
-                           "4x4-pixel patch into 32 channels, and its samples keep per-pixel noise (measured)")
+                      help="UNet block widths. At unshuffle 4, (32,64) trains 2x faster but its first conv squeezes "
+                           "each 48-channel 4x4-pixel patch into 32 channels: its samples keep per-pixel noise")
     root.add_argument("--unshuffle", type=int, default=4,
                       help="pixel-unshuffle factor: 2 gives the UNet 16x16 positions of 12 channels, so its convs see "
                            "each pixel's neighbours and can remove per-pixel noise")

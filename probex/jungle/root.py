@@ -3,7 +3,7 @@
 A root is a ``UNet2DConditionModel`` on 32×32 RGB images pixel-unshuffled to 8×8×48 (attention stays cheap at 8×8),
 cross-attending to 16 all-MiniLM-L6-v2 token states of the caption "an emoji of {name}", trained with
 v-prediction: under ε-prediction at mid/high noise the clean-image error enters the loss with a tiny weight, and a
-measured probe of this setup learned to ignore its caption (ARCHITECTURE.md, probe 1).
+root of this setup trained that way learned to ignore its caption.
 
 Saved as plain diffusers folders (``unet/`` in fp16, ``scheduler/``) plus ``recipe.json``, so diffusers loads a
 root without this package. Pretraining is resumable: ``train_state.safetensors`` holds model, optimiser and RNG state.
