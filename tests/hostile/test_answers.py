@@ -5,8 +5,10 @@ Runs against the committed bundle that `python app.py` serves (checkpoints/emoji
 """
 from __future__ import annotations
 
+import io
 import json
 import math
+import pickle
 import re
 import subprocess
 import sys
@@ -214,6 +216,41 @@ def test_non_safetensors_files_are_named(tmp_path, data, fragment):
     path.write_bytes(data)
     message = one_line_refusal(lambda: read_weights(path), fragment)
     assert "-byte header" not in message
+
+
+def test_protocol_0_pickles_are_named_whatever_they_start_with(tmp_path):
+    """torch.save's legacy (non-zip) format with pickle_protocol=0 starts with the LONG magic number "L1195…L\n.";
+    bare scalars and strings start with INT / FLOAT / UNICODE. Written here, never loaded."""
+    buffer = io.BytesIO()
+    torch.save({"w": torch.randn(64, 64)}, buffer, pickle_protocol=0, _use_new_zipfile_serialization=False)
+    for name, data in {"torch_legacy": buffer.getvalue(), "int": pickle.dumps(123456789, protocol=0),
+                       "float": pickle.dumps(1.5, protocol=0), "string": pickle.dumps("hello", protocol=0),
+                       "none": pickle.dumps(None, protocol=0), "tuple": pickle.dumps((1, 2), protocol=0)}.items():
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(data)
+        message = one_line_refusal(lambda: read_weights(path), "Python pickle")
+        assert "-byte header" not in message
+
+
+@pytest.mark.parametrize("text", ["(Note: these are my training notes)\n", "(I think this is rank 4)\n",
+                                  "(Version 2)\nsteps: 100\n", "(NASA)\n", "Version 1\nNotes\n"])
+def test_text_notes_are_not_called_pickles(tmp_path, text):
+    path = tmp_path / "notes.safetensors"
+    path.write_text(text * 4)
+    one_line_refusal(lambda: read_weights(path), "a text file")
+
+
+def test_a_folder_or_device_is_named_not_missing(tmp_path):
+    one_line_refusal(lambda: read_weights(tmp_path), "a folder, not a model file")
+    one_line_refusal(lambda: read_weights("/dev/null"), "not a regular file")
+
+
+def test_one_byte_over_the_cap_shows_exact_sizes(tmp_path):
+    path = tmp_path / "big.safetensors"
+    with open(path, "wb") as f:  # sparse
+        f.truncate(256 * 2**20 + 1)
+    message = one_line_refusal(lambda: read_weights(path, max_bytes=256 * 2**20), "is over the")
+    assert "268,435,457 bytes is over the 268,435,456-byte (256 MiB) limit" in message, message
 
 
 def test_size_cap_message_uses_one_unit_system(tmp_path):
