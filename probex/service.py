@@ -732,8 +732,10 @@ def clean_text(text: str) -> str:
 
 def clean_labels(labels: list[str] | str) -> list[str]:
     """Labels from a list and/or comma-separated strings; blanks dropped, duplicates kept once, order kept."""
-    if isinstance(labels, str):
-        labels = [labels]
+    if labels is None or isinstance(labels, str):
+        labels = [labels or ""]
+    elif not isinstance(labels, (list, tuple)):
+        raise InputError(f"labels must be text or a list of texts; got {short(labels)}")
     parts = [part for label in labels for part in str(label).split(",")]
     cleaned = list(dict.fromkeys(" ".join(part.split()) for part in parts))
     cleaned = [label for label in cleaned if label]
