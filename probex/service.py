@@ -300,8 +300,10 @@ class Studio:
     def route(self, source: str | Path | ModelWeights) -> dict:
         weights = self.read(source)
         r = self.router().route(weights)
-        return {"tree": r.tree, "router": {"distance": r.distance, "confidence": r.confidence, "layer": r.layer,
-                                           "exact_signature": r.exact_signature, "method": r.method}}
+        return require_finite({"tree": r.tree, "router": {"distance": r.distance, "confidence": r.confidence,
+                                                          "layer": r.layer, "exact_signature": r.exact_signature,
+                                                          "method": r.method},
+                               "notice": NEGLIGIBLE_NOTICE if negligible(weights) else None})
 
     @torch.no_grad()
     def predict(self, source: str | Path | ModelWeights | Analysis, top_k: int = 5) -> dict:

@@ -120,6 +120,7 @@ def test_a_lora_that_changes_nothing_gets_a_notice_not_a_concept(studio, tmp_pat
     json.dumps(result, allow_nan=False)
     card = studio.model_card(str(path))
     assert "changes (almost) nothing" in card and "Most likely concept" not in card
+    assert "changes (almost) nothing" in studio.route(str(path))["notice"]
     one_line_refusal(lambda: studio.zero_shot(str(path), ["cat", "dog"]), "changes (almost) nothing")
 
 
@@ -192,6 +193,12 @@ def test_bad_cli_arguments_are_exit_2_and_one_error_line(argv):
     assert out.returncode == 2, out.stderr
     assert out.stderr.startswith("error:") and out.stderr.count("\n") == 1, out.stderr
     assert len(out.stderr) < 500
+
+
+def test_cli_route_of_an_empty_lora_says_so(tmp_path):
+    path = damaged(tmp_path, "zeros.safetensors", NEGLIGIBLE["all_zeros"])
+    out = run_cli("route", str(path))
+    assert out.returncode == 0 and "changes (almost) nothing" in out.stdout, out.stderr
 
 
 def test_card_out_in_a_missing_folder_is_exit_2(tmp_path):
