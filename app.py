@@ -25,6 +25,9 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import gradio as gr  # noqa: E402  (after the logging settings, which libraries read at import)
+from gradio.exceptions import InvalidPathError  # noqa: E402
+from gradio.utils import get_upload_folder  # noqa: E402
+from gradio_client.utils import is_file_obj_with_meta, is_http_url_like, traverse  # noqa: E402
 
 from probex import fetch  # noqa: E402
 from probex.card import as_text  # noqa: E402
@@ -32,6 +35,7 @@ from probex.errors import InputError, ProbexError, first_line  # noqa: E402
 from probex.plots import concept_bars  # noqa: E402
 from probex.request_files import RequestFiles  # noqa: E402
 from probex.service import FETCH_TIMEOUT_S, MAX_UPLOAD_BYTES, check_top_k, load_with_fallback  # noqa: E402
+from probex.weights import short  # noqa: E402
 
 try:  # on a ZeroGPU Space, generation runs inside a GPU allocation; elsewhere the decorator is a no-op
     import spaces
@@ -168,7 +172,28 @@ SCORE_LABELS = {"z": "score (z: cosine above its usual on known models)", "cosin
 def identify_upload(file: str | None, top_k: int):
     if not file:
         raise gr.Error("Drop a .safetensors LoRA file first.")
+    file = uploaded_path(file)
     return identify(file, [file], top_k)
+
+
+FILE_ARGUMENT = ("file must be a .safetensors file uploaded to this app (gradio_client: handle_file(path)); paths "
+                 "on the server are not accepted, and links go to /predict_link")
+
+
+def uploaded_path(file) -> str:
+    """The path of one file a client uploaded (Gradio keeps each as <upload folder>/<hash>/<name>), else a one-line
+    refusal. Gradio itself only checks that a path lies inside its upload folder; the request's files are deleted
+    afterwards, so the folder itself, a hash folder, a link or anything but a regular file is refused here."""
+    path = file if isinstance(file, str) else file.get("path") if isinstance(file, dict) else getattr(file, "path", None)
+    if not isinstance(path, str) or not path or is_http_url_like(path):
+        raise InputError(FILE_ARGUMENT)
+    try:
+        inside = Path(path).resolve().relative_to(Path(get_upload_folder()).resolve())
+    except (ValueError, OSError):
+        raise InputError(FILE_ARGUMENT) from None
+    if len(inside.parts) < 2 or Path(path).is_symlink() or not Path(path).is_file():
+        raise InputError(FILE_ARGUMENT)
+    return path
 
 
 @answers
@@ -190,9 +215,9 @@ def fetch_link(link) -> object:
 @answers
 def identify_example(index: int, top_k: int):
     examples = need_studio().examples()
-    if index is None or not 0 <= int(index) < len(examples):
-        raise gr.Error("Unknown example.")
-    return identify(str(examples[int(index)]["path"]), [], top_k)  # shipped files: never deleted
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(examples):
+        raise InputError(f"unknown example {short(index)}: pick one of the {len(examples)} shipped examples")
+    return identify(str(examples[index]["path"]), [], top_k)  # shipped files: never deleted
 
 
 # on_gpu outermost: errors are already one-line gr.Errors when they leave the GPU worker
@@ -284,9 +309,7 @@ def show_map(query: str, request: Request | None):
 def api_predict(file: gr.FileData, top_k: int = 5) -> dict:
     """Tree, router confidence, top-k concepts and nearest known models of a .safetensors LoRA."""
     top_k = check_top_k(top_k)
-    path = file.get("path") if isinstance(file, dict) else getattr(file, "path", None)
-    if not isinstance(path, str) or not path:
-        raise InputError("file must be an uploaded .safetensors file (gradio_client: handle_file(path))")
+    path = uploaded_path(file)
     with FILES.holding(path):  # deleted once no request uses it (identical uploads share one path)
         return need_studio().predict(path, top_k=top_k)
 
@@ -404,9 +427,34 @@ START_HINT = ("👈 **Drop a LoRA**, paste a Hub id or link, or **click an examp
 
 
 # ---------------------------------------------------------------------------------------------------- UI
+class StudioBlocks(gr.Blocks):
+    """gr.Blocks whose own argument checks reach the client as one line. Gradio refuses a file path that was not
+    uploaded, or a call with too few arguments, before any handler runs, with an exception it does not show
+    (show_error stays off: other internals stay hidden), so the client got an error without a message. A link sent
+    as a file would be downloaded by Gradio, past the upload cap: links go to /predict_link."""
+
+    def validate_inputs(self, block_fn, inputs):
+        try:
+            super().validate_inputs(block_fn, inputs)
+        except ValueError as err:
+            raise gr.Error(first_line(err), duration=12) from None
+
+    async def preprocess_data(self, block_fn, inputs, state, explicit_call=False):
+        def no_links(file: dict) -> dict:
+            if not isinstance(file.get("path"), str) or is_http_url_like(file["path"]):
+                raise gr.Error(FILE_ARGUMENT, duration=12)
+            return file
+
+        traverse(inputs, no_links, is_file_obj_with_meta)
+        try:
+            return await super().preprocess_data(block_fn, inputs, state, explicit_call)
+        except InvalidPathError:
+            raise gr.Error(FILE_ARGUMENT, duration=12) from None
+
+
 def build_demo() -> gr.Blocks:
     examples = STUDIO.examples() if STUDIO else []
-    with gr.Blocks(title="ProbeX Studio", delete_cache=(max(60, CACHE_TTL_S // 3), CACHE_TTL_S)) as demo:
+    with StudioBlocks(title="ProbeX Studio", delete_cache=(max(60, CACHE_TTL_S // 3), CACHE_TTL_S)) as demo:
         gr.Markdown(HEADER)
         gr.Markdown(banner_markdown(), elem_classes=["banner"] + ([] if STUDIO else ["warn"]), elem_id="banner")
         request = gr.State(None)

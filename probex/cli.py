@@ -97,6 +97,8 @@ def run_route(args) -> int:
         how = "by its root's listeners" if result["router"]["method"] == "root" else "nearest tree centre"
         print(f"tree {result['tree']}  ({how}; router confidence {result['router']['confidence']:.2f}, "
               f"distance {result['router']['distance']:.4g}, routing layer {result['router']['layer']})")
+        if result["notice"]:
+            print(f"notice    {result['notice']}")
     return 0
 
 

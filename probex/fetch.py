@@ -34,7 +34,7 @@ import huggingface_hub
 from huggingface_hub import constants, errors
 
 from probex.errors import InputError
-from probex.weights import human_bytes
+from probex.weights import human_bytes, size_pair
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -226,7 +226,8 @@ def redirect_target(response: httpx.Response, url: str) -> str:
 def stream_to_file(response: httpx.Response, path: Path, max_bytes: int, deadline: float, timeout: float) -> None:
     declared = response.headers.get("content-length")
     if declared is not None and declared.strip().isdigit() and int(declared) > max_bytes:
-        raise InputError(f"the file is {human_bytes(int(declared))}, over the {human_bytes(max_bytes)} limit")
+        size, limit = size_pair(int(declared), max_bytes)
+        raise InputError(f"the file is {size}, over the {limit} limit")
     received = 0
     with path.open("wb") as f:
         for chunk in response.iter_bytes():  # as it arrives: fixed-size chunks would hide a slow drip from the deadline
@@ -274,8 +275,8 @@ def fetch_hub(ref: str, *, max_bytes: int, timeout: float) -> Fetched:
             filename = filename or choose_hub_file(repo, huggingface_hub.HfApi().list_repo_files(repo))
             info = huggingface_hub.hf_hub_download(repo, filename, local_dir=directory, dry_run=True)
             if info.file_size is not None and info.file_size > max_bytes:
-                raise InputError(f"{repo}/{filename} is {human_bytes(info.file_size)}, over the "
-                                 f"{human_bytes(max_bytes)} limit")
+                size, limit = size_pair(info.file_size, max_bytes)
+                raise InputError(f"{repo}/{filename} is {size}, over the {limit} limit")
             path = Path(huggingface_hub.hf_hub_download(repo, filename, local_dir=directory, etag_timeout=timeout))
         if path.stat().st_size > max_bytes:
             raise InputError(f"{repo}/{filename} is over the {human_bytes(max_bytes)} limit")

@@ -302,8 +302,10 @@ class Studio:
     def route(self, source: str | Path | ModelWeights) -> dict:
         weights = self.read(source)
         r = self.router().route(weights)
-        return {"tree": r.tree, "router": {"distance": r.distance, "confidence": r.confidence, "layer": r.layer,
-                                           "exact_signature": r.exact_signature, "method": r.method}}
+        return require_finite({"tree": r.tree, "router": {"distance": r.distance, "confidence": r.confidence,
+                                                          "layer": r.layer, "exact_signature": r.exact_signature,
+                                                          "method": r.method},
+                               "notice": NEGLIGIBLE_NOTICE if negligible(weights) else None})
 
     @torch.no_grad()
     def predict(self, source: str | Path | ModelWeights | Analysis, top_k: int = 5) -> dict:
@@ -748,8 +750,10 @@ def clean_text(text: str) -> str:
 
 def clean_labels(labels: list[str] | str) -> list[str]:
     """Labels from a list and/or comma-separated strings; blanks dropped, duplicates kept once, order kept."""
-    if isinstance(labels, str):
-        labels = [labels]
+    if labels is None or isinstance(labels, str):
+        labels = [labels or ""]
+    elif not isinstance(labels, (list, tuple)):
+        raise InputError(f"labels must be text or a list of texts; got {short(labels)}")
     parts = [part for label in labels for part in str(label).split(",")]
     cleaned = list(dict.fromkeys(" ".join(part.split()) for part in parts))
     cleaned = [label for label in cleaned if label]

@@ -21,11 +21,11 @@ from probex.weights.canonical import (FAMILY_NAMES, MAX_UPDATE_NORM, NEGLIGIBLE_
                                       Signature, describe, detect_family, layer_shape, negligible, update_norm)
 from probex.weights.guard import MAX_HEADER_BYTES
 from probex.weights.keys import ldm_to_diffusers, parse_lora_key, unflatten_kohya_name
-from probex.weights.messages import first_line, human_bytes, short
+from probex.weights.messages import first_line, human_bytes, short, size_pair
 from probex.weights.read import read_weights, weights_from_tensors
 from probex.weights.writers import save_lora
 
 __all__ = ["FAMILY_NAMES", "MAX_HEADER_BYTES", "MAX_UPDATE_NORM", "NEGLIGIBLE_UPDATE_NORM", "LoraFactors",
            "ModelWeights", "Signature", "describe", "detect_family", "first_line", "human_bytes", "layer_shape",
-           "ldm_to_diffusers", "negligible", "parse_lora_key", "read_weights", "save_lora", "short",
+           "ldm_to_diffusers", "negligible", "parse_lora_key", "read_weights", "save_lora", "short", "size_pair",
            "unflatten_kohya_name", "update_norm", "weights_from_tensors"]

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from probex.errors import InputError
-from probex.weights.messages import first_line, human_bytes, short
+from probex.weights.messages import first_line, human_bytes, over_limit, short
 
 MAX_HEADER_BYTES = 100 * 2**20  # real headers are kilobytes; anything near this is hostile or not safetensors
 
@@ -38,12 +38,13 @@ def check_file(path: Path, max_bytes: int | None) -> int:
         reason = getattr(err, "strerror", None) or first_line(err)
         raise InputError(f"{short(path.name)}: not a usable file name ({reason})") from None
     if not is_file:
-        raise InputError(f"{short(path.name)}: no such file")
+        what = "a folder" if path.is_dir() else "not a regular file" if path.exists() else None
+        raise InputError(f"{short(path.name)}: " + (f"{what}, not a model file" if what else "no such file"))
     size = path.stat().st_size
     if size == 0:
         raise InputError(f"{path.name}: the file is empty (0 bytes)")
     if max_bytes is not None and size > max_bytes:
-        raise InputError(f"{path.name}: {human_bytes(size)} is over the {human_bytes(max_bytes)} limit")
+        raise InputError(f"{path.name}: {over_limit(size, max_bytes)}")
     return size
 
 
@@ -70,8 +71,21 @@ MAGIC = ((b"GGUF", "a GGUF file"), (b"\x89HDF", "an HDF5 (Keras .h5) file"), (b"
          (b"(\xb5/\xfd", "a zstd-compressed file"), (b"\x7fELF", "an executable (ELF)"), (b"%PDF", "a PDF document"),
          (b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
          (b"\x08\x01\x12", "an ONNX / protobuf file"))
-# protocol 0–1 pickles are text-like: MARK then a dict/list/tuple, or a GLOBAL opcode "c<module>\n<name>\n"
-TEXT_PICKLE = re.compile(rb"^(?:\((?:dp|lp|tp|I|S'|V|F|N)|c[A-Za-z_][\w.]*\n[A-Za-z_]\w*\n|[}\]]q?\x00?)")
+# protocol 0 pickles are text: after any MARKs "(", an opcode with its exact argument syntax — INT / LONG (torch's
+# legacy format starts with the LONG magic number "L1195…L"), FLOAT, STRING, UNICODE (memoized: "p0"), NONE, GLOBAL /
+# INST "c<module>\n<name>\n", DICT / LIST / TUPLE; protocol 1 starts with an empty dict / list / tuple. Strict enough
+# that notes such as "(Note: …" or "(I think …" are not called pickles.
+TEXT_PICKLE = re.compile(rb"""^\(*(?:
+      [IL]-?\d+L?\n
+    | F-?\d[\d.eE+-]*\n
+    | S'[^\n]*'\n
+    | V[^\n]*\n(?:p\d+\n|\.)
+    | N(?:\.|(?=[NIFLSVc(tla]))
+    | [ci][A-Za-z_][\w.]*\n[A-Za-z_]\w*\n
+    | (?<=\()[dlt](?:p\d+\n|\.)
+    | [}\]](?:q.|\.|\()
+    | \)\.
+)""", re.VERBOSE | re.DOTALL)
 
 
 def refuse_by_magic(name: str, head: bytes) -> None:

@@ -12,6 +12,20 @@ def human_bytes(n: int) -> str:
     return f"{n:,} B"
 
 
+def size_pair(size: int, limit: int) -> tuple[str, str]:
+    """A size and the limit it broke, in the same binary units; exact byte counts where rounding would show the same
+    figure on both sides (a file one byte over the limit)."""
+    if human_bytes(size) == human_bytes(limit):
+        return f"{size:,} bytes", f"{limit:,}-byte ({human_bytes(limit)})"
+    return human_bytes(size), human_bytes(limit)
+
+
+def over_limit(size: int, limit: int) -> str:
+    """"300 MiB is over the 256 MiB limit" (size_pair's units)."""
+    size_text, limit_text = size_pair(size, limit)
+    return f"{size_text} is over the {limit_text} limit"
+
+
 def short(value, limit: int = 80) -> str:
     """A user-supplied name or value, quoted and clipped so messages stay one readable line."""
     text = repr(value)

@@ -5,8 +5,10 @@ Runs against the committed bundle that `python app.py` serves (checkpoints/emoji
 """
 from __future__ import annotations
 
+import io
 import json
 import math
+import pickle
 import re
 import subprocess
 import sys
@@ -118,6 +120,7 @@ def test_a_lora_that_changes_nothing_gets_a_notice_not_a_concept(studio, tmp_pat
     json.dumps(result, allow_nan=False)
     card = studio.model_card(str(path))
     assert "changes (almost) nothing" in card and "Most likely concept" not in card
+    assert "changes (almost) nothing" in studio.route(str(path))["notice"]
     one_line_refusal(lambda: studio.zero_shot(str(path), ["cat", "dog"]), "changes (almost) nothing")
 
 
@@ -192,6 +195,12 @@ def test_bad_cli_arguments_are_exit_2_and_one_error_line(argv):
     assert len(out.stderr) < 500
 
 
+def test_cli_route_of_an_empty_lora_says_so(tmp_path):
+    path = damaged(tmp_path, "zeros.safetensors", NEGLIGIBLE["all_zeros"])
+    out = run_cli("route", str(path))
+    assert out.returncode == 0 and "changes (almost) nothing" in out.stdout, out.stderr
+
+
 def test_card_out_in_a_missing_folder_is_exit_2(tmp_path):
     out = run_cli("card", str(EXAMPLE), "--out", str(tmp_path / "missing" / "card.md"))
     assert out.returncode == 2 and out.stderr.startswith("error:") and out.stderr.count("\n") == 1, out.stderr
@@ -214,6 +223,41 @@ def test_non_safetensors_files_are_named(tmp_path, data, fragment):
     path.write_bytes(data)
     message = one_line_refusal(lambda: read_weights(path), fragment)
     assert "-byte header" not in message
+
+
+def test_protocol_0_pickles_are_named_whatever_they_start_with(tmp_path):
+    """torch.save's legacy (non-zip) format with pickle_protocol=0 starts with the LONG magic number "L1195…L\n.";
+    bare scalars and strings start with INT / FLOAT / UNICODE. Written here, never loaded."""
+    buffer = io.BytesIO()
+    torch.save({"w": torch.randn(64, 64)}, buffer, pickle_protocol=0, _use_new_zipfile_serialization=False)
+    for name, data in {"torch_legacy": buffer.getvalue(), "int": pickle.dumps(123456789, protocol=0),
+                       "float": pickle.dumps(1.5, protocol=0), "string": pickle.dumps("hello", protocol=0),
+                       "none": pickle.dumps(None, protocol=0), "tuple": pickle.dumps((1, 2), protocol=0)}.items():
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(data)
+        message = one_line_refusal(lambda: read_weights(path), "Python pickle")
+        assert "-byte header" not in message
+
+
+@pytest.mark.parametrize("text", ["(Note: these are my training notes)\n", "(I think this is rank 4)\n",
+                                  "(Version 2)\nsteps: 100\n", "(NASA)\n", "Version 1\nNotes\n"])
+def test_text_notes_are_not_called_pickles(tmp_path, text):
+    path = tmp_path / "notes.safetensors"
+    path.write_text(text * 4)
+    one_line_refusal(lambda: read_weights(path), "a text file")
+
+
+def test_a_folder_or_device_is_named_not_missing(tmp_path):
+    one_line_refusal(lambda: read_weights(tmp_path), "a folder, not a model file")
+    one_line_refusal(lambda: read_weights("/dev/null"), "not a regular file")
+
+
+def test_one_byte_over_the_cap_shows_exact_sizes(tmp_path):
+    path = tmp_path / "big.safetensors"
+    with open(path, "wb") as f:  # sparse
+        f.truncate(256 * 2**20 + 1)
+    message = one_line_refusal(lambda: read_weights(path, max_bytes=256 * 2**20), "is over the")
+    assert "268,435,457 bytes is over the 268,435,456-byte (256 MiB) limit" in message, message
 
 
 def test_size_cap_message_uses_one_unit_system(tmp_path):
