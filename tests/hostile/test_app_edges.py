@@ -16,9 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from helpers import REPO, running_app
 from safetensors.torch import load_file, save_file
 
+REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / "checkpoints" / "emoji-mini"
 EXAMPLE = sorted((BUNDLE / "examples").glob("emoji-root-1__test__*.safetensors"))[0]
 FILE_ARGUMENT = "file must be a .safetensors file uploaded to this app"
@@ -26,7 +26,7 @@ FD = {"_type": "gradio.FileData"}
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
+def app(running_app, tmp_path_factory):
     with running_app(BUNDLE, tmp_path_factory.mktemp("edge-app")) as running:
         yield running
 
