@@ -12,11 +12,14 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
+import hashlib
 import inspect
+import io
 import logging
 import os
 import tempfile
 import threading
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +57,7 @@ FILES = RequestFiles(grace_s=float(os.environ.get("PROBEX_UPLOAD_GRACE_S", "60")
 # Gradio's own cache (sample PNGs, card copies, uploads it keeps) is swept every CACHE_TTL_S / 3 of files older than it
 CACHE_TTL_S = int(os.environ.get("PROBEX_CACHE_TTL_S", "900"))
 LOG = logging.getLogger("probex.app")
+KNOWN_IMAGES = Path(tempfile.mkdtemp(prefix="probex-known-images-"))  # image_file's default folder
 
 
 @dataclass
@@ -233,14 +237,35 @@ def draw_samples(request: Request | None):
     studio = need_studio()
     own, neighbours = [], []
     if request.lora and Path(request.lora).exists():
-        own = [(im, f"seed {i}") for i, im in enumerate(studio.samples(request.lora, n=UPLOAD_SAMPLES))]
+        own_dir = tempfile.mkdtemp(prefix="probex-own-")   # this request's images: deleted with its other files
+        FILES.hold(own_dir)
+        request.owned.append(own_dir)
+        own = [(image_file(im, Path(own_dir)), f"seed {i}")
+               for i, im in enumerate(studio.samples(request.lora, n=UPLOAD_SAMPLES))]
         yield own, list(neighbours)
     for i, n in enumerate(request.neighbours, start=1):
         image = studio.samples(n["id"], n=1, tree=n["tree"])[0]
-        neighbours.append((image, f"{n['class']} {n['score']:.2f}" + stand_in_note(studio, n)))
+        neighbours.append((image_file(image), f"{n['class']} {n['score']:.2f}" + stand_in_note(studio, n)))
         yield own, list(neighbours)
     if not own and not neighbours:
         yield own, neighbours
+
+
+def image_file(image, folder: Path | None = None) -> str:
+    """A drawn image as a PNG file named by its content, written once, by rename. Galleries get files, not PIL
+    images: Gradio saves a PIL image into its cache again at every streamed update, rewriting in place the file a
+    browser may still be fetching from the last update (which then gets a truncated image); a file it copies into
+    its cache once, atomically. ``folder``: default the known models' images (a bounded set: the shipped samples)."""
+    folder = folder or KNOWN_IMAGES
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    data = buffer.getvalue()
+    path = folder / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
+    if not path.exists():
+        staging = folder / f".{path.name}.{uuid.uuid4().hex}"
+        staging.write_bytes(data)
+        os.replace(staging, path)
+    return str(path)
 
 
 def stand_in_note(studio, model: dict) -> str:
@@ -294,7 +319,7 @@ def draw_search_samples(models: list[dict] | None):
     if not drawn:
         return gr.update(value=[], label="best matches: none of them can be drawn (their class ships no LoRA)")
     for m in drawn:
-        images.append((studio.samples(m["id"], n=1, tree=m["tree"])[0],
+        images.append((image_file(studio.samples(m["id"], n=1, tree=m["tree"])[0]),
                        f"{m['class']} {m['score']:.2f}" + stand_in_note(studio, m)))
     return gr.update(value=images, label="best matches, drawn live")
 
@@ -582,7 +607,8 @@ def warm_samples() -> None:
     """Known models' samples drawn before visitors ask for them (neighbour galleries then show at once); a failure
     here only means they are drawn on first use, as without the warm-up."""
     try:
-        LOG.info("warm-up: %d known models' samples drawn", STUDIO.warm_samples())
+        drawn = STUDIO.warm_samples()
+        print(f"warm-up: {drawn} known models' samples drawn", flush=True)  # the server log, beside Gradio's lines
     except Exception:  # noqa: BLE001 — a background nicety must never take the server down
         LOG.exception("warm-up of known models' samples failed; they are drawn on first use")
 
