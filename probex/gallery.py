@@ -51,7 +51,7 @@ class Gallery:
     def place(self, encodings: torch.Tensor, k: int | None = None) -> torch.Tensor:
         """(M, 2) map positions of new encodings: 1/cosine-distance weighted mean of the k nearest models' points."""
         k = min(k or self.layout.get("place_k", PLACE_K), len(self.ids))
-        cos = F.normalize(encodings.float(), dim=-1) @ F.normalize(self.encodings, dim=-1).T
+        cos = F.normalize(encodings.float(), dim=-1) @ self.unit_encodings.T
         sim, idx = cos.topk(k, dim=1)
         weights = 1.0 / (1.0 - sim).clamp_min(1e-6)
         return (weights[..., None] * self.coords[idx]).sum(1) / weights.sum(1, keepdim=True)
@@ -78,7 +78,7 @@ class Gallery:
         known = [i for i, s in enumerate(self.splits) if s == "train"]
         if len(known) < 2:
             return torch.zeros(len(anchors)), torch.ones(len(anchors))
-        cos = F.normalize(self.encodings[known], dim=-1) @ F.normalize(anchors, dim=-1).T
+        cos = self.unit_encodings[known] @ F.normalize(anchors, dim=-1).T
         return cos.mean(0), cos.std(0).clamp_min(1e-6)
 
     def concept_scores(self, encodings: torch.Tensor, anchors: torch.Tensor,
@@ -87,6 +87,11 @@ class Gallery:
         (``calibration``, computed here when not given) — how far above its usual score on known models."""
         mean, std = calibration if calibration is not None else self.calibration(anchors)
         return (F.normalize(encodings.float(), dim=-1) @ F.normalize(anchors, dim=-1).T - mean) / std
+
+    @cached_property
+    def unit_encodings(self) -> torch.Tensor:
+        """(N, r_T) the encodings at unit norm, computed once: every cosine to the known models starts here."""
+        return F.normalize(self.encodings.float(), dim=-1)
 
     @cached_property
     def known_classes(self) -> torch.Tensor:
@@ -133,17 +138,17 @@ class Gallery:
         raw cosine would top most searches; a model is found for a text that it matches more than its usual."""
         if not len(self.encodings):
             return torch.zeros(0), torch.ones(0)
-        cos = F.normalize(self.encodings, dim=-1) @ F.normalize(text_features, dim=-1).T
+        cos = self.unit_encodings @ F.normalize(text_features, dim=-1).T
         return cos.mean(1), cos.std(1).clamp_min(1e-6)
 
     def search_scores(self, queries: torch.Tensor, calibration: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """(Q, N) text search scores of query text features against every gallery model (``model_calibration``)."""
         mean, std = calibration
-        return (F.normalize(queries.float(), dim=-1) @ F.normalize(self.encodings, dim=-1).T - mean) / std
+        return (F.normalize(queries.float(), dim=-1) @ self.unit_encodings.T - mean) / std
 
     def nearest(self, encoding: torch.Tensor, k: int = 5) -> list[tuple[int, float]]:
         """(gallery index, cosine) of the k known models closest to one encoding."""
-        cos = F.normalize(self.encodings, dim=-1) @ F.normalize(encoding.float(), dim=-1)
+        cos = self.unit_encodings @ F.normalize(encoding.float(), dim=-1)
         sim, idx = cos.topk(min(k, len(self.ids)))
         return list(zip(idx.tolist(), sim.tolist()))
 

@@ -118,6 +118,7 @@ class Studio:
         self._sample_cache: OrderedDict[tuple, list] = OrderedDict()
         self._sample_cache_lock = threading.Lock()
         self._novelty_threshold: dict[str, float | None] = {}  # tree → calibrated on its validation models
+        self._class_points: dict[str, dict | None] = {}       # tree → its classes' places on the map
         # every text tree's class names and (2, C, d) their embeddings, alone and with their keywords
         self._vocabulary: tuple[list[str], torch.Tensor] | None = None
         if warm:  # the app: text encoder and class texts ready before the first request, not during it
@@ -461,7 +462,7 @@ class Studio:
         if similarity is None or not train:
             return None
         if tree not in self._novelty_threshold:
-            x = F.normalize(g.encodings.float(), dim=-1)
+            x = g.unit_encodings
             val = [i for i, s in enumerate(g.splits) if s == "val"]
             self._novelty_threshold[tree] = (
                 float(torch.quantile((x[val] @ x[train].T).max(1).values, 1 - NOVELTY_KEPT)) if len(val) >= 5 else None)
@@ -480,7 +481,7 @@ class Studio:
                  "tree": tree} for i in order]
 
     def gallery_similarity(self, tree: str, vector: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.bundle.trees[tree].gallery.encodings, dim=-1) @ F.normalize(vector, dim=-1)
+        return self.bundle.trees[tree].gallery.unit_encodings @ F.normalize(vector.float(), dim=-1)
 
     def similarity(self, a: Analysis) -> torch.Tensor:
         """The upload's cosine to every known model of its tree (concept-free: also for a negligible LoRA); computed
@@ -513,16 +514,23 @@ class Studio:
             marks.append(self.mark(tree, q, f"“{query.strip()}”", "query"))
             if scores is None:
                 scores = self.gallery_similarity(tree, q).tolist()
-        anchors = self.class_anchors(tree)
-        class_points = None
-        if anchors is not None:
-            xy = self.bundle.place(tree, anchors).tolist()
-            class_points = {name: (float(x), float(y)) for name, (x, y) in zip(g.vocabulary, xy)}
+        class_points = self.class_points(tree)
+        if class_points is not None:
             if len(g.vocabulary) <= 40 and not labelled:
                 labelled = list(g.vocabulary)
         return weight_text_map(g.coords.numpy(), g.ids, [class_name(c) for c in g.model_classes], g.splits, scores,
                                class_points, labelled, marks,
                                title=f"Weight–text map of tree {tree}")
+
+    def class_points(self, tree: str) -> dict[str, tuple[float, float]] | None:
+        """Each vocabulary class's place on the tree's map (its anchor placed among the known models), computed once
+        per tree: the same for every map drawn."""
+        if tree not in self._class_points:
+            anchors = self.class_anchors(tree)
+            xy = None if anchors is None else self.bundle.place(tree, anchors).tolist()
+            self._class_points[tree] = None if xy is None else {
+                name: (float(x), float(y)) for name, (x, y) in zip(self.bundle.trees[tree].gallery.vocabulary, xy)}
+        return self._class_points[tree]
 
     def mark(self, tree: str, vector: torch.Tensor, label: str, kind: str):
         x, y = self.bundle.place(tree, vector[None])[0]
