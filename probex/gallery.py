@@ -47,6 +47,7 @@ class Gallery:
     vocabulary_keywords: list[list[str]] = field(default_factory=list)  # per class: words people search it by
     sample_paths: dict[str, str] = field(default_factory=dict)   # model id → LoRA file (absolute once loaded)
     layout: dict = field(default_factory=lambda: {"method": "umap", "seed": 0, "place_k": PLACE_K})
+    _unit: tuple | None = field(default=None, init=False, repr=False, compare=False)  # unit_encodings' cache
 
     def place(self, encodings: torch.Tensor, k: int | None = None) -> torch.Tensor:
         """(M, 2) map positions of new encodings: 1/cosine-distance weighted mean of the k nearest models' points."""
@@ -88,10 +89,13 @@ class Gallery:
         mean, std = calibration if calibration is not None else self.calibration(anchors)
         return (F.normalize(encodings.float(), dim=-1) @ F.normalize(anchors, dim=-1).T - mean) / std
 
-    @cached_property
+    @property
     def unit_encodings(self) -> torch.Tensor:
-        """(N, r_T) the encodings at unit norm, computed once: every cosine to the known models starts here."""
-        return F.normalize(self.encodings.float(), dim=-1)
+        """(N, r_T) the encodings at unit norm, computed once for the encodings held: every cosine to the known models
+        starts here."""
+        if self._unit is None or self._unit[0] is not self.encodings:
+            self._unit = (self.encodings, F.normalize(self.encodings.float(), dim=-1))
+        return self._unit[1]
 
     @cached_property
     def known_classes(self) -> torch.Tensor:

@@ -75,6 +75,7 @@ class ClassText:
     calibration: tuple                # the anchors' z-norm (Gallery.calibration)
     search_calibration: tuple         # its models' z-norm against the class captions (Gallery.model_calibration)
     unseen_offset: float = 0.0        # added to classes without known models: the open-set list (Gallery.unseen_offset)
+    map_points: dict | None = None    # class name → its place on the tree's map (Studio.class_points), on first use
 
 
 @dataclass
@@ -118,7 +119,6 @@ class Studio:
         self._sample_cache: OrderedDict[tuple, list] = OrderedDict()
         self._sample_cache_lock = threading.Lock()
         self._novelty_threshold: dict[str, float | None] = {}  # tree → calibrated on its validation models
-        self._class_points: dict[str, dict | None] = {}       # tree → its classes' places on the map
         # every text tree's class names and (2, C, d) their embeddings, alone and with their keywords
         self._vocabulary: tuple[list[str], torch.Tensor] | None = None
         if warm:  # the app: text encoder and class texts ready before the first request, not during it
@@ -524,13 +524,13 @@ class Studio:
 
     def class_points(self, tree: str) -> dict[str, tuple[float, float]] | None:
         """Each vocabulary class's place on the tree's map (its anchor placed among the known models), computed once
-        per tree: the same for every map drawn."""
-        if tree not in self._class_points:
-            anchors = self.class_anchors(tree)
-            xy = None if anchors is None else self.bundle.place(tree, anchors).tolist()
-            self._class_points[tree] = None if xy is None else {
-                name: (float(x), float(y)) for name, (x, y) in zip(self.bundle.trees[tree].gallery.vocabulary, xy)}
-        return self._class_points[tree]
+        per tree with its class text: the same for every map drawn."""
+        read = self.class_text(tree)
+        if read is not None and read.map_points is None:
+            xy = self.bundle.place(tree, read.anchors).tolist()
+            read.map_points = {name: (float(x), float(y))
+                               for name, (x, y) in zip(self.bundle.trees[tree].gallery.vocabulary, xy)}
+        return None if read is None else read.map_points
 
     def mark(self, tree: str, vector: torch.Tensor, label: str, kind: str):
         x, y = self.bundle.place(tree, vector[None])[0]
