@@ -37,6 +37,8 @@ class TreeSpec:
     samples: list[str] = field(default_factory=list)   # ids of models whose LoRA files ship (to draw samples)
     encodings: torch.Tensor | None = None   # precomputed, for experts reading several layers; default: encode `layer`
     keywords: dict[str, list[str]] = field(default_factory=dict)  # class id → words people search it by (CLDR's)
+    left_out: set[str] = field(default_factory=set)  # model ids kept out of the gallery: the bundle's examples, so
+    # that an example is read as a visitor's own file would be, not found as its own nearest model
 
 
 def make_gallery(spec: TreeSpec, encoder, seed: int = 0) -> Gallery:
@@ -45,10 +47,11 @@ def make_gallery(spec: TreeSpec, encoder, seed: int = 0) -> Gallery:
     The vocabulary is what the expert can name: every class for an align expert (held-out ones included: text is
     all it needs), the classes of its head otherwise."""
     cache = spec.cache
+    keep = torch.tensor([m["id"] not in spec.left_out for m in cache.models])
     if spec.encodings is not None:
-        encodings = spec.encodings.float()
+        encodings = spec.encodings.float()[keep]
     else:
-        encodings = encode_all(spec.expert, LayerData.from_cache(cache, spec.layer))
+        encodings = encode_all(spec.expert, LayerData.from_cache(cache, spec.layer), torch.nonzero(keep).flatten())
     coords, method = layout_2d(encodings, seed)
     head = spec.expert.head_kind
     vocab = [c for c in cache.classes if head != "multiclass" or not c["holdout"]]
@@ -57,7 +60,7 @@ def make_gallery(spec: TreeSpec, encoder, seed: int = 0) -> Gallery:
     text_emb = (spec.expert.text_input(encoder, [prompt(spec.prompt_template, n) for n in names]).flatten(1)
                 if names else torch.zeros(0, 0))
     zoo_root = Path(cache.index["zoo"])
-    models = cache.models
+    models = [m for m in cache.models if m["id"] not in spec.left_out]
     return Gallery(
         ids=[m["id"] for m in models],
         model_classes=[m.get("labels", m.get("class_name")) for m in models],
@@ -118,9 +121,11 @@ def train_bundle(zoo, out_dir: str | Path, layers=None, config: TrainConfig = Tr
         text = class_text_embeddings(cache, encoder, template) if tree_task == "align" else None
         sweep = sweep_layers(cache, layers, tree_task, text, config, out_dir=out_dir / "sweeps" / folder_name(name, set()),
                              ray=ray)
+        shown = example_models(cache, n_examples) if cache.kind == "lora" else []
         specs.append(TreeSpec(name, sweep.best.expert, cache, sweep.best_layer, template,
                               z.tree.get("root_model") or prof.root_model, z.tree.get("instance_prompt"),
-                              samples=sample_ids(cache, samples_per_class) if cache.kind == "lora" else []))
+                              samples=sample_ids(cache, samples_per_class) if cache.kind == "lora" else [],
+                              left_out={m["id"] for m in shown}))
         caches.append((cache, routing))
         summary[name] = {"layer": sweep.best_layer, **{k: v for k, v in sweep.best_row.items() if k != "layer"},
                          "task": tree_task, "n_models": len(cache.models)}
@@ -129,7 +134,7 @@ def train_bundle(zoo, out_dir: str | Path, layers=None, config: TrainConfig = Tr
     router = fit_router([Population(s.name, s.signature, c, layer) for s, (c, layer) in zip(specs, caches)])
     # LoRA files are small enough to ship as samples and examples; full checkpoints are not
     examples = [Path(c.index["zoo"]) / m["source"] for c, _ in caches if c.kind == "lora"
-                for m in example_models(c, n_examples)]
+                for m in example_models(c, n_examples)]   # the models each spec leaves out of its gallery
     build_bundle(out_dir, specs, prof.text_encoder, router, prof.name, examples, config.optimiser.seed, encoder,
                  info={"config": config.as_dict(), "trees": summary})
     return {"bundle": str(out_dir), "profile": prof.name, "trees": summary}

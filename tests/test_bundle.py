@@ -172,7 +172,10 @@ def test_train_bundle_end_to_end(tmp_path):
     for i, z in enumerate(zoos):
         tree = bundle.trees[f"tree-{i}"]
         assert tree.instance_prompt == "an emoji of sks" and tree.gallery.layout["method"] == "umap"
-        assert tree.gallery.encodings.shape == (len(z.models), 16) and tree.gallery.coords.shape == (len(z.models), 2)
+        known = len(z.models) - 3   # its 3 examples are kept out of the gallery
+        assert tree.gallery.encodings.shape == (known, 16) and tree.gallery.coords.shape == (known, 2)
+        shown = {"/".join(p.stem.split("__")[-2:]) for p in bundle.examples if p.stem.startswith(f"{z.root.name}__")}
+        assert len(shown) == 3 and not shown & set(tree.gallery.ids)
         assert tree.gallery.vocabulary == names   # align: held-out classes are nameable too
         assert tree.gallery.text_emb.shape == (8, 384)
         assert len(tree.gallery.sample_paths) == 6 and all(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,10 +41,27 @@ def test_predict_routes_to_the_tree_and_names_the_class(zoo_file, studio, built,
     assert len(names) == min(5, len(studio.bundle.trees[tree].gallery.vocabulary)) and cls in names
     scores = [c["score"] for c in result["classes"]]
     assert scores == sorted(scores, reverse=True)
-    top = result["neighbors"][0]  # the file is a known model: its own gallery entry is the nearest (cosine 1)
-    assert top["id"] == path.parent.relative_to(built["zoos"][tree]).as_posix()
-    assert top["class"] == cls and top["score"] == pytest.approx(1.0, abs=1e-4)
+    own, top = path.parent.relative_to(built["zoos"][tree]).as_posix(), result["neighbors"][0]
+    if own in studio.bundle.trees[tree].gallery.ids:  # a known model: its own gallery entry is the nearest (cosine 1)
+        assert top["id"] == own and top["class"] == cls and top["score"] == pytest.approx(1.0, abs=1e-4)
+    else:  # one of the bundle's examples, kept out of the gallery: read as a visitor's own file is
+        assert own in example_ids(studio) and top["score"] < 0.999
     assert all(set(n) >= {"id", "class", "split", "score"} for n in result["neighbors"])
+
+
+def example_ids(studio) -> set[str]:
+    """Model ids of the bundle's examples (shipped as ``tree__split__model_idx_NNNN.safetensors``)."""
+    return {"/".join(Path(e["path"]).stem.split("__")[-2:]) for e in studio.examples()}
+
+
+def test_examples_are_not_gallery_members(studio):
+    """An example is read as a visitor's own file would be: not found as its own nearest model."""
+    examples = studio.examples()
+    assert examples
+    for e in examples:
+        tree, split, model = Path(e["path"]).stem.split("__")
+        assert f"{split}/{model}" not in studio.bundle.trees[tree].gallery.ids
+        assert studio.predict(e["path"])["neighbors"][0]["score"] < 0.999
 
 
 def test_in_distribution_top1_on_every_test_model(studio, built):

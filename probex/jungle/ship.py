@@ -90,7 +90,7 @@ def build_emoji_bundle(population: Path, out: Path, epochs: int = 200, cache_roo
         expert, metrics, encodings, names = candidates[kind]
         specs.append(TreeSpec(name, expert, cache, names, recipe.prompt_template, zoo.tree["root_model"],
                               INSTANCE_PROMPT, samples=sample_ids(cache, 1), encodings=encodings,
-                              keywords=keywords))
+                              keywords=keywords, left_out={m["id"] for m in _examples(cache, n_examples)}))
         caches.append(cache)
         summary[name] = {"layers": names, "n_models": len(cache.models), "expert": kind,
                          **{f"top1_{k}": round(v, 4) for k, v in metrics.items()},
