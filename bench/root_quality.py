@@ -41,7 +41,13 @@ from probex.jungle.lora import INSTANCE_PROMPT, build_population, sample_jobs  #
 from probex.jungle.presets import class_split  # noqa: E402
 from probex.jungle.root import RootRecipe, augment, caption  # noqa: E402
 
-TODAY = [REPO / "checkpoints" / "roots" / "emoji-root-1", REPO / "checkpoints" / "roots" / "emoji-root-2"]
+BUNDLE = REPO / "checkpoints" / "emoji-mini"
+
+
+def shipped_roots() -> list[Path]:
+    """The roots the shipped bundle draws with (bundle.json's trees), in tree order: "today's roots"."""
+    trees = json.loads((BUNDLE / "bundle.json").read_text())["trees"]
+    return [REPO / t["root_model"] for t in (trees.values() if isinstance(trees, dict) else trees)]
 SCHEDULERS = ("ddim", "dpm++")
 GATE_SAMPLES, GATE_LORAS = 0.80, 0.80
 GATE_SPECKLE = 4.0  # grey levels of per-pixel noise left in samples (atlas renders under augmentation: ≈ 1.4)
@@ -164,6 +170,8 @@ def routed_to_own_root(v2: list[Path], zoos: list[Path], jobs: list[list]) -> fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--v2", nargs=2, required=True, metavar="DIR", help="the two v2 root folders (A, B)")
+    parser.add_argument("--today", nargs=2, metavar="DIR", help="the roots to compare with (default: the two the "
+                        "shipped bundle draws with)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(REPO / "runs" / "root_quality"))
@@ -177,7 +185,8 @@ def main() -> None:
     out = Path(args.out) / ("quick" if quick else "full")
     out.mkdir(parents=True, exist_ok=True)
     v2 = [Path(p).resolve() for p in args.v2]
-    sets = {"today": TODAY, "v2": v2}
+    today = [Path(p).resolve() for p in args.today] if args.today else shipped_roots()
+    sets = {"today": today, "v2": v2}
 
     judge = load_judge()
     rgba, atlas = load_atlas()
@@ -191,7 +200,7 @@ def main() -> None:
 
     # 1. sampling sweep, per root A of each set, on pretraining classes outside the jungle (the gates' classes)
     in_jungle = {c["id"] for c in jungle}
-    outside = [atlas[row_of[i]] for i in RootRecipe.load(TODAY[0] / "recipe.json").classes if i not in in_jungle]
+    outside = [atlas[row_of[i]] for i in RootRecipe.load(today[0] / "recipe.json").classes if i not in in_jungle]
     sweep_classes = outside[::40][:12] if quick else outside[::12][:45]
     configs = ([("ddim", 20, 3.0), ("ddim", 20, 6.0), ("ddim", 10, 6.0), ("dpm++", 10, 6.0)] if quick else
                [(s, n, g) for s in SCHEDULERS for n in (10, 20, 30) for g in (3.0, 4.5, 6.0, 9.0)])
@@ -255,16 +264,16 @@ def main() -> None:
     jobs_a = lora_jobs(v2[0].name, classes_a, seed=501)
     jobs_b = lora_jobs(v2[1].name, train[:n_b], seed=502)
     # the same jobs on today's root and on v2 root A, trained back to back, for the time ratio
-    timing = [jobs_a[:n_today], [replace(j, root=TODAY[0].name) for j in jobs_a[:n_today]]]
+    timing = [jobs_a[:n_today], [replace(j, root=today[0].name) for j in jobs_a[:n_today]]]
     print(f"\n3. LoRAs by the recipe, \"{INSTANCE_PROMPT}\", {2 if quick else 4} seeds each")
     seconds_file = out / "lora_seconds.json"
     seconds = json.loads(seconds_file.read_text()) if seconds_file.exists() else {}
-    for jobs, root_dir in zip(timing, (v2[0], TODAY[0])):
+    for jobs, root_dir in zip(timing, (v2[0], today[0])):
         record = build_population(root_dir, jobs, out / "loras" / root_dir.name, adapters_per_pass=10)
         if record["trained"] == len(jobs):
             seconds[root_dir.name] = record["seconds"] / len(jobs)
     seconds_file.write_text(json.dumps(seconds))
-    plan = [("v2", v2[0], jobs_a), ("v2", v2[1], jobs_b), ("today", TODAY[0], timing[1])]
+    plan = [("v2", v2[0], jobs_a), ("v2", v2[1], jobs_b), ("today", today[0], timing[1])]
     lora_rows, zoos = {}, {}
     for set_name, root_dir, jobs in plan:
         zoo = out / "loras" / root_dir.name
@@ -279,7 +288,7 @@ def main() -> None:
         unseen = f"{correct[new].mean():.3f}" if new.any() else "—"
         print(f"   {set_name:>5} {root_dir.name:<16} {len(jobs)} LoRAs: sample top-1 {correct.mean():.3f} "
               f"(jungle classes {seen}, classes the root never saw {unseen})")
-    t_v2, t_today = seconds.get(v2[0].name), seconds.get(TODAY[0].name)
+    t_v2, t_today = seconds.get(v2[0].name), seconds.get(today[0].name)
     ratio = t_v2 / t_today if t_v2 and t_today else float("nan")
     print(f"   training time per LoRA, the same {n_today} jobs: v2 {t_v2 or float('nan'):.1f} s, today "
           f"{t_today or float('nan'):.1f} s, ratio {ratio:.2f} (target ≤ 1.5)")
@@ -288,7 +297,7 @@ def main() -> None:
 
     # 4. gates
     v2_top1 = np.mean([summary[("v2", r.name)]["top1"] for r in v2])
-    today_top1 = np.mean([summary[("today", r.name)]["top1"] for r in TODAY])
+    today_top1 = np.mean([summary[("today", r.name)]["top1"] for r in today])
     lora_top1 = lora_rows[v2[0].name]
     print("\n4. gates" + (" (--quick: few classes and seeds, indicative only; the full run decides)" if quick else ""))
     print(f"   1. v2 samples of the jungle's classes, judge top-1 {v2_top1:.3f} (today's roots {today_top1:.3f}; "
@@ -296,7 +305,7 @@ def main() -> None:
     print(f"   2. LoRA samples on v2 root A, judge names the class {lora_top1:.3f} over {len(jobs_a)} LoRAs "
           f"(gate ≥ {GATE_LORAS} over ≥ 40): {'pass' if lora_top1 >= GATE_LORAS and len(jobs_a) >= 40 else 'FAIL'}")
     v2_noise = np.mean([summary[("v2", r.name)]["noise"] for r in v2])
-    today_noise = np.mean([summary[("today", r.name)]["noise"] for r in TODAY])
+    today_noise = np.mean([summary[("today", r.name)]["noise"] for r in today])
     g = torch.Generator().manual_seed(0)
     renders = pixel_noise(augment(torch.from_numpy(rgba[torch.randint(0, len(rgba), (256,), generator=g).numpy()]), g))
     print(f"   3. per-pixel noise left in v2 samples {v2_noise:.1f} grey levels (today's roots {today_noise:.1f}, atlas "
