@@ -6,7 +6,8 @@ grades samples of today's roots and of roots v2, side by side in one run.
 Printed, for each root of both sets:
 1. a sampling sweep (scheduler × steps × guidance) on pretraining classes outside the jungle's (so the settings are
    not chosen on the classes the gates read), and the defaults it chooses (best judge top-1; among settings within
-   0.02 of it, the fewest steps);
+   0.02 of it, the fewest steps) — with ``--write-sampling`` written into the v2 roots' recipe.json, which the
+   app's pipeline reads;
 2. judge top-1 / top-5 of "an emoji of {name}" samples over the jungle's 180 classes (4 seeds) and over every
    pretraining class (1 seed), time per image on this CPU;
 3. LoRAs trained by the jungle's recipe on each root (jungle classes and, on v2, classes the roots never saw:
@@ -38,6 +39,7 @@ from probex.generate import load_emoji, sample  # noqa: E402
 from probex.jungle.atlas import load_atlas  # noqa: E402
 from probex.jungle.judge import load_judge  # noqa: E402
 from probex.jungle.lora import INSTANCE_PROMPT, build_population, sample_jobs  # noqa: E402
+from probex.jungle.pipeline import SAMPLERS  # noqa: E402
 from probex.jungle.presets import class_split  # noqa: E402
 from probex.jungle.root import RootRecipe, augment, caption  # noqa: E402
 
@@ -48,16 +50,12 @@ def shipped_roots() -> list[Path]:
     """The roots the shipped bundle draws with (bundle.json's trees), in tree order: "today's roots"."""
     trees = json.loads((BUNDLE / "bundle.json").read_text())["trees"]
     return [REPO / t["root_model"] for t in (trees.values() if isinstance(trees, dict) else trees)]
-SCHEDULERS = ("ddim", "dpm++")
 GATE_SAMPLES, GATE_LORAS = 0.80, 0.80
 GATE_SPECKLE = 4.0  # grey levels of per-pixel noise left in samples (atlas renders under augmentation: ≈ 1.4)
 
 
 def set_scheduler(pipe, name: str):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
-
-    kind = {"ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}[name]
-    pipe.scheduler = kind.from_config(pipe.scheduler.config)
+    pipe.scheduler = SAMPLERS[name].from_config(pipe.scheduler.config)
     return pipe
 
 
@@ -176,6 +174,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(REPO / "runs" / "root_quality"))
     parser.add_argument("--readme-grid", help="also write the v2 root A grid here (PNG)")
+    parser.add_argument("--write-sampling", action="store_true",
+                        help="write the sampling the sweep chose for v2 into the v2 roots' recipe.json (the app's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from diffusers.utils import logging as diffusers_logging
@@ -203,7 +203,7 @@ def main() -> None:
     outside = [atlas[row_of[i]] for i in RootRecipe.load(today[0] / "recipe.json").classes if i not in in_jungle]
     sweep_classes = outside[::40][:12] if quick else outside[::12][:45]
     configs = ([("ddim", 20, 3.0), ("ddim", 20, 6.0), ("ddim", 10, 6.0), ("dpm++", 10, 6.0)] if quick else
-               [(s, n, g) for s in SCHEDULERS for n in (10, 20, 30) for g in (3.0, 4.5, 6.0, 9.0)])
+               [(s, n, g) for s in SAMPLERS for n in (10, 20, 30) for g in (3.0, 4.5, 6.0, 9.0)])
     print(f"1. sampling sweep: {len(sweep_classes)} pretraining classes outside the jungle × 2 seeds, judge top-1 / "
           "top-5, s per image")
     chosen = {}
@@ -217,6 +217,13 @@ def main() -> None:
             print(f"   {set_name:>5} {roots[0].name:<16} {r['scheduler']:>6} {r['steps']:>3} steps  guidance "
                   f"{r['guidance']:<4} top-1 {r['top1']:.3f}  top-5 {r['top5']:.3f}  {r['s_per_image']:.3f} s{mark}")
     (out / "sweep.json").write_text(json.dumps(chosen, indent=1))
+    if args.write_sampling:  # the app draws with what the judge chose: the roots' recipes carry it
+        for root_dir in v2:
+            recipe = RootRecipe.load(root_dir / "recipe.json")
+            recipe.sampling = {"scheduler": chosen["v2"]["scheduler"], "num_inference_steps": chosen["v2"]["steps"],
+                               "guidance_scale": chosen["v2"]["guidance"]}
+            recipe.save(root_dir / "recipe.json")
+        print(f"   written to the v2 roots' recipe.json: {recipe.sampling}")
 
     # 2. samples of the jungle's classes and of every pretraining class, with each set's chosen settings
     print(f"\n2. root samples: jungle {len(jungle_here)} classes × {seeds} seeds; pretraining classes × 1 seed")

@@ -58,7 +58,8 @@ def load_emoji(root_dir: str, device: str | None = None, dtype: torch.dtype | No
         raise ProbexError(f"emoji root {root_dir} is not there (no unet/ or recipe.json); samples cannot be drawn")
     pipe = EmojiPipeline.from_root(path, device or default_device())
     pipe.set_progress_bar_config(disable=True)
-    pipe.sampling_defaults = dict(EMOJI_SAMPLING)
+    own = {k: v for k, v in pipe.recipe.sampling.items() if k != "scheduler"}  # the root's, chosen with the judge
+    pipe.sampling_defaults = {**EMOJI_SAMPLING, **own}
     return pipe
 
 

@@ -377,3 +377,23 @@ def test_population_build_is_resumable_and_records_itself(tmp_path, monkeypatch)
                                                                                                "peft"}
     lora = read_weights(tmp_path / "zoo" / "train" / "model_idx_0002" / "pytorch_lora_weights.safetensors")
     assert lora.kind == "lora" and lora.metadata["class_name"] == "red thing"
+
+
+def test_a_root_carries_how_the_app_draws_with_it(tmp_path, monkeypatch):
+    """The sampling the judge chose lives in the root's recipe.json; the app's pipeline follows it (scheduler, steps,
+    guidance), and a root without one gets probex.generate's defaults."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    from probex.generate import EMOJI_SAMPLING, load_emoji
+
+    monkeypatch.setattr("probex.jungle.root.load_atlas", lambda: _two_class_atlas())
+    root = pretrain_root(tmp_path / "root", RootRecipe(name="tiny", classes=["U+0001", "U+0002"], **TINY))
+    plain = load_emoji(str(root))
+    assert isinstance(plain.scheduler, DDIMScheduler) and plain.sampling_defaults == EMOJI_SAMPLING
+    recipe = RootRecipe.load(root / "recipe.json")
+    recipe.sampling = {"scheduler": "dpm++", "num_inference_steps": 7, "guidance_scale": 5.5}
+    recipe.save(root / "recipe.json")
+    chosen = load_emoji(str(root))
+    assert isinstance(chosen.scheduler, DPMSolverMultistepScheduler)
+    assert chosen.sampling_defaults == {"num_inference_steps": 7, "guidance_scale": 5.5}
+    assert len(chosen("an emoji of red thing", **chosen.sampling_defaults).images) == 1

@@ -7,12 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, ImagePipelineOutput
+from diffusers import DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, ImagePipelineOutput
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from PIL import Image
 
 from ..text import load_text_encoder
 from .root import RootRecipe, from_latent, load_root
+
+
+SAMPLERS = {"ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}   # a root recipe's "scheduler" → class
 
 
 class EmojiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
@@ -27,7 +30,8 @@ class EmojiPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     def from_root(cls, root_dir: str | Path, device: str = "cpu") -> "EmojiPipeline":
         unet, train_scheduler, recipe = load_root(root_dir, device)
         text = load_text_encoder("minilm", device)
-        pipe = cls(unet=unet, scheduler=DDIMScheduler.from_config(train_scheduler.config),
+        sampler = SAMPLERS[recipe.sampling.get("scheduler", "ddim")]
+        pipe = cls(unet=unet, scheduler=sampler.from_config(train_scheduler.config),
                    text_encoder=text.model, tokenizer=text.tokenizer)
         pipe.recipe = recipe
         return pipe

@@ -57,6 +57,9 @@ class RootRecipe:
     steps: int = 3000
     ema_decay: float = 0.0  # > 0: the saved UNet is an exponential moving average of the weights (smoother samples)
     classes: list = field(default_factory=list)  # atlas ids the root is pretrained on
+    # how the app draws with it, chosen with the judge (bench/root_quality.py): {"scheduler": "ddim" | "dpm++",
+    # "num_inference_steps", "guidance_scale"}; empty: probex.generate's defaults
+    sampling: dict = field(default_factory=dict)
 
     def save(self, path: Path):
         Path(path).write_text(json.dumps(asdict(self), indent=1))
