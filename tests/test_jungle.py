@@ -343,7 +343,7 @@ def test_v2_pilot_preset_has_the_learning_curve_shape_and_names_its_root(tmp_pat
 
     from probex.jungle.presets import preset_jobs, write_tree_info
 
-    jobs = preset_jobs("v2-pilot")["emoji-root-v4a"]
+    jobs = preset_jobs("v2-pilot")["emoji-root-3"]
     per_class = Counter((j.class_id, j.model_id.split("/")[0]) for j in jobs)
     seen = {j.class_id for j in jobs if "holdout" not in j.model_id}
     held = {j.class_id for j in jobs if "holdout" in j.model_id}
@@ -353,10 +353,36 @@ def test_v2_pilot_preset_has_the_learning_curve_shape_and_names_its_root(tmp_pat
     # the pilot's held-out classes are the jungle's first held-out ones, its training classes the first training ones
     mini = preset_jobs("emoji-mini")["emoji-root-1"]
     assert held <= {j.class_id for j in mini if "holdout" in j.model_id}
-    write_tree_info(tmp_path / "a", "emoji-root-v4a", jobs, tmp_path / "roots" / "emoji-root-v4a")
+    write_tree_info(tmp_path / "a", "emoji-root-v5a", jobs, tmp_path / "roots" / "emoji-root-v5a")
     write_tree_info(tmp_path / "b", "emoji-root-1", jobs, ROOTS_DIR / "emoji-root-1")
-    assert json.loads((tmp_path / "a" / "tree.json").read_text())["root_model"] == str(tmp_path / "roots" / "emoji-root-v4a")
+    assert json.loads((tmp_path / "a" / "tree.json").read_text())["root_model"] == str(tmp_path / "roots" / "emoji-root-v5a")
     assert json.loads((tmp_path / "b" / "tree.json").read_text())["root_model"] == "checkpoints/roots/emoji-root-1"
+
+
+def test_mini_modelj_v2_presets_have_the_papers_shapes():
+    """SD_200 analogue: ≥ 170 training classes × 25 train LoRAs, 30 held-out × 10; SD_1k analogue: 5 LoRAs a class
+    over every class the roots know, 150 held out; no class both trained on and held out; tree B ≥ 40 × 10."""
+    from collections import Counter
+
+    from probex.jungle.presets import preset_jobs
+
+    jobs = preset_jobs("mini-modelj-v2")
+    a, b = jobs["emoji-root-3"], jobs["emoji-root-4"]
+    per_class = Counter((j.class_id, j.model_id.split("/")[0]) for j in a)
+    seen = {j.class_id for j in a if "holdout" not in j.model_id}
+    held = {j.class_id for j in a if "holdout" in j.model_id}
+    assert len(seen) == 170 and len(held) == 30 and not seen & held
+    assert all(per_class[(c, "train")] == 25 for c in seen)
+    assert all(per_class[(c, "val_holdout")] + per_class[(c, "test_holdout")] == 10 for c in held)
+    assert len({j.class_id for j in b}) == 40 and len(b) == 400
+    wide = preset_jobs("mini-modelj-v2-1k")["emoji-root-3"]
+    seen_1k = {j.class_id for j in wide if "holdout" not in j.model_id}
+    held_1k = {j.class_id for j in wide if "holdout" in j.model_id}
+    assert len(seen_1k) + len(held_1k) == 758 and len(held_1k) == 150 and not seen_1k & held_1k
+    assert Counter(j.class_id for j in wide).most_common()[-1][1] == 5 == Counter(j.class_id for j in wide).most_common(1)[0][1]
+    splits = Counter(j.model_id.split("/")[0] for j in wide if "holdout" not in j.model_id)
+    assert (splits["train"], splits["val"], splits["test"]) == (2128, 304, 608)   # 70/10/20
+    assert held <= held_1k   # the 30 held-out classes are held out everywhere
 
 
 def test_population_build_is_resumable_and_records_itself(tmp_path, monkeypatch):

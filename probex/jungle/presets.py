@@ -47,19 +47,42 @@ PRESETS = {
     # train LoRAs (+ 2 val, 3 test) for learning curves at 5 / 10 / 25 LoRAs a class, 20 held-out classes × 10;
     # 2,000 LoRAs. The root is not shipped: --roots-dir names where it was pretrained
     "v2-pilot": {
-        "emoji-root-v4a": {"train_classes": 60, "holdout_classes": 20, "seed": 41,
-                           "per_class": {"train": 25, "val": 2, "test": 3},
-                           "per_holdout": {"val_holdout": 4, "test_holdout": 6}},
+        "emoji-root-3": {"train_classes": 60, "holdout_classes": 20, "seed": 41,
+                         "per_class": {"train": 25, "val": 2, "test": 3},
+                         "per_holdout": {"val_holdout": 4, "test_holdout": 6}},
+    },
+    # Mini Model-J v2, the paper's shapes (issue: Mini Model-J v2). SD_200 analogue on root 3: 170 training classes ×
+    # 36 LoRAs (25 train, 4 val, 7 test: 69/11/19) and the 30 held-out classes × 10; tree B on root 4: 40 × 10.
+    # 6,820 LoRAs
+    "mini-modelj-v2": {
+        "emoji-root-3": {"train_classes": 170, "holdout_classes": 30, "seed": 51,
+                         "per_class": {"train": 25, "val": 4, "test": 7},
+                         "per_holdout": {"val_holdout": 4, "test_holdout": 6}},
+        "emoji-root-4": {"train_classes": 40, "holdout_classes": 0, "seed": 52,
+                         "per_class": {"train": 7, "val": 1, "test": 2}, "per_holdout": {}},
+    },
+    # its SD_1k analogue on root 3: every class the root was pretrained on, 5 LoRAs each (70/10/20 over two
+    # classes' patterns), 150 of them held out; 3,790 LoRAs
+    "mini-modelj-v2-1k": {
+        "emoji-root-3": {"train_classes": 608, "holdout_classes": 150, "seed": 53,
+                         "per_class": [{"train": 4, "test": 1}, {"train": 3, "val": 1, "test": 1}],
+                         "per_holdout": {"val_holdout": 2, "test_holdout": 3}},
     },
 }
 
 
 def class_split() -> tuple[list[dict], list[dict]]:
+    """(training classes, held-out classes) in preset order: the shuffled 'thing' classes, the 30 held out by every
+    preset first among the held-out ones. Training takes the first TRAIN_CLASSES, then every class after the held-out
+    block; held-out lists beyond 30 (the SD_1k analogue) continue from the training pool's end, so a preset's
+    training and held-out classes never meet (``preset_jobs`` checks it)."""
     _, classes = load_atlas()
     things = [c for c in classes if c["subject"] == "thing"]
     order = np.random.default_rng(CLASS_SEED).permutation(len(things))
     shuffled = [things[i] for i in order]
-    return shuffled[:TRAIN_CLASSES], shuffled[TRAIN_CLASSES:TRAIN_CLASSES + HOLDOUT_CLASSES]
+    held = shuffled[TRAIN_CLASSES:TRAIN_CLASSES + HOLDOUT_CLASSES]
+    pool = shuffled[:TRAIN_CLASSES] + shuffled[TRAIN_CLASSES + HOLDOUT_CLASSES:]
+    return pool, held + pool[::-1]
 
 
 def preset_jobs(preset: str) -> dict[str, list[LoraJob]]:
@@ -67,9 +90,11 @@ def preset_jobs(preset: str) -> dict[str, list[LoraJob]]:
     train, holdout = class_split()
     jobs = {}
     for root, spec in PRESETS[preset].items():
-        tree = sample_jobs(root, train[:spec["train_classes"]], spec["per_class"], seed=spec["seed"])
-        tree += sample_jobs(root, holdout[:spec["holdout_classes"]], spec["per_holdout"], seed=spec["seed"] + 1000,
-                            start_index=len(tree))
+        seen, held = train[:spec["train_classes"]], holdout[:spec["holdout_classes"]]
+        if {c["id"] for c in seen} & {c["id"] for c in held}:
+            raise InputError(f"preset {preset}: {root} would hold out classes it trains on")
+        tree = sample_jobs(root, seen, spec["per_class"], seed=spec["seed"])
+        tree += sample_jobs(root, held, spec["per_holdout"], seed=spec["seed"] + 1000, start_index=len(tree))
         jobs[root] = tree
     return jobs
 
