@@ -11,7 +11,8 @@ and reports, epoch chosen on val:
   zero-shot top-1 on test_holdout (cosine to the held-out classes' text, names never seen in training).
 Experts:
   ProbeX, one layer     ReLU, the paper's r_U = r_V = r_T = 128, on the layer a sweep chose (every LoRA'd layer,
-                        trained on all classes at the largest n, chosen by the mean of val and val_holdout top-1)
+                        trained --sweep-epochs on all classes at the largest n, chosen by the mean of val and
+                        val_holdout top-1)
   linear ProbeX         the same layer without the ReLU
   ProbeX, attn2 stacked a ProbeX (r_U = r_V = 16) per cross-attention projection, encodings summed
                         (probex.experts.StackedProbeX)
@@ -104,6 +105,7 @@ def main() -> None:
     parser.add_argument("tree", help="a built pilot tree: <zoo>/v2-pilot/<root name>")
     parser.add_argument("--epochs", type=int, default=RELEASE_OPTIMISER.epochs)
     parser.add_argument("--per-class", type=int, nargs="+", default=[5, 10, 25])
+    parser.add_argument("--sweep-epochs", type=int, default=50, help="epochs of each layer's expert in the sweep")
     parser.add_argument("--quick", action="store_true", help="40 epochs, the sweep on attn2 layers only")
     parser.add_argument("--temperature", type=float, default=None,
                         help="the ProbeX rows' contrastive temperature (default: none, plain cosine, as the release)")
@@ -136,8 +138,9 @@ def main() -> None:
     sweep_layers = attn2 if args.quick else layers
     full = restricted(pooled, n_max, n_classes)
     sweep = []
+    sweep_config = config.replace(epochs=args.sweep_epochs, patience=max(10, args.sweep_epochs // 4))
     for name in sweep_layers:
-        row = fit(new_probex, LayerData.from_cache(cache, name), full, config)
+        row = fit(new_probex, LayerData.from_cache(cache, name), full, sweep_config)
         row["layer"], row["choice"] = name, (row["val"] + row["val_holdout"]) / 2
         sweep.append(row)
         print(f"   sweep {name:<58} val {row['val']:.3f}  val_holdout {row['val_holdout']:.3f}", flush=True)
