@@ -2,7 +2,8 @@
 several test modules use: ``built`` (the test bundle: a tiny random emoji root, two synthetic LoRA trees of the same
 architecture with a planted class signal linear in MiniLM text embeddings, a different tree component each, trained
 with the `python -m probex train` the user runs), ``zoo_file`` (a model file of a zoo by split and class),
-``run_cli`` (`python -m probex …` as a process) and ``running_app`` (`python app.py` as a process)."""
+``run_cli`` (`python -m probex …` as a process), ``running_app`` (`python app.py` as a process) and ``import_app``
+(app.py imported in this process on a given bundle)."""
 from __future__ import annotations
 
 import json
@@ -145,6 +146,27 @@ def app_process(bundle: Path, workdir: Path, env: dict | None = None, timeout: f
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def import_fresh_app(bundle: Path):
+    """app.py imported anew on ``bundle``: the module loads its studio at import, so an earlier import on another
+    bundle (sys.modules) must not be reused."""
+    import importlib
+
+    sys.modules.pop("app", None)
+    os.environ["PROBEX_BUNDLE"] = str(bundle)
+    try:
+        if str(REPO) not in sys.path:
+            sys.path.insert(0, str(REPO))
+        return importlib.import_module("app")
+    finally:
+        del os.environ["PROBEX_BUNDLE"]
+
+
+@pytest.fixture(scope="session")
+def import_app():
+    """``import_app(bundle)``: app.py's module, imported in this process on that bundle."""
+    return import_fresh_app
 
 
 @pytest.fixture(scope="session")

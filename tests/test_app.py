@@ -3,7 +3,6 @@ called through gradio_client's named endpoints `predict` and `search`. A failing
 and the app keeps serving; uploads do not stay on disk after their request."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import httpx
@@ -121,17 +120,9 @@ def test_request_files_are_deleted_only_when_no_request_holds_them(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def app_module(built):
+def app_module(built, import_app):
     """app.py imported in this process (its handlers called directly, no server)."""
-    import importlib
-    import sys
-
-    os.environ["PROBEX_BUNDLE"] = str(built["bundle"])
-    try:
-        sys.path.insert(0, str(REPO))
-        return importlib.import_module("app")
-    finally:
-        del os.environ["PROBEX_BUNDLE"]
+    return import_app(built["bundle"])
 
 
 def test_a_link_is_fetched_identified_and_deleted_afterwards(zoo_file, app_module, built, tmp_path, monkeypatch):

@@ -5,10 +5,7 @@ may be deleted but its own upload.
 """
 from __future__ import annotations
 
-import importlib
 import json
-import os
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -154,15 +151,10 @@ def test_the_upload_handler_refuses_server_paths(app):
 
 
 # ----------------------------------------------------------------------------------------------- hygiene
-def test_gradio_cache_is_swept():
+def test_gradio_cache_is_swept(import_app):
     """Gradio's cache (sample PNGs, card copies) is bounded: delete_cache is set, every TTL/3 for files older than
     PROBEX_CACHE_TTL_S."""
-    os.environ["PROBEX_BUNDLE"] = str(BUNDLE)
-    try:
-        sys.path.insert(0, str(REPO))
-        app_module = importlib.import_module("app")
-    finally:
-        del os.environ["PROBEX_BUNDLE"]
+    app_module = import_app(BUNDLE)
     demo = app_module.build_demo()
     assert demo.delete_cache == (max(60, app_module.CACHE_TTL_S // 3), app_module.CACHE_TTL_S)
     assert type(demo).__name__ == "StudioBlocks"
