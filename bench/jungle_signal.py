@@ -49,9 +49,9 @@ def gate1(out: Path, roots: list[str]) -> dict:
         print(f"{name}: at the probe's reference noise (SNR≈0.027 → t={ref['t']}) ratio {ref['ratio']:.2f} -> "
               f"gate (≥ 1.3) {'PASS' if ref['ratio'] >= 1.3 else 'FAIL'};  at t=600 (SNR "
               f"{next(r['snr'] for r in rows if r['t'] == 600):.2f}) {next(r['ratio'] for r in rows if r['t'] == 600):.2f}")
-    from probex.jungle.presets import class_split
+    from probex.jungle.presets import jungle_split
 
-    names = [c["name"] for c in class_split()[0][:12]]
+    names = [c["name"] for c in jungle_split()[0][:12]]
     for name in roots:
         grid = gate_checks.sample_grid(ROOTS / name, names, out / f"{name}_prompts.png")
         print(f"{name} sample grid (rows: {', '.join(names)}): {grid}")

@@ -39,9 +39,9 @@ STEPS, LR, BATCH = 120, 5e-3, 4
 
 def chosen_classes() -> list[dict]:
     """(root, class record, kind) for every outside LoRA, deterministic."""
-    from probex.jungle.presets import PRESETS, class_split
+    from probex.jungle.presets import PRESETS, jungle_split
 
-    train, held = class_split()
+    train, held = jungle_split()
     rng = np.random.default_rng(99)
     n_b = PRESETS["emoji-mini"]["emoji-root-2"]["train_classes"]
     picks = [("emoji-root-1", train[i], "training") for i in rng.choice(len(train), 8, replace=False)]
@@ -137,12 +137,12 @@ def read_app(studio, path: Path, root: str, name: str, kind: str, held_names: li
 
 
 def score(out: Path, zoo: Path) -> dict:
-    from probex.jungle.presets import class_split
+    from probex.jungle.presets import jungle_split
     from probex.service import Studio
     from probex.zoo import Zoo
 
     studio = Studio.load()
-    held_names = [c["name"] for c in class_split()[1]]
+    held_names = [c["name"] for c in jungle_split()[1]]
     result = {}
     for job_file in sorted(out.glob("*/job.json")):
         job = json.loads(job_file.read_text())

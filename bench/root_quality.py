@@ -40,7 +40,7 @@ from probex.jungle.atlas import load_atlas  # noqa: E402
 from probex.jungle.judge import load_judge  # noqa: E402
 from probex.jungle.lora import INSTANCE_PROMPT, build_population, sample_jobs  # noqa: E402
 from probex.jungle.pipeline import SAMPLERS  # noqa: E402
-from probex.jungle.presets import class_split  # noqa: E402
+from probex.jungle.presets import jungle_split  # noqa: E402
 from probex.jungle.root import RootRecipe, augment, caption  # noqa: E402
 
 BUNDLE = REPO / "checkpoints" / "emoji-mini"
@@ -191,7 +191,7 @@ def main() -> None:
     judge = load_judge()
     rgba, atlas = load_atlas()
     row_of = {c["id"]: i for i, c in enumerate(atlas)}
-    train, holdout = class_split()
+    train, holdout = jungle_split()
     jungle = train + holdout
     people = [c for c in atlas if c["subject"] == "human"]
     people = [people[i] for i in np.random.default_rng(5).permutation(len(people))]

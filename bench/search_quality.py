@@ -145,11 +145,11 @@ def main() -> None:
     parser.add_argument("--bundle", default=None)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    from probex.jungle.presets import class_split
+    from probex.jungle.presets import jungle_split
     from probex.service import Studio
 
     studio = Studio.load(args.bundle)
-    held_out = {c["name"] for c in class_split()[1]}
+    held_out = {c["name"] for c in jungle_split()[1]}
     report(studio, DESCRIPTIONS, held_out, "the bench's set")
     report(studio, DEV_DESCRIPTIONS, held_out, "the second set (used to choose how class text is read)")
     far = studio.search(FAR_QUERY, top_k=3)

@@ -321,7 +321,7 @@ def test_ship_builds_a_bundle_the_studio_reads(zoo_file, built, tmp_path):
 def test_emoji_mini_preset_has_the_jungles_size_and_splits():
     from collections import Counter
 
-    from probex.jungle.presets import preset_jobs
+    from probex.jungle.presets import jungle_split, preset_jobs
 
     jobs = preset_jobs("emoji-mini")
     a, b = jobs["emoji-root-1"], jobs["emoji-root-2"]
@@ -335,6 +335,8 @@ def test_emoji_mini_preset_has_the_jungles_size_and_splits():
     assert len(seen) == 150 and len(held) == 30 and not seen & held
     assert len(b) == 200 and len({j.class_id for j in b}) == 40
     assert len({j.model_id for j in a}) == len(a) and preset_jobs("emoji-mini") == jobs   # deterministic
+    train, held_out = jungle_split()   # what the benches reading the shipped bundle call known and held-out
+    assert {c["id"] for c in train} == seen and {c["id"] for c in held_out} == held
 
 
 def test_v2_pilot_preset_has_the_learning_curve_shape_and_names_its_root(tmp_path):

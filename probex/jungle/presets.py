@@ -85,6 +85,13 @@ def class_split() -> tuple[list[dict], list[dict]]:
     return pool, held + pool[::-1]
 
 
+def jungle_split() -> tuple[list[dict], list[dict]]:
+    """The emoji jungle's classes: its TRAIN_CLASSES training classes and HOLDOUT_CLASSES held-out ones (what the
+    shipped bundle and the benches reading it call "known" and "held-out")."""
+    train, holdout = class_split()
+    return train[:TRAIN_CLASSES], holdout[:HOLDOUT_CLASSES]
+
+
 def preset_jobs(preset: str) -> dict[str, list[LoraJob]]:
     """root name → jobs, model ids numbered per tree in Model-J style."""
     train, holdout = class_split()
