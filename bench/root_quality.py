@@ -117,7 +117,7 @@ def sweep(pipe, judge, names, labels, seeds, configs) -> list[dict]:
         images, per_image = draw(pipe, [caption(pipe.recipe, n) for n in names], seeds, steps, guidance)
         top1, top5 = grade(judge, images, [y for y in labels for _ in range(seeds)])
         rows.append({"scheduler": scheduler, "steps": steps, "guidance": guidance, "top1": float(top1.mean()),
-                     "top5": float(top5.mean()), "s_per_image": per_image})
+                     "top5": float(top5.mean()), "noise": float(pixel_noise(images).mean()), "s_per_image": per_image})
     return rows
 
 
@@ -205,7 +205,7 @@ def main() -> None:
     configs = ([("ddim", 20, 3.0), ("ddim", 20, 6.0), ("ddim", 10, 6.0), ("dpm++", 10, 6.0)] if quick else
                [(s, n, g) for s in SAMPLERS for n in (10, 20, 30) for g in (3.0, 4.5, 6.0, 9.0)])
     print(f"1. sampling sweep: {len(sweep_classes)} pretraining classes outside the jungle × 2 seeds, judge top-1 / "
-          "top-5, s per image")
+          "top-5, pixel noise, s per image")
     chosen = {}
     for set_name, roots in sets.items():
         pipe = load_emoji(str(roots[0]))
@@ -215,7 +215,8 @@ def main() -> None:
         for r in rows:
             mark = "  ← chosen" if r is chosen[set_name] else ""
             print(f"   {set_name:>5} {roots[0].name:<16} {r['scheduler']:>6} {r['steps']:>3} steps  guidance "
-                  f"{r['guidance']:<4} top-1 {r['top1']:.3f}  top-5 {r['top5']:.3f}  {r['s_per_image']:.3f} s{mark}")
+                  f"{r['guidance']:<4} top-1 {r['top1']:.3f}  top-5 {r['top5']:.3f}  noise {r['noise']:.1f}  "
+                  f"{r['s_per_image']:.3f} s{mark}")
     (out / "sweep.json").write_text(json.dumps(chosen, indent=1))
     if args.write_sampling:  # the app draws with what the judge chose: the roots' recipes carry it
         for root_dir in v2:
