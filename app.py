@@ -506,7 +506,9 @@ def build_demo() -> gr.Blocks:
                         with gr.Column(scale=3):
                             gr.Markdown("#### Nearest known models, drawn live\n"
                                         "The tree's root with the model's LoRA (or, where that file does not "
-                                        "ship, a shipped LoRA of the same class).")
+                                        "ship, a shipped LoRA of the same class). Held-out classes ship no LoRA: "
+                                        "their models are skipped here, so these are the nearest that can be "
+                                        "drawn.")
                             neighbour_gallery = gr.Gallery(show_label=False, columns=4, height=230, format="png",
                                                            object_fit="contain", elem_id="neighbour-gallery",
                                                            elem_classes=["pixel"])
