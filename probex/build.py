@@ -37,8 +37,8 @@ class TreeSpec:
     samples: list[str] = field(default_factory=list)   # ids of models whose LoRA files ship (to draw samples)
     encodings: torch.Tensor | None = None   # precomputed, for experts reading several layers; default: encode `layer`
     keywords: dict[str, list[str]] = field(default_factory=dict)  # class id → words people search it by (CLDR's)
-    left_out: set[str] = field(default_factory=set)  # model ids kept out of the gallery: the bundle's examples, so
-    # that an example is read as a visitor's own file would be, not found as its own nearest model
+    examples: list[str] = field(default_factory=list)  # ids of models shipped as the app's example uploads: kept out
+    # of the gallery, so that an example is read as a visitor's own file would be, not found as its own nearest model
 
 
 def make_gallery(spec: TreeSpec, encoder, seed: int = 0) -> Gallery:
@@ -47,7 +47,8 @@ def make_gallery(spec: TreeSpec, encoder, seed: int = 0) -> Gallery:
     The vocabulary is what the expert can name: every class for an align expert (held-out ones included: text is
     all it needs), the classes of its head otherwise."""
     cache = spec.cache
-    keep = torch.tensor([m["id"] not in spec.left_out for m in cache.models])
+    left_out = set(spec.examples)
+    keep = torch.tensor([m["id"] not in left_out for m in cache.models])
     if spec.encodings is not None:
         encodings = spec.encodings.float()[keep]
     else:
@@ -60,7 +61,7 @@ def make_gallery(spec: TreeSpec, encoder, seed: int = 0) -> Gallery:
     text_emb = (spec.expert.text_input(encoder, [prompt(spec.prompt_template, n) for n in names]).flatten(1)
                 if names else torch.zeros(0, 0))
     zoo_root = Path(cache.index["zoo"])
-    models = [m for m in cache.models if m["id"] not in spec.left_out]
+    models = [m for m in cache.models if m["id"] not in left_out]
     return Gallery(
         ids=[m["id"] for m in models],
         model_classes=[m.get("labels", m.get("class_name")) for m in models],
@@ -73,9 +74,10 @@ def make_gallery(spec: TreeSpec, encoder, seed: int = 0) -> Gallery:
 
 
 def build_bundle(out_dir: str | Path, trees: list[TreeSpec], text_encoder: str, router=None,
-                 profile: str = "emoji-mini", examples=(), seed: int = 0, encoder=None, info: dict | None = None) -> Bundle:
-    """Galleries for trained experts, written with the router as a bundle in `out_dir`. `text_encoder` is the
-    load_text_encoder name stored in the bundle (`encoder` overrides the instance used, e.g. an already loaded one)."""
+                 profile: str = "emoji-mini", seed: int = 0, encoder=None, info: dict | None = None) -> Bundle:
+    """Galleries for trained experts, written with the router and the trees' example files as a bundle in `out_dir`.
+    `text_encoder` is the load_text_encoder name stored in the bundle (`encoder` overrides the instance used, e.g. an
+    already loaded one)."""
     encoder = encoder or load_text_encoder(text_encoder)
     built = {}
     for spec in trees:
@@ -84,9 +86,15 @@ def build_bundle(out_dir: str | Path, trees: list[TreeSpec], text_encoder: str, 
             spec.name, spec.layer, spec.expert.eval(), make_gallery(spec, encoder, seed), spec.expert.head_kind,
             getattr(signature, "digest", None), getattr(signature, "family", None), spec.prompt_template,
             spec.root_model, spec.instance_prompt)
-    bundle = Bundle(profile, text_encoder, built, router, [Path(p) for p in examples], info or {})
+    examples = [example_file(spec, model_id) for spec in trees for model_id in spec.examples]
+    bundle = Bundle(profile, text_encoder, built, router, examples, info or {})
     bundle.save(out_dir)
     return Bundle.load(out_dir)   # what the app will see: paths inside the bundle, verified
+
+
+def example_file(spec: TreeSpec, model_id: str) -> Path:
+    source = next(m["source"] for m in spec.cache.models if m["id"] == model_id)
+    return Path(spec.cache.index["zoo"]) / source
 
 
 def first_signature(cache):
@@ -121,21 +129,19 @@ def train_bundle(zoo, out_dir: str | Path, layers=None, config: TrainConfig = Tr
         text = class_text_embeddings(cache, encoder, template) if tree_task == "align" else None
         sweep = sweep_layers(cache, layers, tree_task, text, config, out_dir=out_dir / "sweeps" / folder_name(name, set()),
                              ray=ray)
-        shown = example_models(cache, n_examples) if cache.kind == "lora" else []
         specs.append(TreeSpec(name, sweep.best.expert, cache, sweep.best_layer, template,
                               z.tree.get("root_model") or prof.root_model, z.tree.get("instance_prompt"),
+                              # LoRA files are small enough to ship as samples and examples; full checkpoints are not
                               samples=sample_ids(cache, samples_per_class) if cache.kind == "lora" else [],
-                              left_out={m["id"] for m in shown}))
+                              examples=[m["id"] for m in example_models(cache, n_examples)] if cache.kind == "lora"
+                              else []))
         caches.append((cache, routing))
         summary[name] = {"layer": sweep.best_layer, **{k: v for k, v in sweep.best_row.items() if k != "layer"},
                          "task": tree_task, "n_models": len(cache.models)}
     for spec in specs:
         spec.signature = spec.signature or first_signature(spec.cache)
     router = fit_router([Population(s.name, s.signature, c, layer) for s, (c, layer) in zip(specs, caches)])
-    # LoRA files are small enough to ship as samples and examples; full checkpoints are not
-    examples = [Path(c.index["zoo"]) / m["source"] for c, _ in caches if c.kind == "lora"
-                for m in example_models(c, n_examples)]   # the models each spec leaves out of its gallery
-    build_bundle(out_dir, specs, prof.text_encoder, router, prof.name, examples, config.optimiser.seed, encoder,
+    build_bundle(out_dir, specs, prof.text_encoder, router, prof.name, config.optimiser.seed, encoder,
                  info={"config": config.as_dict(), "trees": summary})
     return {"bundle": str(out_dir), "profile": prof.name, "trees": summary}
 

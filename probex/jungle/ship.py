@@ -90,7 +90,7 @@ def build_emoji_bundle(population: Path, out: Path, epochs: int = 200, cache_roo
         expert, metrics, encodings, names = candidates[kind]
         specs.append(TreeSpec(name, expert, cache, names, recipe.prompt_template, zoo.tree["root_model"],
                               INSTANCE_PROMPT, samples=sample_ids(cache, 1), encodings=encodings,
-                              keywords=keywords, left_out={m["id"] for m in _examples(cache, n_examples)}))
+                              keywords=keywords, examples=[m["id"] for m in _examples(cache, n_examples)]))
         caches.append(cache)
         summary[name] = {"layers": names, "n_models": len(cache.models), "expert": kind,
                          **{f"top1_{k}": round(v, 4) for k, v in metrics.items()},
@@ -100,10 +100,9 @@ def build_emoji_bundle(population: Path, out: Path, epochs: int = 200, cache_roo
     router, routing_layer = separating_router(
         [Population(s.name, first_signature(c), c, all_layers[0], listeners[s.name]) for s, c in zip(specs, caches)],
         all_layers)
-    examples = [Path(c.index["zoo"]) / m["source"] for c in caches for m in _examples(c, n_examples)]
     if Path(out).exists():
         shutil.rmtree(out)  # a rebuilt bundle must not keep files of the previous one
-    build_bundle(out, specs, "minilm", router, "emoji-mini", examples, encoder=encoder,
+    build_bundle(out, specs, "minilm", router, "emoji-mini", encoder=encoder,
                  info={"trees": summary, "routing_layer": routing_layer,
                        "expert": "root-anchored ProbeX on cross-attention layers (probex/experts/anchored.py)",
                        "built_by": "python -m probex.jungle ship"})
