@@ -48,8 +48,9 @@ BUNDLE = REPO / "checkpoints" / "emoji-mini"
 
 def shipped_roots() -> list[Path]:
     """The roots the shipped bundle draws with (bundle.json's trees), in tree order: "today's roots"."""
-    trees = json.loads((BUNDLE / "bundle.json").read_text())["trees"]
-    return [REPO / t["root_model"] for t in (trees.values() if isinstance(trees, dict) else trees)]
+    return [REPO / t["root_model"] for t in json.loads((BUNDLE / "bundle.json").read_text())["trees"]]
+
+
 GATE_SAMPLES, GATE_LORAS = 0.80, 0.80
 GATE_SPECKLE = 4.0  # grey levels of per-pixel noise left in samples (atlas renders under augmentation: ≈ 1.4)
 
