@@ -8,6 +8,7 @@ the downloaded link) and the generated card file are deleted. Shipped examples a
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import ctypes.util
@@ -43,10 +44,11 @@ from probex.weights import short  # noqa: E402
 try:  # on a ZeroGPU Space, generation runs inside a GPU allocation; elsewhere the decorator is a no-op
     import spaces
 
-    on_gpu = spaces.GPU(duration=120)
+    on_gpu, ZERO_GPU = spaces.GPU(duration=120), True
 except ImportError:
     def on_gpu(fn):
         return fn
+    ZERO_GPU = False
 
 STUDIO, NOTICE = load_with_fallback()
 NEIGHBOURS_DRAWN = 4      # nearest models shown with live samples
@@ -57,6 +59,9 @@ FILES = RequestFiles(grace_s=float(os.environ.get("PROBEX_UPLOAD_GRACE_S", "60")
 # Gradio's own cache (sample PNGs, card copies, uploads it keeps) is swept every CACHE_TTL_S / 3 of files older than it
 CACHE_TTL_S = int(os.environ.get("PROBEX_CACHE_TTL_S", "900"))
 LOG = logging.getLogger("probex.app")
+# An upload's own samples start drawing here as soon as it is identified, while the page shows the summary and asks
+# for them (a follow-up event). Not on ZeroGPU, where drawing must run inside the GPU step.
+OWN_SAMPLES = None if ZERO_GPU else concurrent.futures.ThreadPoolExecutor(CONCURRENCY, thread_name_prefix="own-samples")
 KNOWN_IMAGES = Path(tempfile.mkdtemp(prefix="probex-known-images-"))  # image_file's default folder
 
 
@@ -68,6 +73,7 @@ class Request:
     lora: str | None = None                     # the file the LoRA's own samples are drawn from
     neighbours: list[dict] = field(default_factory=list)
     owned: list[str] = field(default_factory=list)   # paths this request must delete when it is done
+    own_samples: concurrent.futures.Future | None = None   # the LoRA's own images, drawing since identify
 
 
 def need_studio():
@@ -156,7 +162,8 @@ def identify(path: str, owned: list[str], top_k: int):
     except BaseException:
         FILES.release(*owned)
         raise
-    request = Request(analysis, path, neighbours, owned)
+    early = OWN_SAMPLES.submit(studio.samples, path, n=UPLOAD_SAMPLES) if OWN_SAMPLES else None
+    request = Request(analysis, path, neighbours, owned, early)
     title = ("Top concepts (read from their captions)" if result["score_unit"] == "cosine" else
              "Top concepts (known: models' mean · unseen: text)")
     marked = [{**c, "name": c["name"] + (" · unseen" if c.get("known") is False and result["score_unit"] == "z" else "")}
@@ -239,8 +246,9 @@ def draw_samples(request: Request | None):
         own_dir = tempfile.mkdtemp(prefix="probex-own-")   # this request's images: deleted with its other files
         FILES.hold(own_dir)
         request.owned.append(own_dir)
-        own = [(image_file(im, Path(own_dir)), f"seed {i}")
-               for i, im in enumerate(studio.samples(request.lora, n=UPLOAD_SAMPLES))]
+        images = (request.own_samples.result() if request.own_samples
+                  else studio.samples(request.lora, n=UPLOAD_SAMPLES))
+        own = [(image_file(im, Path(own_dir)), f"seed {i}") for i, im in enumerate(images)]
         yield own, list(neighbours)
     for i, n in enumerate(request.neighbours, start=1):
         image = studio.samples(n["id"], n=1, tree=n["tree"])[0]

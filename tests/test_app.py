@@ -144,6 +144,7 @@ def test_a_link_is_fetched_identified_and_deleted_afterwards(zoo_file, app_modul
     outputs = app_module.identify_link("someone/rocket-lora", 5)
     summary, request = outputs[0], outputs[5]
     assert "rocket" in summary and "tree-b" in summary
+    assert request.own_samples is not None   # the LoRA's own samples started drawing when it was identified
     steps = list(app_module.draw_samples(request))
     assert len(steps[0][0]) == app_module.UPLOAD_SAMPLES and steps[0][1] == []  # the LoRA's own samples come first
     own, neighbours = steps[-1]
