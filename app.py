@@ -8,6 +8,7 @@ the downloaded link) and the generated card file are deleted. Shipped examples a
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import ctypes.util
@@ -43,10 +44,11 @@ from probex.weights import short  # noqa: E402
 try:  # on a ZeroGPU Space, generation runs inside a GPU allocation; elsewhere the decorator is a no-op
     import spaces
 
-    on_gpu = spaces.GPU(duration=120)
+    on_gpu, ZERO_GPU = spaces.GPU(duration=120), True
 except ImportError:
     def on_gpu(fn):
         return fn
+    ZERO_GPU = False
 
 STUDIO, NOTICE = load_with_fallback()
 NEIGHBOURS_DRAWN = 4      # nearest models shown with live samples
@@ -57,6 +59,9 @@ FILES = RequestFiles(grace_s=float(os.environ.get("PROBEX_UPLOAD_GRACE_S", "60")
 # Gradio's own cache (sample PNGs, card copies, uploads it keeps) is swept every CACHE_TTL_S / 3 of files older than it
 CACHE_TTL_S = int(os.environ.get("PROBEX_CACHE_TTL_S", "900"))
 LOG = logging.getLogger("probex.app")
+# An upload's own samples start drawing here as soon as it is identified, while the page shows the summary and asks
+# for them (a follow-up event). Not on ZeroGPU, where drawing must run inside the GPU step.
+OWN_SAMPLES = None if ZERO_GPU else concurrent.futures.ThreadPoolExecutor(CONCURRENCY, thread_name_prefix="own-samples")
 KNOWN_IMAGES = Path(tempfile.mkdtemp(prefix="probex-known-images-"))  # image_file's default folder
 
 
@@ -68,6 +73,7 @@ class Request:
     lora: str | None = None                     # the file the LoRA's own samples are drawn from
     neighbours: list[dict] = field(default_factory=list)
     owned: list[str] = field(default_factory=list)   # paths this request must delete when it is done
+    own_samples: concurrent.futures.Future | None = None   # the LoRA's own images, drawing since identify
 
 
 def need_studio():
@@ -138,9 +144,9 @@ def give_back_memory() -> None:
 
 # ----------------------------------------------------------------------------------------------- identify
 def identify(path: str, owned: list[str], top_k: int):
-    """Read, route, encode → summary, concept bars, neighbour table, map, card: one analysis and one prediction, which
-    the card, map and neighbours reuse. ``owned``: this request's files, released for deletion when the request is
-    done (or now, if it fails)."""
+    """Read, route, encode → summary, concept bars, neighbour table, card: one analysis and one prediction, which
+    the card and neighbours reuse (the map follows in its own step, ``map_upload``: the summary does not wait for
+    it). ``owned``: this request's files, released for deletion when the request is done (or now, if it fails)."""
     studio = need_studio()
     top_k = check_top_k(top_k)
     FILES.hold(*owned)
@@ -152,19 +158,19 @@ def identify(path: str, owned: list[str], top_k: int):
         owned = [*owned, card_dir]
         card_path = Path(card_dir) / "README.md"
         card_path.write_text(studio.model_card(analysis, prediction=result))
-        figure = studio.map_figure(analysis) if studio.has_gallery(analysis.tree) else None
         neighbours = [] if analysis.negligible else studio.drawable_neighbors(analysis, NEIGHBOURS_DRAWN)
     except BaseException:
         FILES.release(*owned)
         raise
-    request = Request(analysis, path, neighbours, owned)
+    early = OWN_SAMPLES.submit(studio.samples, path, n=UPLOAD_SAMPLES) if OWN_SAMPLES else None
+    request = Request(analysis, path, neighbours, owned, early)
     title = ("Top concepts (read from their captions)" if result["score_unit"] == "cosine" else
              "Top concepts (known: models' mean · unseen: text)")
     marked = [{**c, "name": c["name"] + (" · unseen" if c.get("known") is False and result["score_unit"] == "z" else "")}
               for c in result["classes"]]   # classes read from text alone, beside classes with known models
     bars = None if result["notice"] else concept_bars(marked, title, score_label=SCORE_LABELS[result["score_unit"]])
     return (summary_markdown(result, analysis.layers), gr.update(value=bars, visible=bars is not None),
-            model_rows(result["neighbors"], False), figure, str(card_path), card_path.read_text(), request,
+            model_rows(result["neighbors"], False), str(card_path), card_path.read_text(), request,
             gr.update(visible=True))
 
 
@@ -240,8 +246,9 @@ def draw_samples(request: Request | None):
         own_dir = tempfile.mkdtemp(prefix="probex-own-")   # this request's images: deleted with its other files
         FILES.hold(own_dir)
         request.owned.append(own_dir)
-        own = [(image_file(im, Path(own_dir)), f"seed {i}")
-               for i, im in enumerate(studio.samples(request.lora, n=UPLOAD_SAMPLES))]
+        images = (request.own_samples.result() if request.own_samples
+                  else studio.samples(request.lora, n=UPLOAD_SAMPLES))
+        own = [(image_file(im, Path(own_dir)), f"seed {i}") for i, im in enumerate(images)]
         yield own, list(neighbours)
     for i, n in enumerate(request.neighbours, start=1):
         image = studio.samples(n["id"], n=1, tree=n["tree"])[0]
@@ -327,6 +334,17 @@ def draw_search_samples(models: list[dict] | None):
 @answers
 def show_map(query: str, request: Request | None):
     return need_studio().map_figure(request.analysis if request else None, query=query or None)
+
+
+@answers
+def map_upload(query: str, request: Request | None):
+    """The map with the identified LoRA placed (and the map tab's text, if any): a step of its own after identify,
+    beside the samples, since building and sending the figure held the summary back. No map for a tree without
+    known models."""
+    studio = need_studio()
+    if request is None or request.analysis is None:
+        return gr.skip()
+    return show_map(query, request) if studio.has_gallery(request.analysis.tree) else None
 
 
 # ------------------------------------------------------------------------------------------ API endpoints
@@ -558,21 +576,25 @@ def build_demo() -> gr.Blocks:
             with gr.Tab("How it works & API", id="about"):
                 gr.Markdown(ABOUT + CLIENT_EXAMPLE)
 
-        identify_outputs = [summary, concepts, neighbours, weight_map, card_file, card_preview, request, details]
+        # a small progress mark, not the overlay over every output: the page took a while to clear the overlay
+        # before it showed the summary (docs/RESULTS.md, browser latency)
+        identify_outputs = [summary, concepts, neighbours, card_file, card_preview, request, details]
 
         def then_draw_and_forget(event):
             # "minimal": no overlay; the full one covered the LoRA's own images while the neighbours were drawn
             event.success(draw_samples, request, [own_gallery, neighbour_gallery], api_visibility="private",
                           show_progress="minimal") \
                  .then(forget_upload, request, [request, upload], api_visibility="private")
+            event.success(map_upload, [map_query, request], weight_map, api_visibility="private",
+                          show_progress="hidden")
             event.failure(lambda: None, None, upload, api_visibility="private")
 
         then_draw_and_forget(upload.upload(identify_upload, [upload, top_k], identify_outputs,
-                                           api_visibility="private"))
+                                           api_visibility="private", show_progress="minimal"))
         then_draw_and_forget(gr.on([fetch_btn.click, link.submit], identify_link, [link, top_k], identify_outputs,
-                                   api_visibility="private"))
+                                   api_visibility="private", show_progress="minimal"))
         then_draw_and_forget(example_set.click(identify_example, [example_set, top_k], identify_outputs,
-                                               api_visibility="private"))
+                                               api_visibility="private", show_progress="minimal"))
         gr.on([labels_btn.click, labels.submit], custom_labels, [request, labels], label_plot,
               api_visibility="private")
         gr.on([search_btn.click, query.submit], run_search, [query, search_k, request],

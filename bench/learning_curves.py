@@ -11,8 +11,8 @@ and reports, epoch chosen on val:
   zero-shot top-1 on test_holdout (cosine to the held-out classes' text, names never seen in training).
 Experts:
   ProbeX, one layer     ReLU, the paper's r_U = r_V = r_T = 128, on the layer a sweep chose (every LoRA'd layer,
-                        trained --sweep-epochs on all classes at the largest n, chosen by the mean of val and
-                        val_holdout top-1)
+                        or --sweep attn2 the cross-attention ones; trained --sweep-epochs on all classes at the
+                        largest n, chosen by the mean of val and val_holdout top-1)
   linear ProbeX         the same layer without the ReLU
   ProbeX, attn2 stacked a ProbeX (r_U = r_V = 16) per cross-attention projection, encodings summed
                         (probex.experts.StackedProbeX)
@@ -107,6 +107,8 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, nargs="+", default=[5, 10, 25])
     parser.add_argument("--sweep-epochs", type=int, default=50, help="epochs of each layer's expert in the sweep")
     parser.add_argument("--quick", action="store_true", help="40 epochs, the sweep on attn2 layers only")
+    parser.add_argument("--sweep", choices=("all", "attn2"), default="all",
+                        help="layers the one-layer sweep tries: every LoRA'd layer, or the cross-attention ones")
     parser.add_argument("--temperature", type=float, default=None,
                         help="the ProbeX rows' contrastive temperature (default: none, plain cosine, as the release)")
     parser.add_argument("--threads", type=int, default=2)
@@ -129,13 +131,20 @@ def main() -> None:
     class_states = encoder.token_states([caption(recipe, c["name"]) for c in cache.classes], recipe.token_length)
     instance = encoder.token_states([INSTANCE_PROMPT], recipe.token_length)[0]
     tokens = task_targets(cache, "align", class_states)
-    n_classes, n_max = len(pooled.classes), max(args.per_class)
+    n_classes = len(pooled.classes)
+    # asking for more train LoRAs than every class has (a smaller preset, a build still under way) takes them all,
+    # and the curve is labelled with what was trained on
+    have = int(torch.bincount(pooled.y[pooled.split["train"]], minlength=n_classes).min())
+    per_class = sorted({min(n, have) for n in args.per_class})
+    if have < max(args.per_class):
+        print(f"every training class has ≥ {have} train LoRAs: n = {max(args.per_class)} reads as {have} (all)")
+    n_max = per_class[-1]
     print(f"{zoo.name}: {len(cache.models)} LoRAs, {n_classes} training classes, {len(pooled.holdout_classes)} held-out; "
           f"{len(layers)} LoRA'd layers; {epochs} epochs (best on val), lr {config.optimiser.lr}, ProbeX temperature "
           f"{args.temperature or 'none'}")
 
     # the one layer: swept at the largest n on all classes, chosen on validation only
-    sweep_layers = attn2 if args.quick else layers
+    sweep_layers = attn2 if args.quick or args.sweep == "attn2" else layers
     full = restricted(pooled, n_max, n_classes)
     sweep = []
     sweep_config = config.replace(epochs=args.sweep_epochs, patience=max(10, args.sweep_epochs // 4))
@@ -160,7 +169,7 @@ def main() -> None:
         return AnchoredProbeX.from_root([root_weights[n] for n in kv], instance, relu=True)
 
     reader = AttentionReader.from_root(unet, attn2, instance, 16, **READER)
-    settings = [(n, n_classes) for n in sorted(args.per_class)]
+    settings = [(n, n_classes) for n in per_class]
     settings += [(n_max, k) for k in (n_classes // 4, n_classes // 2) if k > 1]
     results = []
     for per_class, k in settings:

@@ -142,13 +142,14 @@ def test_a_link_is_fetched_identified_and_deleted_afterwards(zoo_file, app_modul
         app_module.identify_link("not a link at all", 5)
     monkeypatch.setattr(fetch, "fetch_to_temp", fake_fetch)
     outputs = app_module.identify_link("someone/rocket-lora", 5)
-    summary, request = outputs[0], outputs[6]
+    summary, request = outputs[0], outputs[5]
     assert "rocket" in summary and "tree-b" in summary
+    assert request.own_samples is not None   # the LoRA's own samples started drawing when it was identified
     steps = list(app_module.draw_samples(request))
     assert len(steps[0][0]) == app_module.UPLOAD_SAMPLES and steps[0][1] == []  # the LoRA's own samples come first
     own, neighbours = steps[-1]
     assert len(own) == app_module.UPLOAD_SAMPLES and len(neighbours) == len(steps) - 1
-    card = Path(outputs[4])
+    card = Path(outputs[3])
     assert card.read_text().startswith("---")
     app_module.forget_upload(request)
     app_module.FILES.grace_s = 0
@@ -200,7 +201,7 @@ def test_handler_failures_are_one_line_messages(app_module, built, monkeypatch):
     from probex.errors import InputError
 
     studio = app_module.STUDIO
-    request = app_module.identify_example(0, 3)[6]
+    request = app_module.identify_example(0, 3)[5]
     models = studio.search("tiger", top_k=3)["models"]
     for failure, expected in ((InputError("no such\nthing"), "Samples could not be drawn: no such thing"),
                               (RuntimeError("broke\ndetail"), "unexpected RuntimeError: broke (please report this)")):

@@ -88,8 +88,7 @@ def test_upload_shows_concepts_neighbours_and_map(zoo_file, page, app, tmp_path)
     assert "rocket" in page.locator("#label-plot").inner_text()
 
     page.get_by_role("tab", name="Map").click()
-    page.wait_for_selector("#map .js-plotly-plot")
-    assert "your LoRA" in page.locator("#map").inner_text()
+    page.wait_for_selector("#map .js-plotly-plot :text('your LoRA')")   # placed by its own step after the summary
     screenshot(page, tmp_path, "map")
     # the upload is gone from the server once its request (results, samples) is done
     assert running.uploads_left() == []
