@@ -162,7 +162,7 @@ def identify(path: str, owned: list[str], top_k: int):
     except BaseException:
         FILES.release(*owned)
         raise
-    early = OWN_SAMPLES.submit(studio.samples, path, n=UPLOAD_SAMPLES) if OWN_SAMPLES else None
+    early = OWN_SAMPLES.submit(studio.samples, path, n=UPLOAD_SAMPLES, analysis=analysis) if OWN_SAMPLES else None
     request = Request(analysis, path, neighbours, owned, early)
     title = ("Top concepts (read from their captions)" if result["score_unit"] == "cosine" else
              "Top concepts (known: models' mean · unseen: text)")
@@ -247,7 +247,7 @@ def draw_samples(request: Request | None):
         FILES.hold(own_dir)
         request.owned.append(own_dir)
         images = (request.own_samples.result() if request.own_samples
-                  else studio.samples(request.lora, n=UPLOAD_SAMPLES))
+                  else studio.samples(request.lora, n=UPLOAD_SAMPLES, analysis=request.analysis))
         own = [(image_file(im, Path(own_dir)), f"seed {i}") for i, im in enumerate(images)]
         yield own, list(neighbours)
     for i, n in enumerate(request.neighbours, start=1):
@@ -576,8 +576,6 @@ def build_demo() -> gr.Blocks:
             with gr.Tab("How it works & API", id="about"):
                 gr.Markdown(ABOUT + CLIENT_EXAMPLE)
 
-        # a small progress mark, not the overlay over every output: the page took a while to clear the overlay
-        # before it showed the summary (docs/RESULTS.md, browser latency)
         identify_outputs = [summary, concepts, neighbours, card_file, card_preview, request, details]
 
         def then_draw_and_forget(event):
@@ -589,6 +587,8 @@ def build_demo() -> gr.Blocks:
                           show_progress="hidden")
             event.failure(lambda: None, None, upload, api_visibility="private")
 
+        # identify: a small progress mark, not the overlay over every output: the page took a while to clear the
+        # overlay before it showed the summary (docs/RESULTS.md, browser latency)
         then_draw_and_forget(upload.upload(identify_upload, [upload, top_k], identify_outputs,
                                            api_visibility="private", show_progress="minimal"))
         then_draw_and_forget(gr.on([fetch_btn.click, link.submit], identify_link, [link, top_k], identify_outputs,

@@ -578,9 +578,10 @@ class Studio:
     def is_known_model(self, model_id: str, tree: str | None = None) -> bool:
         return self.tree_of(model_id, tree) is not None
 
-    def samples(self, model: str | Path | Analysis, n: int = 4, seed: int = 0, tree: str | None = None) -> list:
+    def samples(self, model: str | Path | Analysis, n: int = 4, seed: int = 0, tree: str | None = None,
+                analysis: Analysis | None = None) -> list:
         """``n`` images from the tree's root pipeline with a LoRA on it: a known model (by id; drawn once, then
-        cached) or a LoRA file (routed first, never cached)."""
+        cached) or a LoRA file (never cached; routed first, unless ``analysis``, this file's own, is given)."""
         if isinstance(model, str) and self.is_known_model(model, tree):
             tree = self.tree_of(model, tree)
             drawn = self.sample_source(tree, model)
@@ -589,7 +590,7 @@ class Studio:
             return self.shipped_samples(tree, drawn, n, seed)
         if isinstance(model, Analysis):
             raise ProbexError("samples of an upload need its file, not only its analysis")
-        a = self.analyse(model)
+        a = analysis or self.analyse(model)
         return self.draw(a.tree, Path(model), self.sample_prompt(a.tree, a.metadata), n, seed)
 
     def shipped_samples(self, tree: str, model_id: str, n: int = 1, seed: int = 0) -> list:
