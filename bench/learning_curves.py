@@ -135,10 +135,10 @@ def main() -> None:
     # asking for more train LoRAs than every class has (a smaller preset, a build still under way) takes them all,
     # and the curve is labelled with what was trained on
     have = int(torch.bincount(pooled.y[pooled.split["train"]], minlength=n_classes).min())
-    per_class = sorted({min(n, have) for n in args.per_class})
+    counts = sorted({min(n, have) for n in args.per_class})   # LoRAs a class on the curve
     if have < max(args.per_class):
         print(f"every training class has ≥ {have} train LoRAs: n = {max(args.per_class)} reads as {have} (all)")
-    n_max = per_class[-1]
+    n_max = counts[-1]
     print(f"{zoo.name}: {len(cache.models)} LoRAs, {n_classes} training classes, {len(pooled.holdout_classes)} held-out; "
           f"{len(layers)} LoRA'd layers; {epochs} epochs (best on val), lr {config.optimiser.lr}, ProbeX temperature "
           f"{args.temperature or 'none'}")
@@ -169,7 +169,7 @@ def main() -> None:
         return AnchoredProbeX.from_root([root_weights[n] for n in kv], instance, relu=True)
 
     reader = AttentionReader.from_root(unet, attn2, instance, 16, **READER)
-    settings = [(n, n_classes) for n in per_class]
+    settings = [(n, n_classes) for n in counts]
     settings += [(n_max, k) for k in (n_classes // 4, n_classes // 2) if k > 1]
     results = []
     for per_class, k in settings:
